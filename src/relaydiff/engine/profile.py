@@ -1,0 +1,63 @@
+"""Measure what the engine costs on this machine: the numbers the system model is calibrated with."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import torch
+
+from relaydiff.engine.family import Family
+
+
+def hardware() -> str:
+    """A one-line description of where a measurement ran."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return desc
+
+
+def measure_step_latency(family: Family, member: str, batch_sizes: list[int], steps: int = 5,
+                         guidance: float = 3.0, adapter: str | None = None, warmup: int = 2) -> dict[int, float]:
+    """Median seconds per batched denoising step of ``member`` (CFG included when guidance > 1).
+
+    Runs the real executor on ``b`` chains at once, so sampler work and batching overhead count.
+    """
+    from relaydiff.engine.chain import new_chain
+    from relaydiff.engine.executor import Executor
+    from relaydiff.engine.plan import Plan, Request
+
+    if member not in family.members:
+        raise ValueError(f"unknown member {member!r}; this family has {sorted(family.members)}")
+    out: dict[int, float] = {}
+    total = steps + warmup
+    for b in batch_sizes:
+        if b < 1:
+            raise ValueError(f"batch sizes must be >= 1, got {b}")
+        ex = Executor(family, max_batch=b)
+        for i in range(b):
+            req = Request(prompt=f"profile prompt {i}", steps=total, guidance=guidance, seed=i)
+            ex.submit(new_chain(family, req, Plan.single(member, total, adapter)))
+        times = []
+        for s in range(total):
+            sync = torch.cuda.synchronize if family.device.type == "cuda" else (lambda: None)
+            sync()
+            t0 = time.perf_counter()
+            ex.step()
+            sync()
+            if s >= warmup:
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        out[b] = times[len(times) // 2]
+    return out
