@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import struct
+import zlib
 
 import pytest
 import safetensors.torch
@@ -29,7 +30,7 @@ from relaydiff.engine.handoff import (
     write_handoff,
 )
 
-PREFIX = struct.Struct("<4sHHI")
+PREFIX = struct.Struct("<4sHHII")
 
 
 def make_handoff(seed: int = 0, *, conditioning: bool = True, generator: bool = True) -> Handoff:
@@ -84,7 +85,7 @@ def all_tensors(h: Handoff) -> dict[str, torch.Tensor]:
 
 
 def split(data: bytes) -> tuple[dict, bytes]:
-    _, _, _, n = PREFIX.unpack_from(data)
+    n = PREFIX.unpack_from(data)[3]
     return json.loads(data[PREFIX.size:PREFIX.size + n]), data[PREFIX.size + n:]
 
 
@@ -228,7 +229,7 @@ def test_total_size_limit():
 
 
 def test_header_size_limit():
-    data = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, MAX_HEADER_BYTES + 1) + b"{}"
+    data = PREFIX.pack(MAGIC, FORMAT_VERSION, 0, MAX_HEADER_BYTES + 1, 0) + b"{}"
     expect_error("header length .* exceeds the limit", data)
     h = make_handoff()
     h.request["prompt"] = "x" * (MAX_HEADER_BYTES + 1)
@@ -245,7 +246,7 @@ def test_unknown_magic_version_and_flags():
 
 def test_malformed_json_header():
     def raw_header(text: bytes) -> bytes:
-        return PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(text)) + text
+        return PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(text), zlib.crc32(text)) + text
 
     expect_error("header is not valid JSON", raw_header(b'{"step": 4,'))
     expect_error("header is not valid UTF-8", raw_header(b'{"a": "\xff"}'))
@@ -386,7 +387,10 @@ def test_non_finite_values():
         encode_handoff(Handoff(**{**vars(H), "accounting": {"x": float("nan")}}))
 
 
-def test_payload_length_and_checksum():
+def test_payload_length_and_checksums():
+    corrupted = bytearray(VALID)
+    corrupted[PREFIX.size + 30] ^= 0x01
+    expect_error("header checksum mismatch", bytes(corrupted))
     expect_error("handoff has 3 unexpected bytes after the payload", VALID + b"abc")
     corrupted = bytearray(VALID)
     corrupted[-5] ^= 0x01
@@ -402,7 +406,7 @@ def test_payload_length_and_checksum():
 
 
 def test_truncated_data():
-    expect_error("truncated: 5 bytes, shorter than the 12-byte prefix", VALID[:5])
+    expect_error("truncated: 5 bytes, shorter than the 16-byte prefix", VALID[:5])
     expect_error("truncated: header needs", VALID[:40])
     expect_error(r"truncated: payload needs \d+ bytes, only \d+ present", VALID[:-1])
     expect_error("truncated", b"")
@@ -484,8 +488,8 @@ def test_fuzz_random_bytes(data):
 @FUZZ
 @given(st.binary(max_size=2048))
 def test_fuzz_random_bytes_after_a_valid_prefix(tail):
-    decode_or_reject(VALID[:12] + tail)
-    decode_or_reject(PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(tail)) + tail)
+    decode_or_reject(VALID[:PREFIX.size] + tail)
+    decode_or_reject(PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(tail), zlib.crc32(tail)) + tail)
 
 
 @FUZZ
@@ -500,12 +504,12 @@ def test_fuzz_single_byte_mutations(data, where, delta):
 @FUZZ
 @given(st.integers(0, 10**9), st.integers(1, 255))
 def test_fuzz_mutations_of_the_header_with_resealed_checksum(where, delta):
-    """Mutate only the JSON header, so the parser and validator (not the checksum) must cope."""
-    _, _, _, n = PREFIX.unpack_from(SMALL)
-    i = PREFIX.size + where % n
-    mutated = bytearray(SMALL)
-    mutated[i] = (mutated[i] + delta) % 256
-    decode_or_reject(bytes(mutated))
+    """Mutate only the JSON header and fix its CRC, so the parser and validator must cope."""
+    magic, version, flags, n, _ = PREFIX.unpack_from(SMALL)
+    text = bytearray(SMALL[PREFIX.size:PREFIX.size + n])
+    text[where % n] = (text[where % n] + delta) % 256
+    prefix = PREFIX.pack(magic, version, flags, n, zlib.crc32(text))
+    decode_or_reject(prefix + bytes(text) + SMALL[PREFIX.size + n:])
 
 
 @FUZZ

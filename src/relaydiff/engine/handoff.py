@@ -12,8 +12,9 @@ Layout (all integers little-endian)::
     4       2     format version (uint16, currently 1)
     6       2     flags (uint16, must be 0)
     8       4     header length H in bytes (uint32, at most MAX_HEADER_BYTES)
-    12      H     header: UTF-8 JSON object (see below)
-    12+H    P     payload: safetensors bytes, zstd-compressed when header.compression == "zstd"
+    12      4     CRC-32 of the header bytes (uint32, zlib.crc32)
+    16      H     header: UTF-8 JSON object (see below)
+    16+H    P     payload: safetensors bytes, zstd-compressed when header.compression == "zstd"
 
 The file ends exactly after the payload. The JSON header has exactly these fields::
 
@@ -44,6 +45,7 @@ import math
 import os
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,7 @@ __all__ = [
 
 MAGIC = b"RDHO"
 FORMAT_VERSION = 1
-_PREFIX = struct.Struct("<4sHHI")
+_PREFIX = struct.Struct("<4sHHII")
 PREFIX_BYTES = _PREFIX.size
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # SDXL latents + two 77x2048 fp32 embeddings fit 50x over
 MAX_HEADER_BYTES = 1024 * 1024
@@ -314,7 +316,7 @@ def _frame(header: dict, payload: bytes) -> bytes:
     text = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
     if len(text) > MAX_HEADER_BYTES:
         raise HandoffError(f"header is {len(text)} bytes; the limit is {MAX_HEADER_BYTES}")
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(text)) + text + payload
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(text), zlib.crc32(text)) + text + payload
 
 
 def encode_handoff(
@@ -493,7 +495,7 @@ def decode_handoff(
     data = bytes(data)
     if size < PREFIX_BYTES:
         raise HandoffError(f"handoff is truncated: {size} bytes, shorter than the {PREFIX_BYTES}-byte prefix")
-    magic, version, flags, header_len = _PREFIX.unpack_from(data)
+    magic, version, flags, header_len, header_crc = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise HandoffError(f"not a relaydiff handoff: magic is {magic!r}, expected {MAGIC!r}")
     if version != FORMAT_VERSION:
@@ -506,7 +508,10 @@ def decode_handoff(
         raise HandoffError(
             f"handoff is truncated: header needs {header_len} bytes, only {size - PREFIX_BYTES} present"
         )
-    header = _parse_header(data[PREFIX_BYTES:PREFIX_BYTES + header_len])
+    header_bytes = data[PREFIX_BYTES:PREFIX_BYTES + header_len]
+    if zlib.crc32(header_bytes) != header_crc:
+        raise HandoffError("header checksum mismatch: the CRC-32 of the header differs from the prefix")
+    header = _parse_header(header_bytes)
 
     if not _is_int(header["format_version"]) or header["format_version"] != version:
         raise HandoffError(
