@@ -1,0 +1,350 @@
+"""DRL + convex solver: a masked PPO policy picks each user's split, the closed form splits bandwidth.
+
+The round is visited user by user (:class:`relaydiff.sim.round_env.SequentialRound`); the policy,
+trained with sb3-contrib's MaskablePPO on :class:`relaydiff.sim.round_env.OffloadRoundEnv`, maps
+each fixed-size observation to a masked argmax over {local} ∪ splits. Once every discrete choice
+is made, the downlink shares come from the convex half in closed form (b_i ∝ sqrt(c_i),
+:func:`relaydiff.system.problem.optimal_bandwidth`). Optionally (``improve=True``) a cheap
+best-improvement pass (:meth:`relaydiff.sim.sequential.RoundState.improve`: move one user, or swap
+one in for one out when the edge is full) polishes the policy's choices; both variants are
+reported separately by the bench.
+
+Inference runs in numpy from weights exported to safetensors (+ a JSON config), so a 1000-user
+round needs no torch and takes milliseconds. Training checkpoints are safetensors + JSON too (no
+pickle): the policy/value weights, the Adam state, and the step counter, which is all a resume needs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from safetensors.numpy import load_file as load_np
+from safetensors.numpy import save_file as save_np
+
+from relaydiff.sim.round_env import SequentialRound, obs_size
+from relaydiff.system.problem import Decision, RoundInstance, Solution, evaluate, optimal_bandwidth
+
+POLICY_DIR = Path(__file__).parent / "policies"
+DEFAULT_POLICY = POLICY_DIR / "offload_ppo"
+POLICY_FORMAT = "relaydiff.offload-policy/1"
+
+
+class PolicyError(ValueError):
+    """A policy file is missing, malformed, or does not fit the instance."""
+
+
+@dataclass(frozen=True)
+class DRLConfig:
+    """Every hyperparameter of ``relaydiff train offload`` (MaskablePPO on the round MDP)."""
+
+    scenario: str = "default"
+    n_min: int = 3  # users per training round, log-uniform in [n_min, n_max]
+    n_max: int = 300
+    seed: int = 0
+    total_timesteps: int = 600_000
+    n_envs: int = 4
+    n_steps: int = 512  # rollout length per env
+    batch_size: int = 256
+    n_epochs: int = 5
+    learning_rate: float = 3e-4
+    gamma: float = 1.0  # the return is exactly the objective gain of the round
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.005
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    net_arch: tuple[int, ...] = (64, 64)
+    checkpoint_every: int = 50_000  # timesteps between checkpoints and validations
+    val_rounds: int = 24  # validation rounds per checkpoint (fixed seed), scored against greedy
+    val_sizes: tuple[int, ...] = (10, 30, 100)
+    torch_threads: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("n_min", "total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "checkpoint_every", "val_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DRLConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_min > self.n_max:
+            raise ValueError(f"DRLConfig: n_min={self.n_min} exceeds n_max={self.n_max}")
+        if not self.net_arch or min(self.net_arch) < 1:
+            raise ValueError(f"DRLConfig.net_arch must be positive layer widths, got {self.net_arch}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DRLConfig":
+        data = dict(data)
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"DRLConfig: unknown fields {sorted(unknown)}")
+        for key in ("net_arch", "val_sizes"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+# ---- numpy inference ---------------------------------------------------------------------------
+@dataclass
+class NumpyPolicy:
+    """The actor MLP (tanh hidden layers, linear logits) in numpy: masked argmax over options."""
+
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    n_splits: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.weights) != len(self.biases) or not self.weights:
+            raise PolicyError("policy needs one bias per weight matrix and at least one layer")
+        if self.weights[0].shape[1] != obs_size(self.n_splits):
+            raise PolicyError(f"first layer takes {self.weights[0].shape[1]} inputs, expected {obs_size(self.n_splits)} for {self.n_splits} splits")
+        if self.weights[-1].shape[0] != self.n_splits + 1:
+            raise PolicyError(f"last layer gives {self.weights[-1].shape[0]} logits, expected {self.n_splits + 1}")
+        # float64 copies, transposed for x @ W: inference is a handful of tiny matmuls
+        self._wt = [np.ascontiguousarray(w.T, dtype=np.float64) for w in self.weights]
+        self._b = [np.asarray(b, dtype=np.float64) for b in self.biases]
+
+    def logits(self, obs: np.ndarray) -> np.ndarray:
+        h = np.asarray(obs, dtype=np.float64)
+        for w, b in zip(self._wt[:-1], self._b[:-1]):
+            h = np.tanh(h @ w + b)
+        return h @ self._wt[-1] + self._b[-1]
+
+    def act(self, obs: np.ndarray, mask: np.ndarray) -> int:
+        z = self.logits(obs)
+        return int(np.argmax(np.where(mask, z, -np.inf)))
+
+    def save(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` (fp32) and ``path.json``."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
+            tensors[f"layer{n}.weight"] = np.ascontiguousarray(w, dtype=np.float32)
+            tensors[f"layer{n}.bias"] = np.ascontiguousarray(b, dtype=np.float32)
+        save_np(tensors, str(path.with_suffix(".safetensors")))
+        cfg = {"format": POLICY_FORMAT, "n_splits": int(self.n_splits), "n_layers": len(self.weights),
+               "activation": "tanh", "obs_size": obs_size(self.n_splits), "meta": self.meta}
+        path.with_suffix(".json").write_text(json.dumps(cfg, indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path = DEFAULT_POLICY) -> "NumpyPolicy":
+        path = Path(path)
+        if path.suffix in (".json", ".safetensors"):
+            path = path.with_suffix("")
+        jpath, tpath = path.with_suffix(".json"), path.with_suffix(".safetensors")
+        if not jpath.is_file() or not tpath.is_file():
+            raise PolicyError(f"policy {path} not found: need {jpath.name} and {tpath.name}")
+        try:
+            cfg = json.loads(jpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"policy config {jpath} is not valid JSON ({exc})") from None
+        if cfg.get("format") != POLICY_FORMAT:
+            raise PolicyError(f"policy config {jpath}: format {cfg.get('format')!r}, expected {POLICY_FORMAT!r}")
+        if cfg.get("activation") != "tanh":
+            raise PolicyError(f"policy config {jpath}: unsupported activation {cfg.get('activation')!r}")
+        t = load_np(str(tpath))
+        n = int(cfg["n_layers"])
+        try:
+            ws = [t[f"layer{j}.weight"].astype(np.float64) for j in range(n)]
+            bs = [t[f"layer{j}.bias"].astype(np.float64) for j in range(n)]
+        except KeyError as exc:
+            raise PolicyError(f"policy weights {tpath} lack tensor {exc}") from None
+        return cls(ws, bs, int(cfg["n_splits"]), cfg.get("meta", {}))
+
+
+def policy_from_sb3(model: Any, meta: dict[str, Any] | None = None) -> NumpyPolicy:
+    """Export the actor of a MaskablePPO MlpPolicy (policy_net + action_net) to numpy."""
+    import torch
+
+    layers = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
+    layers.append(model.policy.action_net)
+    acts = {type(m).__name__ for m in model.policy.mlp_extractor.policy_net if not isinstance(m, torch.nn.Linear)}
+    if acts != {"Tanh"}:
+        raise PolicyError(f"only tanh MLPs export to numpy, got activations {sorted(acts)}")
+    ws = [m.weight.detach().cpu().numpy().astype(np.float64) for m in layers]
+    bs = [m.bias.detach().cpu().numpy().astype(np.float64) for m in layers]
+    return NumpyPolicy(ws, bs, int(model.action_space.n) - 1, dict(meta or {}))
+
+
+# ---- the solver ------------------------------------------------------------------------------
+_CACHE: dict[str, NumpyPolicy] = {}
+
+
+def load_policy(path: str | Path | None = None) -> NumpyPolicy:
+    """The shipped policy (cached), or one from ``path``."""
+    key = str(Path(path) if path is not None else DEFAULT_POLICY)
+    if key not in _CACHE:
+        _CACHE[key] = NumpyPolicy.load(key)
+    return _CACHE[key]
+
+
+def decide(instance: RoundInstance, act: Callable[[np.ndarray, np.ndarray, SequentialRound], int], improve: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Visit the round user by user with ``act(obs, mask, round) -> option``; optional polish pass."""
+    rnd = SequentialRound(instance)
+    steps = 0
+    while not rnd.done:
+        rnd.step(act(rnd.observation(), rnd.mask(), rnd))
+        steps += 1
+    info: dict[str, Any] = {"decisions": steps, "sequential_gain": rnd.state.total_gain}
+    if improve:
+        info["improve_moves"] = rnd.state.improve(max_rounds=4 * instance.max_batch + 10)
+    return rnd.state.k.copy(), info
+
+
+def solve_drl(instance: RoundInstance, policy: NumpyPolicy | str | Path | None = None, improve: bool = False) -> Solution:
+    """DRL + convex: the policy's splits, then closed-form bandwidth shares; ``improve`` adds the polish pass."""
+    pol = policy if isinstance(policy, NumpyPolicy) else load_policy(policy)
+    if pol.n_splits != len(instance.splits):
+        raise PolicyError(f"policy was trained for {pol.n_splits} split points, the instance has {len(instance.splits)}")
+    t0 = time.perf_counter()
+    k, info = decide(instance, lambda obs, mask, _r: pol.act(obs, mask), improve)
+    bw = optimal_bandwidth(instance, k > 0)  # the convex half, closed form
+    wall = time.perf_counter() - t0
+    obj, _ = evaluate(instance, Decision(k, bw))
+    return Solution("drl+ls" if improve else "drl", Decision(k, bw), obj, wall, "ok", info)
+
+
+def solve_sequential_greedy(instance: RoundInstance, improve: bool = False) -> Solution:
+    """The same visit order with the best immediate gain (the policy's no-learning reference)."""
+    t0 = time.perf_counter()
+    k, info = decide(instance, lambda _o, mask, rnd: int(np.argmax(np.where(mask, rnd.gains(), -np.inf))), improve)
+    bw = optimal_bandwidth(instance, k > 0)
+    wall = time.perf_counter() - t0
+    obj, _ = evaluate(instance, Decision(k, bw))
+    return Solution("seq-greedy+ls" if improve else "seq-greedy", Decision(k, bw), obj, wall, "ok", info)
+
+
+# ---- training --------------------------------------------------------------------------------
+def _validation_set(cfg: DRLConfig) -> list[RoundInstance]:
+    from relaydiff.system.problem import sample_instance
+    from relaydiff.system.scenario import load_scenario
+
+    sc = load_scenario(cfg.scenario)
+    rng = np.random.default_rng(10_000 + cfg.seed)
+    per = max(cfg.val_rounds // len(cfg.val_sizes), 1)
+    return [sample_instance(sc, n_users=n, seed=rng) for n in cfg.val_sizes for _ in range(per)]
+
+
+def validate(policy: NumpyPolicy, instances: list[RoundInstance]) -> dict[str, float]:
+    """Mean and min of the policy's objective / the sequential greedy's, over fixed rounds."""
+    r = np.array([solve_drl(inst, policy).objective / solve_sequential_greedy(inst).objective for inst in instances])
+    return {"vs_greedy_mean": float(r.mean()), "vs_greedy_min": float(r.min())}
+
+
+def _save_checkpoint(model: Any, cfg: DRLConfig, ckpt_dir: Path, extra: dict[str, Any]) -> None:
+    """Policy + value weights and the Adam state as safetensors, counters as JSON (no pickle)."""
+    import torch
+    from safetensors.torch import save_file
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()}
+    opt = model.policy.optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for name, val in st.items():
+            t = val if torch.is_tensor(val) else torch.tensor(float(val))
+            tensors[f"adam.{pid}.{name}"] = t.detach().cpu().contiguous().reshape(t.shape)
+    tmp = ckpt_dir / "checkpoint.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(ckpt_dir / "checkpoint.safetensors")
+    meta = {"num_timesteps": int(model.num_timesteps), "config": asdict(cfg),
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]], **extra}
+    (ckpt_dir / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+
+
+def _load_checkpoint(model: Any, ckpt_dir: Path) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+
+    meta = json.loads((ckpt_dir / "checkpoint.json").read_text())
+    tensors = load_file(str(ckpt_dir / "checkpoint.safetensors"))
+    model.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
+    opt = model.policy.optimizer
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, val in tensors.items():
+        if key.startswith("adam."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = val
+    sd["state"] = state
+    for g, saved in zip(sd["param_groups"], meta["param_groups"]):
+        g.update(saved)
+    opt.load_state_dict(sd)
+    model.num_timesteps = int(meta["num_timesteps"])
+    return meta
+
+
+def train(
+    cfg: DRLConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    on_progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Train MaskablePPO on the round MDP; checkpoint and validate every ``checkpoint_every`` steps.
+
+    Writes ``out_dir/checkpoint.*`` (resumable), ``out_dir/best.*`` (the numpy policy with the best
+    validation score) and ``out_dir/history.json``; returns the last record.
+    """
+    import torch
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig
+
+    torch.set_num_threads(cfg.torch_threads)
+    out = Path(out_dir)
+    ckpt = out / "checkpoint"
+    if not resume and (ckpt / "checkpoint.json").exists():
+        raise FileExistsError(f"{ckpt} holds a checkpoint: pass resume=True (--resume) or use another output folder")
+    if resume:
+        if not (ckpt / "checkpoint.json").exists():
+            raise FileNotFoundError(f"no checkpoint to resume in {ckpt}")
+        saved = asdict(DRLConfig.from_dict(json.loads((ckpt / "checkpoint.json").read_text())["config"]))
+        diff = sorted(k for k, v in asdict(cfg).items() if k != "total_timesteps" and saved[k] != v)
+        if diff:
+            raise ValueError(f"resume: the checkpoint was trained with other values of {diff}; pass the same config")
+
+    env_cfg = RoundEnvConfig(scenario=cfg.scenario, n_min=cfg.n_min, n_max=cfg.n_max)
+    venv = DummyVecEnv([lambda: OffloadRoundEnv(env_cfg) for _ in range(cfg.n_envs)])
+    model = MaskablePPO(
+        "MlpPolicy", venv, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
+        n_epochs=cfg.n_epochs, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
+        ent_coef=cfg.ent_coef, vf_coef=cfg.vf_coef, max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, device="cpu",
+        policy_kwargs={"net_arch": {"pi": list(cfg.net_arch), "vf": list(cfg.net_arch)}, "activation_fn": torch.nn.Tanh},
+    )
+    history: list[dict[str, Any]] = []
+    best_score = -np.inf
+    if resume:
+        meta = _load_checkpoint(model, ckpt)
+        history = meta.get("history", [])
+        best_score = float(meta.get("best_score", -np.inf))
+    venv.seed(cfg.seed + model.num_timesteps)  # a resumed run draws fresh, still seeded, rounds
+    val = _validation_set(cfg)
+
+    class _Progress(BaseCallback):
+        def _on_step(self) -> bool:
+            if on_progress is not None:
+                on_progress(self.num_timesteps, cfg.total_timesteps, {})
+            return True
+
+    cb = _Progress()
+    while model.num_timesteps < cfg.total_timesteps:
+        chunk = min(cfg.checkpoint_every, cfg.total_timesteps - model.num_timesteps)
+        t0 = time.perf_counter()
+        model.learn(total_timesteps=chunk, reset_num_timesteps=False, callback=cb)
+        policy = policy_from_sb3(model)
+        score = validate(policy, val)
+        rec = {"timesteps": int(model.num_timesteps), "wall_s": time.perf_counter() - t0, **score}
+        history.append(rec)
+        if score["vs_greedy_mean"] > best_score:
+            best_score = score["vs_greedy_mean"]
+            policy.meta = {"trained_timesteps": int(model.num_timesteps), "config": asdict(cfg), "validation": score}
+            policy.save(out / "best")
+        _save_checkpoint(model, cfg, ckpt, {"history": history, "best_score": best_score})
+        (out / "history.json").write_text(json.dumps(history, indent=2))
+        if on_progress is not None:
+            on_progress(int(model.num_timesteps), cfg.total_timesteps, rec)
+    return history[-1] if history else {}
