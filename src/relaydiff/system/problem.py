@@ -322,17 +322,11 @@ class Solution:
 def optimal_bandwidth(instance: RoundInstance, admitted: np.ndarray) -> np.ndarray:
     """Closed-form shares b_i = g_i / sum_A g_j for the admitted users (0 elsewhere).
 
-    Minimizes sum_A c_i / b_i subject to sum b_i <= 1 (KKT: c_i / b_i^2 equal for all i).
+    Minimizes sum_A c_i / b_i subject to sum b_i <= 1 (see :mod:`relaydiff.sched.convex`).
     """
-    g = np.where(admitted, instance.bw_weight, 0.0)
-    total = g.sum()
-    if total <= 0:
-        out = np.zeros(instance.n_users)
-        n_adm = int(np.sum(admitted))
-        if n_adm:  # zero-cost users (no payload): any split works; share equally
-            out[np.asarray(admitted)] = 1.0 / n_adm
-        return out
-    return g / total
+    from relaydiff.sched.convex import allocate_bandwidth
+
+    return allocate_bandwidth(instance.bw_cost, admitted)
 
 
 def batch_sizes(instance: RoundInstance, k: np.ndarray) -> np.ndarray:
