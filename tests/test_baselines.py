@@ -1,0 +1,80 @@
+"""Baselines: incremental move scores are exact, capacity holds, heuristics scale to N = 1000."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from relaydiff.sched.baselines import MoveState, available_solvers, get_solver, register_solver, solve
+from relaydiff.system.problem import Decision, evaluate, objective_value, sample_instance
+from relaydiff.system.scenario import parse_scenario
+
+NAMES = ("all_local", "all_edge", "random", "greedy", "local_search")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_move_deltas_are_exact(seed: int) -> None:
+    inst = sample_instance("default", n_users=15, seed=seed)
+    rng = np.random.default_rng(seed)
+    st = MoveState(inst, rng.integers(0, len(inst.options), size=15))
+    for _ in range(60):
+        d = st.deltas()
+        i, b = int(rng.integers(15)), int(rng.integers(len(inst.options)))
+        before = objective_value(inst, st.k)
+        st.move(i, b)
+        after = objective_value(inst, st.k)
+        if np.isfinite(d[i, b]):
+            assert after - before == pytest.approx(d[i, b], abs=1e-9)
+        assert st.objective() == pytest.approx(after, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_solutions_are_feasible_and_scored_by_evaluate(name: str) -> None:
+    sc = parse_scenario({"edge": {"max_batch": 4}})
+    inst = sample_instance(sc, n_users=12, seed=3)
+    sol = solve(name, inst)
+    assert sol.solver == name and sol.wall_s >= 0
+    assert (sol.decision.k > 0).sum() <= 4
+    assert set(sol.decision.k.tolist()) <= set(inst.options.tolist())
+    assert sol.objective == pytest.approx(evaluate(inst, Decision(sol.decision.k))[0])
+
+
+def test_heuristics_order() -> None:
+    inst = sample_instance("default", n_users=20, seed=11)
+    obj = {n: solve(n, inst).objective for n in NAMES}
+    assert obj["local_search"] >= obj["greedy"] - 1e-12
+    assert obj["greedy"] > obj["all_local"]
+    assert obj["all_local"] == pytest.approx(float(np.sum(inst.w_quality * inst.quality[:, 0])))
+
+
+def test_random_is_deterministic() -> None:
+    inst = sample_instance("default", n_users=30, seed=1)
+    assert np.array_equal(solve("random", inst).decision.k, solve("random", inst).decision.k)
+
+
+def test_all_edge_uses_one_split() -> None:
+    inst = sample_instance("default", n_users=8, seed=2)
+    k = solve("all_edge", inst).decision.k
+    assert np.all(k == inst.splits[len(inst.splits) // 2])
+
+
+@pytest.mark.parametrize("n", [100, 1000])
+def test_greedy_and_local_search_scale(n: int) -> None:
+    sc = parse_scenario({"edge": {"max_batch": 256}})
+    inst = sample_instance(sc, n_users=n, seed=5)
+    t0 = time.perf_counter()
+    g = solve("greedy", inst)
+    ls = solve("local_search", inst)
+    assert time.perf_counter() - t0 < 20.0
+    assert ls.objective >= g.objective - 1e-9
+    assert 0 < (ls.decision.k > 0).sum() <= 256
+
+
+def test_registry() -> None:
+    assert set(NAMES) | {"exact"} <= set(available_solvers())
+    with pytest.raises(ValueError, match="unknown solver 'nope'"):
+        get_solver("nope")
+    register_solver("test_local", get_solver("all_local"))
+    assert "test_local" in available_solvers()
