@@ -19,8 +19,9 @@ Each sampler is built from a diffusers-style scheduler config (a plain dict) and
 diffusers scheduler of the same name built by ``from_config`` on that dict: the same timesteps,
 noise levels, prediction types and final-step conventions (tests/test_samplers.py checks whole
 chains against DDIMScheduler, EulerDiscreteScheduler and DPMSolverMultistepScheduler). Keys that
-the sampler does not read are ignored, as ``from_config`` does; keys that would select behaviour
-not implemented here (Karras sigmas, thresholding, zero-SNR rescaling, ...) are rejected.
+the sampler does not read are ignored, as ``from_config`` does (so are ``algorithm_type`` and
+``solver_order``: the sampler's name fixes them); keys that would select behaviour not implemented
+here (Karras sigmas, thresholding, zero-SNR rescaling, ...) are rejected.
 
 Noise levels are stored as the variance-exploding sigma ``sqrt((1 - alpha_bar) / alpha_bar)`` in
 float64 for every sampler, so one Schedule layout serves all of them. The step math runs in
@@ -184,7 +185,7 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "trained_betas": None, "prediction_type": "epsilon", "steps_offset": 0,
 }
 # Config keys that select behaviour not implemented here, with the only value accepted.
-_COMMON_FIXED: dict[str, Any] = {"rescale_betas_zero_snr": False, "thresholding": False}
+_COMMON_FIXED: dict[str, Any] = {"rescale_betas_zero_snr": False}
 _SIGMA_FIXED: dict[str, Any] = {
     **_COMMON_FIXED, "use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
 }
@@ -207,7 +208,7 @@ class Sampler:
             raise SamplerError(f"unknown option(s) {unknown} for sampler {self.name!r}; known: {sorted(known)}")
         for key, only in self.fixed.items():
             value = scheduler_config.get(key, only)
-            if value != only and not (isinstance(only, float) and value is None):
+            if value != only and value is not None:  # diffusers reads None as "off" for these keys
                 raise SamplerError(f"{self.name}: scheduler config {key}={value!r} is not supported (only {only!r})")
         cfg = {**self.defaults, **self.option_defaults}
         cfg.update({k: v for k, v in scheduler_config.items() if k in known})  # so make_sampler(n, s.config) rebuilds s
@@ -319,7 +320,7 @@ class DDIMSampler(Sampler):
     name = "ddim"
     defaults = {**_COMMON_DEFAULTS, "timestep_spacing": "leading", "clip_sample": True, "clip_sample_range": 1.0,
                 "set_alpha_to_one": True}
-    fixed = _COMMON_FIXED
+    fixed = {**_COMMON_FIXED, "thresholding": False}
     option_defaults = {"eta": 0.0}
 
     def __init__(self, scheduler_config: Mapping[str, Any], **options: Any) -> None:
@@ -399,8 +400,8 @@ class DPMSolverPP2MSampler(Sampler):
     name = "dpmpp_2m"
     defaults = {**_COMMON_DEFAULTS, "timestep_spacing": "linspace", "final_sigmas_type": "zero",
                 "lower_order_final": True, "euler_at_final": False, "solver_type": "midpoint"}
-    fixed = {**_SIGMA_FIXED, "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
-             "lambda_min_clipped": -math.inf, "use_dynamic_shifting": False}
+    fixed = {**_SIGMA_FIXED, "thresholding": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
+             "variance_type": None, "lambda_min_clipped": -math.inf, "use_dynamic_shifting": False}
 
     def schedule(self, steps: int) -> Schedule:
         self._check_steps(steps)
