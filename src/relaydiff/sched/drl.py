@@ -4,9 +4,9 @@ The round is visited user by user (:class:`relaydiff.sim.round_env.SequentialRou
 trained with sb3-contrib's MaskablePPO on :class:`relaydiff.sim.round_env.OffloadRoundEnv`, maps
 each fixed-size observation to a masked argmax over {local} ∪ splits. Once every discrete choice
 is made, the downlink shares come from the convex half in closed form (b_i ∝ sqrt(c_i),
-:func:`relaydiff.system.problem.optimal_bandwidth`). Optionally (``improve=True``) a cheap
-best-improvement pass (:meth:`relaydiff.sim.sequential.RoundState.improve`: move one user, or swap
-one in for one out when the edge is full) polishes the policy's choices; both variants are
+:func:`relaydiff.sched.convex`). Optionally (``improve=True``) the local-search baseline's
+best-improvement pass (:func:`relaydiff.sched.baselines.local_search_options`: move one user, or
+swap one in for one out when the edge is full) starts from the policy's choices; both variants are
 reported separately by the bench.
 
 Inference runs in numpy from weights exported to safetensors (+ a JSON config), so a 1000-user
@@ -26,8 +26,10 @@ import numpy as np
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
+from relaydiff.sched.baselines import local_search_options
 from relaydiff.sim.round_env import SequentialRound, obs_size
-from relaydiff.system.problem import Decision, RoundInstance, Solution, evaluate, optimal_bandwidth
+from relaydiff.sched.convex import allocate_bandwidth
+from relaydiff.system.problem import Decision, RoundInstance, Solution, evaluate
 
 POLICY_DIR = Path(__file__).parent / "policies"
 DEFAULT_POLICY = POLICY_DIR / "offload_ppo"
@@ -188,10 +190,12 @@ def decide(instance: RoundInstance, act: Callable[[np.ndarray, np.ndarray, Seque
     while not rnd.done:
         rnd.step(act(rnd.observation(), rnd.mask(), rnd))
         steps += 1
-    info: dict[str, Any] = {"decisions": steps, "sequential_gain": rnd.state.total_gain}
-    if improve:
-        info["improve_moves"] = rnd.state.improve(max_rounds=4 * instance.max_batch + 10)
-    return rnd.state.k.copy(), info
+    info: dict[str, Any] = {"decisions": steps, "sequential_gain": rnd.total_gain}
+    if not improve:
+        return rnd.k.copy(), info
+    opt, iters = local_search_options(instance, start=rnd.moves.opt)
+    info["improve_iterations"] = iters
+    return instance.options[opt], info
 
 
 def solve_drl(instance: RoundInstance, policy: NumpyPolicy | str | Path | None = None, improve: bool = False) -> Solution:
@@ -201,7 +205,7 @@ def solve_drl(instance: RoundInstance, policy: NumpyPolicy | str | Path | None =
         raise PolicyError(f"policy was trained for {pol.n_splits} split points, the instance has {len(instance.splits)}")
     t0 = time.perf_counter()
     k, info = decide(instance, lambda obs, mask, _r: pol.act(obs, mask), improve)
-    bw = optimal_bandwidth(instance, k > 0)  # the convex half, closed form
+    bw = allocate_bandwidth(instance.bw_cost, k > 0)  # the convex half, closed form
     wall = time.perf_counter() - t0
     obj, _ = evaluate(instance, Decision(k, bw))
     return Solution("drl+ls" if improve else "drl", Decision(k, bw), obj, wall, "ok", info)
@@ -211,7 +215,7 @@ def solve_sequential_greedy(instance: RoundInstance, improve: bool = False) -> S
     """The same visit order with the best immediate gain (the policy's no-learning reference)."""
     t0 = time.perf_counter()
     k, info = decide(instance, lambda _o, mask, rnd: int(np.argmax(np.where(mask, rnd.gains(), -np.inf))), improve)
-    bw = optimal_bandwidth(instance, k > 0)
+    bw = allocate_bandwidth(instance.bw_cost, k > 0)
     wall = time.perf_counter() - t0
     obj, _ = evaluate(instance, Decision(k, bw))
     return Solution("seq-greedy+ls" if improve else "seq-greedy", Decision(k, bw), obj, wall, "ok", info)

@@ -1,22 +1,29 @@
 """The one-round offloading problem as a sequential-decision MDP (one user decided per step).
 
-Users are visited in descending order of their *solo gain* (the best objective change they could
-bring on an empty edge); at each step the agent picks the current user's option (0 = local, o = the
-o-th split point). The observation has a fixed size that depends on the number of split points
-P but not on N, so one policy serves any number of users:
+At each step the user to decide is the undecided one with the largest marginal gain (the exact
+change of the objective, given the decisions so far, of its best option); the agent picks that
+user's option: 0 = local, o = the o-th split point. A policy that always takes the best gain is
+exactly the global greedy baseline; a learned policy can deviate (a shorter split that leaves the
+batch lighter for the users still to come, or no admission at all). The observation has a fixed
+size that depends on the number of split points P but not on N, so one policy serves any N:
 
-- the user: preference weights, the exact marginal gain of each option given the decisions so far
-  (:class:`relaydiff.sim.sequential.RoundState`), and its solo gains;
-- the look-ahead: the interaction and bandwidth cost each option would impose on the users that
-  come next and could still fit on the edge (assuming each takes its solo-best split), how many
-  later users are better than this one, and how many could still gain at all;
-- the edge: occupancy n / M at every split point, capacity left, compute share c, and the
-  interaction cost scale beta' T lam_i M.
+- the user: preference weights, the marginal gain of each option now, and on an empty edge;
+- the look-ahead: the interaction and bandwidth cost each option would impose on the users most
+  likely to follow (the best remaining ones that still fit, at their current best split), how
+  many remaining users could still gain, and the runner-up's gain relative to this user's;
+- the edge: occupancy n / M in every segment between split points, capacity left, compute share
+  c, the interaction cost scale beta' T lam_i M, and the admitted bandwidth weight sum_A g.
 
 Reward = the exact change of the objective, so an episode's return is objective - objective(all
 local). Actions that break capacity are invalid, and actions whose gain is already negative are
-dominated by local (costs only grow as users are added) — both are masked (``action_masks``).
-Users with a single valid action (edge full, or nothing to gain) are skipped without a step.
+dominated by local (interaction and bandwidth costs only grow as users are added, so they stay
+negative in every completion) — both are masked (``action_masks``). Users with nothing left to
+gain are set local without a step; the episode ends when the edge is full or nobody can gain.
+
+Gains are kept as an (N, P+1) table: initialised from
+:meth:`relaydiff.sched.baselines.MoveState.deltas` and, when user i is admitted at split k_b,
+updated for every other local user j by the pairwise terms it adds,
+``gain[j, o] -= beta' (lam_i + lam_j) min(k_o, k_b) + 2 g_i g_j``: O(N P) per step.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from relaydiff.sim.sequential import RoundState
+from relaydiff.sched.baselines import MoveState
 from relaydiff.system.problem import RoundInstance, sample_instance
 from relaydiff.system.scenario import Scenario, load_scenario
 
@@ -40,67 +47,61 @@ def obs_size(n_splits: int) -> int:
 
 
 class SequentialRound:
-    """One round visited user by user: the observation builder shared by the env and the solver."""
+    """One round decided user by user: state, masks and observations, shared by env and solver."""
 
     def __init__(self, instance: RoundInstance, dominated: bool = True) -> None:
         self.instance = instance
-        self.state = RoundState(instance)
         self.dominated = dominated
-        st = self.state
+        self.moves = MoveState(instance)
         self.n_splits = len(instance.splits)
         self.max_batch = int(instance.max_batch)
-        solo = st.solo_gain
-        self.solo_best = solo.max(axis=1)
-        order = np.argsort(-self.solo_best, kind="stable")
-        self.order = order[self.solo_best[order] > 0.0]  # users with nothing to gain stay local
-        self._solo_sorted = self.solo_best[self.order]
-        # prefix sums over the visiting order, assuming each user would take its solo-best split
-        kbest = st.k_opts[np.argmax(solo[self.order], axis=1)]
-        mk = np.minimum(st.k_opts[None, 1:], kbest[:, None])  # (n_dec, P)
-        z = np.zeros((1, self.n_splits))
-        self._pc = np.concatenate([z, np.cumsum(mk, axis=0)])
-        self._pl = np.concatenate([z, np.cumsum(mk * st.lam[self.order][:, None], axis=0)])
-        self._pg = np.concatenate([[0.0], np.cumsum(st.g[self.order])])
-        self._count = np.zeros(self.n_splits + 1, dtype=np.int64)  # admitted users per option
-        self.t = 0
-        self._gains: np.ndarray | None = None
-        self._mask: np.ndarray | None = None
+        self.k_opts = instance.options.astype(float)
+        self.min_k = np.minimum(self.k_opts[:, None], self.k_opts[None, :])
+        self.lam = instance.edge_weight
+        self.g = instance.bw_weight
+        self.beta = float(instance.beta_eff)
+        gains = self.moves.deltas()
+        gains[:, 0] = 0.0
+        self.solo = gains.copy()
+        self.table = gains  # gains of undecided users; rows of decided users are stale
+        self.best = gains[:, 1:].max(axis=1)
+        self.best[self.best <= 0.0] = -np.inf  # nothing to gain: local, never visited
+        self.total_gain = 0.0
+        self.n_steps = 0
+        self.user = -1
         self._advance()
 
-    # ---- stepping -----------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.t >= self.order.size
+        return self.user < 0
 
     @property
-    def user(self) -> int:
-        return int(self.order[self.t])
+    def k(self) -> np.ndarray:
+        """Split point per user (0 = local): the decision as ``evaluate`` takes it."""
+        return self.moves.k
 
     def _advance(self) -> None:
-        """Move to the next user with a real choice (at least one option besides local)."""
-        st = self.state
-        while self.t < self.order.size:
-            if st.n_admitted >= self.max_batch:
-                self.t = self.order.size
-                break
-            i = int(self.order[self.t])
-            gains = st.gains(i)
-            mask = st.mask(i, gains, self.dominated)
-            if mask[1:].any():
-                self._gains, self._mask = gains, mask
-                return
-            self.t += 1
-        self._gains, self._mask = None, None
+        """Pick the next user: the undecided one with the largest positive gain, if the edge has room."""
+        self.user = -1
+        if self.moves.admitted >= self.max_batch:
+            return
+        i = int(np.argmax(self.best))
+        if np.isfinite(self.best[i]):
+            self.user = i
 
     def gains(self) -> np.ndarray:
-        if self._gains is None:
+        """Objective change of each option of the current user."""
+        if self.done:
             raise RuntimeError("round is done: no current user")
-        return self._gains
+        return self.table[self.user]
 
     def mask(self) -> np.ndarray:
-        if self._mask is None:
-            return np.eye(self.n_splits + 1, dtype=bool)[0]  # terminal: only "local" (harmless no-op)
-        return self._mask
+        """Valid options of the current user (only local once the round is done)."""
+        m = np.zeros(self.n_splits + 1, dtype=bool)
+        m[0] = True
+        if not self.done:
+            m[1:] = self.table[self.user, 1:] >= 0.0 if self.dominated else True
+        return m
 
     def step(self, action: int) -> float:
         """Give the current user option ``action``; returns the objective change."""
@@ -108,46 +109,58 @@ class SequentialRound:
             raise RuntimeError("round is done")
         if not 0 <= action <= self.n_splits:
             raise ValueError(f"action must be in 0..{self.n_splits}, got {action}")
-        if not self._mask[action]:
-            raise ValueError(f"action {action} is masked for user {self.user} (mask {self._mask.astype(int).tolist()})")
-        delta = self.state.apply(self.user, int(action), float(self._gains[action]))
-        self._count[action] += 1
-        self.t += 1
+        mask = self.mask()
+        if not mask[action]:
+            raise ValueError(f"action {action} is masked for user {self.user} (mask {mask.astype(int).tolist()})")
+        i = self.user
+        delta = float(self.table[i, action])
+        self.best[i] = -np.inf
+        if action > 0:
+            self.moves.move(i, action)
+            self.table -= self.beta * (self.lam[i] + self.lam[:, None]) * self.min_k[action][None, :]
+            self.table -= (2.0 * self.g[i]) * self.g[:, None]
+            self.table[:, 0] = 0.0
+            live = np.isfinite(self.best)
+            best = self.table[live, 1:].max(axis=1)
+            self.best[live] = np.where(best > 0.0, best, -np.inf)
+        self.total_gain += delta
+        self.n_steps += 1
         self._advance()
         return delta
 
-    # ---- observation ----------------------------------------------------------------------
     def observation(self) -> np.ndarray:
         p = self.n_splits
         out = np.zeros(obs_size(p), dtype=np.float32)
         if self.done:
             return out
-        st, inst = self.state, self.instance
-        i, t = self.user, self.t
-        cap_left = self.max_batch - st.n_admitted
-        # the next users that could still fit next to this one
-        w = min(cap_left - 1, self.order.size - t - 1)
-        hi = t + 1 + w
-        lam_i, g_i = st.lam[i], st.g[i]
-        future_pair = st.beta * (lam_i * (self._pc[hi] - self._pc[t + 1]) + (self._pl[hi] - self._pl[t + 1]))
-        future_bw = 2.0 * g_i * (self._pg[hi] - self._pg[t + 1])
-        gains = self._gains
-        better = self._solo_sorted[t + 1 :].size - int(np.searchsorted(-self._solo_sorted[t + 1 :], -gains.max(), side="right"))
-        occupancy = np.cumsum(self._count[::-1])[::-1][1:] / self.max_batch  # n at each split's last step
+        inst, i = self.instance, self.user
+        gains = self.table[i]
         m = self.max_batch
+        cap_left = m - self.moves.admitted
+        others = np.flatnonzero(np.isfinite(self.best))
+        others = others[others != i]
+        w = min(cap_left - 1, others.size)
+        if 0 < w < others.size:
+            nxt = others[np.argpartition(-self.best[others], w - 1)[:w]]
+        else:
+            nxt = others[:w]
+        k_next = self.k_opts[1:][np.argmax(self.table[nxt, 1:], axis=1)] if w else np.zeros(0)
+        mk = np.minimum(self.k_opts[None, 1:], k_next[:, None])  # (w, P)
+        own_best = max(float(self.best[i]), 1e-9)
+        runner_up = float(self.best[others].max()) if others.size else 0.0
         out[0:3] = (inst.w_quality[i], inst.w_latency[i], inst.w_energy[i])
         out[3 : 3 + p] = gains[1:]
-        out[3 + p : 3 + 2 * p] = st.solo_gain[i, 1:]
-        out[3 + 2 * p : 3 + 3 * p] = future_pair
-        out[3 + 3 * p] = future_bw
-        out[4 + 3 * p : 4 + 4 * p] = occupancy
+        out[3 + p : 3 + 2 * p] = self.solo[i, 1:]
+        out[3 + 2 * p : 3 + 3 * p] = self.beta * (self.lam[i] * mk.sum(axis=0) + self.lam[nxt] @ mk)
+        out[3 + 3 * p] = 2.0 * self.g[i] * self.g[nxt].sum()
+        out[4 + 3 * p : 4 + 4 * p] = self.moves.cnt[1:] / m
         b = 4 + 4 * p
         out[b] = cap_left / m
-        out[b + 1] = min((self.order.size - t - 1) / m, 3.0)
-        out[b + 2] = min(better / max(cap_left, 1), 3.0)
+        out[b + 1] = min(others.size / m, 3.0)
+        out[b + 2] = min(runner_up / own_best, 3.0)
         out[b + 3] = inst.capacity
-        out[b + 4] = st.beta * inst.steps * lam_i * m
-        out[b + 5] = st.big_g
+        out[b + 4] = self.beta * inst.steps * self.lam[i] * m
+        out[b + 5] = self.moves.sigma
         np.clip(out, -OBS_CLIP, OBS_CLIP, out=out)
         return out
 
@@ -208,7 +221,7 @@ class OffloadRoundEnv(gym.Env):
             raise RuntimeError("episode is over; call reset()")
         reward = self.round.step(int(action))
         terminated = self.round.done
-        info = {"k": self.round.state.k} if terminated else {}
+        info = {"k": self.round.k.copy()} if terminated else {}
         return self.round.observation(), reward, terminated, False, info
 
     def action_masks(self) -> np.ndarray:
