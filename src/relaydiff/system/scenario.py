@@ -39,7 +39,7 @@ class EdgeSpec(_Strict):
     """The edge server: a profile, the member it runs, and its fluctuating compute share."""
 
     profile: str = "a100-sd15"
-    member: str | None = None
+    member: str = "large"  # the cluster-wide model the edge batches
     capacity: tuple[float, float] = (0.5, 1.0)  # fraction c of the GPU available this round, uniform
     max_batch: int | None = Field(default=None, ge=1)  # overrides the profile's memory limit
 
@@ -114,6 +114,7 @@ class Scenario(_Strict):
     edge: EdgeSpec = EdgeSpec()
     wireless: WirelessSpec = WirelessSpec()
     payload: PayloadSpec = PayloadSpec()
+    device_member: str = "small"  # the member each device runs (with the user's adapter)
     devices: dict[str, float] = Field(
         default_factory=lambda: {"phone-flagship": 0.3, "phone-mid": 0.35, "phone-low": 0.2, "laptop": 0.15}
     )
