@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -334,3 +336,51 @@ def test_sampler_config_rebuilds_the_same_sampler() -> None:
         assert all(torch.equal(u, v) for u, v in zip(a.schedule(12).tensors().values(),
                                                      b.schedule(12).tensors().values()))
     assert make_sampler("ddim", SD15, eta=0.25).config["eta"] == 0.25
+
+
+_DTYPES = [torch.int64, torch.int32, torch.float32, torch.float64, torch.float16, torch.uint8, torch.bool]
+
+
+@st.composite
+def schedule_like(draw) -> dict:
+    """Dicts that look more or less like schedule tensors: random keys, dtypes, shapes and values."""
+    keys = draw(st.sets(st.sampled_from(["timesteps", "sigmas", "sigmas_next", "x"]), min_size=0, max_size=4))
+    if draw(st.booleans()):
+        keys = {"timesteps", "sigmas", "sigmas_next"}
+    n = draw(st.integers(0, 6))
+    out = {}
+    for key in keys:
+        shape = draw(st.sampled_from([(n,), (n + 1,), (), (1, n)]))
+        values = draw(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                               min_size=math.prod(shape), max_size=math.prod(shape)))
+        if draw(st.booleans()):  # often sorted descending, so that deeper checks are reached
+            values = sorted(values, key=lambda v: -v if v == v else 0.0)
+        dtype = draw(st.sampled_from(_DTYPES))
+        t = torch.tensor(values, dtype=torch.float64).reshape(shape)
+        out[key] = t.nan_to_num(0.0).clamp(-1e6, 1e6).to(dtype) if not dtype.is_floating_point else t.to(dtype)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(schedule_like())
+def test_schedule_from_random_tensors_is_valid_or_a_clear_error(tensors: dict) -> None:
+    try:
+        sched = Schedule.from_tensors(tensors)
+    except SamplerError:
+        return
+    s, sn = sched.sigmas, sched.sigmas_next
+    assert bool((s > 0).all() and (sn >= 0).all() and (sn <= s).all() and torch.isfinite(s).all())
+    assert bool((sched.timesteps[1:] < sched.timesteps[:-1]).all())
+
+
+def test_dpm_state_validation() -> None:
+    sampler = make_sampler("dpmpp_2m", SD15)
+    sched, x = sampler.schedule(4), noise(0)
+    _, state = sampler.step(x, x, sched, 0, sampler.initial_state())
+    bad = [({}, 1, "last_step"), ({"last_step": torch.tensor(0.0)}, 1, "last_step"),
+           ({"last_step": torch.tensor([0])}, 1, "last_step"), ({"last_step": torch.tensor(0)}, 1, "prev_x0"),
+           ({**state, "prev_x0": x[:, :1]}, 1, "shape"), ({**state, "junk": x}, 1, "prev_x0"),
+           ({"last_step": torch.tensor(-1), "prev_x0": x}, 0, "only")]
+    for bad_state, i, message in bad:
+        with pytest.raises(SamplerError, match=message):
+            sampler.step(x, x, sched, i, bad_state)

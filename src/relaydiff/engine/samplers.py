@@ -74,7 +74,8 @@ class Schedule:
                 raise SamplerError(f"schedule {key} must be a torch.Tensor, got {type(getattr(self, key)).__name__}")
         t, s, sn = self.timesteps, self.sigmas, self.sigmas_next
         if t.dim() != 1 or not 1 <= t.numel() <= MAX_STEPS:
-            raise SamplerError(f"schedule timesteps must have shape [T] with 1 <= T <= {MAX_STEPS}, got {tuple(t.shape)}")
+            raise SamplerError(f"schedule timesteps must have shape [T] with 1 <= T <= {MAX_STEPS}, "
+                               f"got {tuple(t.shape)}")
         if t.dtype not in (torch.int64, torch.float32):
             raise SamplerError(f"schedule timesteps must be int64 or float32, got {t.dtype}")
         n = t.numel()
