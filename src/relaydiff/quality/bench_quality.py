@@ -1,0 +1,347 @@
+"""`relaydiff bench quality`: quality against speed of a family, measured in one run on held-out prompts.
+
+Every number comes from real generation with the engine and is read by the shipped judge:
+
+- `judge_accuracy` of the judge on held-out renders (every style), per fact and per image;
+- `members`: full-chain prompt fidelity and Fréchet distance (judge features, against renders of
+  the same held-out scenes) of `large` and `small`, and their per-step latency at batch 1 and 8;
+- `relay`: for every handoff step k (large for 0..k, small for k..T) fidelity, FD, the latent's
+  shift at the handoff, and the speedup: full-large wall time / relay wall time, both timed in this
+  run as the minimum of `repeats` runs of the same requests (the minimum filters out the other
+  jobs on a shared machine), for a batch of `timing_batch` requests and for one request alone;
+- `best_relay`: the k with the highest speedup whose fidelity is >= 0.99 x full-large;
+- `shared_prefix`: fidelity versus number of shared steps per prompt-similarity bin (a request's
+  prompt vs its group leader's, MiniLM cosine) and the fit Q(x) = L / (1 + exp(k (x - x0))) + C;
+- `personalization`: style and prompt fidelity versus split point, large (edge, no adapter) for
+  0..k then the user's style adapter on small (device) for k..T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from relaydiff.models.world import COLORS, SHAPES, STYLES, Scene, World
+from relaydiff.quality.judge import Judge, load_judge
+from relaydiff.quality.metrics import (
+    frechet_distance,
+    handoff_shift,
+    judge_accuracy,
+    latent_stats,
+    prompt_fidelity,
+    style_fidelity,
+)
+
+USER_STYLES = tuple(s for s in STYLES if s != "plain")
+
+
+@dataclass
+class QualityBenchConfig:
+    """Everything the bench measures with, in one place (echoed in its JSON)."""
+
+    family: str = "reference"
+    large: str = "large"
+    small: str = "small"
+    seed: int = 0
+    steps: int = 20
+    sampler: str = "ddim"
+    guidance: float = 3.0
+    n_prompts: int = 96  # held-out prompts for members and relay
+    max_batch: int = 16
+    relay_ks: tuple[int, ...] | None = None  # None: every k in 0..T
+    timing_batch: int = 8
+    repeats: int = 3
+    n_judge: int = 1000  # held-out renders for the judge's accuracy
+    shared_groups: int = 8  # groups of a leader and `len(SHARED_VARIANTS)` followers
+    shared_x: tuple[int, ...] | None = None  # shared-step counts; None: every 2 steps
+    similarity_bins: tuple[float, ...] = (0.0, 0.6, 0.75, 0.9, 1.0001)
+    personal_prompts: int = 24  # per style
+    personal_ks: tuple[int, ...] | None = None  # None: every 2 steps
+    style_adapters: dict[str, str] | None = None  # style -> adapter; None: adapters named after styles
+    threads: int = 1
+
+
+SHARED_VARIANTS = ("paraphrase", "one_attribute", "two_attributes", "unrelated")
+
+
+def _grid(steps: int, every: int) -> tuple[int, ...]:
+    return tuple(sorted(set(range(0, steps + 1, every)) | {steps}))
+
+
+def _requests(prompts: Sequence[str], cfg: QualityBenchConfig, seed0: int):
+    from relaydiff.engine.plan import Request
+
+    return [
+        Request(prompt=p, steps=cfg.steps, guidance=cfg.guidance, seed=seed0 + i, sampler=cfg.sampler)
+        for i, p in enumerate(prompts)
+    ]
+
+
+def run_recorded(family: Any, requests: list, plans: list, max_batch: int) -> tuple[np.ndarray, torch.Tensor, float]:
+    """Run chains with the engine's executor, keeping every step's latent.
+
+    Returns (images uint8 [N, H, W, 3], latents [T + 1, N, C, H, W], wall seconds incl. decoding).
+    """
+    from relaydiff.engine.chain import new_chain
+    from relaydiff.engine.executor import Executor
+
+    t0 = time.perf_counter()
+    chains = [new_chain(family, r, p) for r, p in zip(requests, plans)]
+    steps = requests[0].steps
+    record = torch.zeros(steps + 1, len(chains), *family.latent_shape)
+    for i, c in enumerate(chains):
+        record[0, i] = c.latents[0]
+    ex = Executor(family, max_batch=max_batch)
+    for c in chains:
+        ex.submit(c)
+    while not ex.idle:
+        ex.step()
+        for i, c in enumerate(chains):
+            record[c.step, i] = c.latents[0]
+    images = family.decode(torch.cat([c.latents for c in chains]))
+    return images, record, time.perf_counter() - t0
+
+
+def _timed(family: Any, requests: list, plans: list, max_batch: int) -> float:
+    from relaydiff.engine.runner import generate
+
+    t0 = time.perf_counter()
+    generate(family, requests, plans, max_batch=max_batch)
+    return time.perf_counter() - t0
+
+
+def logistic_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+    """Fit Q(x) = L / (1 + exp(k (x - x0))) + C (HIS's quality-vs-shared-steps curve)."""
+    from scipy.optimize import curve_fit
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 4 or np.ptp(x) == 0:
+        return {"ok": False, "reason": f"need >= 4 points over >= 2 x values, got {len(x)}"}
+
+    def q(x, L, k, x0, C):  # noqa: N803
+        return L / (1.0 + np.exp(np.clip(k * (x - x0), -50, 50))) + C
+
+    lo, hi = float(y.min()), float(y.max())
+    p0 = [max(hi - lo, 1e-3), 0.5, float(np.median(x)), lo]
+    bounds = ([-2.0, -10.0, float(x.min()) - 2 * np.ptp(x), -1.0], [2.0, 10.0, float(x.max()) + 2 * np.ptp(x), 2.0])
+    try:
+        params, _ = curve_fit(q, x, y, p0=p0, bounds=bounds, maxfev=20000)
+    except (RuntimeError, ValueError) as exc:
+        return {"ok": False, "reason": str(exc)}
+    pred = q(x, *params)
+    ss_res, ss_tot = float(((y - pred) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    return {"ok": True, **dict(zip(("L", "k", "x0", "C"), (float(v) for v in params))), "r2": r2}
+
+
+def _variant(world: World, scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
+    """A follower's scene: the leader's, paraphrased, with attributes changed, or unrelated."""
+    if kind == "paraphrase":
+        return scene
+    if kind == "unrelated":
+        return world.sample_scene(rng, split="heldout")
+    objs = list(scene.objects)
+    changes = 1 if kind == "one_attribute" else 2
+    for _ in range(changes):
+        i = int(rng.integers(len(objs)))
+        taken = {(o.shape, o.color) for o in objs}
+        if rng.random() < 0.5:
+            options = [c for c in COLORS if (objs[i].shape, c) not in taken]
+            objs[i] = dataclasses.replace(objs[i], color=options[int(rng.integers(len(options)))])
+        else:
+            options = [s for s in SHAPES if (s, objs[i].color) not in taken]
+            objs[i] = dataclasses.replace(objs[i], shape=options[int(rng.integers(len(options)))])
+    return dataclasses.replace(scene, objects=tuple(objs))
+
+
+def bench_quality(cfg: QualityBenchConfig, judge: Judge | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Run every measurement of the bench; returns one JSON-ready dict."""
+    from relaydiff.engine.family import load_family
+    from relaydiff.engine.plan import Plan
+    from relaydiff.engine.profile import hardware, measure_step_latency
+    from relaydiff.engine.runner import generate, generate_shared_prefix
+    from relaydiff.quality.similarity import prompt_similarity
+
+    say = log or (lambda _msg: None)
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    judge = judge or load_judge()
+    family = load_family(cfg.family)
+    T = cfg.steps
+    for m in (cfg.large, cfg.small):
+        if m not in family.members:
+            raise ValueError(f"family {cfg.family!r} has no member {m!r} (members: {sorted(family.members)})")
+    world = World(family.image_size)
+    out: dict[str, Any] = {"hardware": hardware(), "family": {"id": family.id, "version": family.version},
+                           "config": _jsonable(asdict(cfg))}  # fmt: skip
+
+    # ---- judge ------------------------------------------------------------------------------
+    ref = world.batch(cfg.n_judge, seed=cfg.seed + 101, split="heldout", styles=STYLES)
+    out["judge_accuracy"] = judge_accuracy(judge, ref.images, ref.scenes, ref.styles, world=world)
+    say(f"judge accuracy {out['judge_accuracy']['per_fact']:.4f} per fact")
+
+    # ---- members and relay ------------------------------------------------------------------
+    held = world.batch(cfg.n_prompts, seed=cfg.seed + 202, split="heldout", styles=("plain",))
+    reqs = _requests(held.prompts, cfg, seed0=cfg.seed * 100_000)
+    ks = tuple(cfg.relay_ks) if cfg.relay_ks is not None else tuple(range(T + 1))
+    if T not in ks or 0 not in ks or any(not 0 <= k <= T for k in ks):
+        raise ValueError(f"relay_ks must lie in 0..{T} and include 0 (full small) and {T} (full large), got {ks}")
+    ref_feats = judge.features(held.images)
+    relay: dict[int, dict[str, Any]] = {}
+    stats: dict[int, dict[str, list[float]]] = {}
+    for k in sorted(ks, reverse=True):
+        plans = [Plan.relay(cfg.large, cfg.small, k, T)] * len(reqs)
+        images, lat, wall = run_recorded(family, reqs, plans, cfg.max_batch)
+        fid = prompt_fidelity(images, held.scenes, judge)
+        stats[k] = latent_stats(lat)
+        entry = {"k": k, "fidelity": fid.fidelity, "fidelity_exact": fid.exact, "by_kind": fid.by_kind,
+                 "by_objects": fidelity_by_objects(fid.per_image, held.scenes),
+                 "fd": frechet_distance(judge.features(images), ref_feats), "quality_run_s": wall}  # fmt: skip
+        if 0 < k < T:
+            shift = handoff_shift(stats[k], k)
+            entry["latent_shift"] = {key: shift[key] for key in ("mean_delta", "std_ratio", "norm_ratio")}
+        relay[k] = entry
+        say(f"relay k={k}: fidelity {fid.fidelity:.3f} fd {entry['fd']:.2f} ({wall:.1f}s)")
+
+    # timing: min over repeats, interleaved over k so that load changes hit every k alike
+    timing_reqs = reqs[: cfg.timing_batch]
+    walls: dict[str, dict[int, float]] = {"batch": {k: math.inf for k in ks}, "single": {k: math.inf for k in ks}}
+    for _ in range(cfg.repeats):
+        for k in ks:
+            plan = Plan.relay(cfg.large, cfg.small, k, T)
+            walls["batch"][k] = min(walls["batch"][k], _timed(family, timing_reqs, [plan] * len(timing_reqs), cfg.max_batch))
+            walls["single"][k] = min(walls["single"][k], _timed(family, timing_reqs[:1], [plan], 1))
+    for k in ks:
+        relay[k]["wall_s"] = walls["batch"][k]
+        relay[k]["speedup"] = walls["batch"][T] / walls["batch"][k]
+        relay[k]["wall_s_single"] = walls["single"][k]
+        relay[k]["speedup_single"] = walls["single"][T] / walls["single"][k]
+    out["relay"] = [relay[k] for k in sorted(ks)]
+
+    step_ms = {}
+    for m in (cfg.large, cfg.small):
+        lat_s = measure_step_latency(family, m, [1, 8], steps=5, guidance=cfg.guidance)
+        step_ms[m] = {f"batch{b}": 1000 * s for b, s in lat_s.items()}
+    out["members"] = {
+        name: {"fidelity": relay[k]["fidelity"], "fd": relay[k]["fd"], "step_ms": step_ms[member],
+               "fidelity_by_kind": relay[k]["by_kind"], "fidelity_by_objects": relay[k]["by_objects"]}  # fmt: skip
+        for name, member, k in (("large", cfg.large, T), ("small", cfg.small, 0))
+    }
+    full_large = relay[T]["fidelity"]
+    ok = [relay[k] for k in ks if relay[k]["fidelity"] >= 0.99 * full_large]
+    best = max(ok, key=lambda e: e["speedup"])
+    out["best_relay"] = {"k": best["k"], "fidelity": best["fidelity"], "fidelity_ratio": best["fidelity"] / full_large,
+                         "speedup": best["speedup"], "speedup_single": best["speedup_single"]}  # fmt: skip
+    out["latent_stats"] = {"full_large": stats[T], f"relay_k{best['k']}": stats[best["k"]]}
+    say(f"best relay k={best['k']} speedup {best['speedup']:.2f}")
+
+    # ---- shared prefix ----------------------------------------------------------------------
+    out["shared_prefix"] = _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_similarity, say)
+
+    # ---- personalization --------------------------------------------------------------------
+    out["personalization"] = _personalization(cfg, family, world, judge, generate, say)
+
+    out["targets"] = {
+        "full_large_fidelity>=0.90": full_large >= 0.90,
+        "best_relay_speedup>=2.1": out["best_relay"]["speedup"] >= 2.1,
+        "judge_accuracy>=0.98": out["judge_accuracy"]["per_fact"] >= 0.98,
+        "small_>=10pts_below_large_on_2-3_objects": relay[T]["by_objects"].get("2-3", 0.0)
+        - relay[0]["by_objects"].get("2-3", 0.0) >= 0.10,
+    }
+    out["wall_s"] = time.perf_counter() - t_start
+    return out
+
+
+def fidelity_by_objects(per_image: Sequence[float], scenes: Sequence[Scene]) -> dict[str, float]:
+    """Mean prompt fidelity by number of objects in the prompt, and over 2-3 object prompts."""
+    n = np.array([len(s.objects) for s in scenes])
+    scores = np.asarray(per_image, dtype=float)
+    out = {str(k): float(scores[n == k].mean()) for k in (1, 2, 3) if (n == k).any()}
+    if (n >= 2).any():
+        out["2-3"] = float(scores[n >= 2].mean())
+    return out
+
+
+def _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_similarity, say) -> dict[str, Any]:
+    from relaydiff.engine.plan import Plan
+
+    T = cfg.steps
+    xs = tuple(cfg.shared_x) if cfg.shared_x is not None else _grid(T, 2)
+    rng = np.random.default_rng(cfg.seed + 303)
+    leaders = world.batch(cfg.shared_groups, seed=cfg.seed + 304, split="heldout", styles=("plain",))
+    groups = []
+    for g, (scene, prompt) in enumerate(zip(leaders.scenes, leaders.prompts)):
+        scenes = [scene] + [_variant(world, scene, kind, rng) for kind in SHARED_VARIANTS]
+        prompts = [prompt] + [world.describe(s, rng, split="heldout") for s in scenes[1:]]
+        groups.append((scenes, prompts))
+    sims = prompt_similarity(
+        [p[0] for _, p in groups for _ in SHARED_VARIANTS], [q for _, p in groups for q in p[1:]]
+    ).reshape(len(groups), len(SHARED_VARIANTS))
+    records = []  # (similarity, x, fidelity)
+    for x in xs:
+        for g, (scenes, prompts) in enumerate(groups):
+            reqs = _requests(prompts, cfg, seed0=cfg.seed * 100_000 + 50_000 + g * 10)
+            plans = [Plan.single(cfg.large, T)] * len(reqs)
+            res = generate_shared_prefix(family, reqs, plans, x, leader=0, max_batch=cfg.max_batch)
+            images = np.stack([r.image for r in res.results[1:]])
+            for i, scene in enumerate(scenes[1:]):
+                fid = prompt_fidelity(images[i : i + 1], [scene], judge).fidelity
+                records.append((float(sims[g, i]), x, fid))
+        say(f"shared prefix x={x} done")
+    edges = cfg.similarity_bins
+    bins = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        pts = [(x, f) for s, x, f in records if lo <= s < hi]
+        curve = {}
+        for x in xs:
+            vals = [f for xx, f in pts if xx == x]
+            if vals:
+                curve[x] = float(np.mean(vals))
+        bins.append({
+            "similarity": [lo, min(hi, 1.0)],
+            "n_requests": len(pts) // max(len(xs), 1),
+            "shared_steps": sorted(curve),
+            "fidelity": [curve[x] for x in sorted(curve)],
+            "fit": logistic_fit([p[0] for p in pts], [p[1] for p in pts]),
+        })
+    return {"plan": f"{cfg.large} for all {T} steps; the prefix is conditioned on the leader's prompt",
+            "groups": len(groups), "followers_per_group": len(SHARED_VARIANTS), "variants": list(SHARED_VARIANTS),
+            "similarity_by_variant": {k: float(sims[:, i].mean()) for i, k in enumerate(SHARED_VARIANTS)},
+            "bins": bins}  # fmt: skip
+
+
+def _personalization(cfg, family, world, judge, generate, say) -> dict[str, Any]:
+    from relaydiff.engine.plan import Plan
+
+    T = cfg.steps
+    mapping = cfg.style_adapters or {s: s for s in USER_STYLES if s in family.adapters}
+    if not mapping:
+        return {"skipped": f"family has no adapters named after the styles {USER_STYLES}"}
+    ks = tuple(cfg.personal_ks) if cfg.personal_ks is not None else _grid(T, 2)
+    out: dict[str, Any] = {"plan": f"{cfg.large}@edge for 0..k, {cfg.small}+<style adapter>@device for k..{T}",
+                           "split_points": list(ks), "styles": {}}  # fmt: skip
+    for si, (style, adapter) in enumerate(sorted(mapping.items())):
+        if adapter not in family.adapters:
+            raise ValueError(f"style {style!r} maps to unknown adapter {adapter!r}")
+        batch = world.batch(cfg.personal_prompts, seed=cfg.seed + 404 + si, split="heldout", styles=(style,))
+        reqs = _requests(batch.prompts, cfg, seed0=cfg.seed * 100_000 + 70_000 + si * 1000)
+        sf, pf = [], []
+        for k in ks:
+            plans = [Plan.relay(cfg.large, cfg.small, k, T, adapter=adapter)] * len(reqs)
+            images = np.stack([r.image for r in generate(family, reqs, plans, max_batch=cfg.max_batch)])
+            sf.append(style_fidelity(images, [style] * len(images), judge))
+            pf.append(prompt_fidelity(images, batch.scenes, judge).fidelity)
+        out["styles"][style] = {"adapter": adapter, "style_fidelity": sf, "prompt_fidelity": pf}
+        say(f"personalization {style}: style fidelity {sf}")
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -1,0 +1,101 @@
+"""Quality commands: `relaydiff train judge` and `relaydiff bench quality` (registered via relaydiff.models.commands)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def register(bench: typer.Typer, train: typer.Typer) -> None:
+    train.command("judge")(train_judge_cmd)
+    bench.command("quality")(bench_quality_cmd)
+
+
+def train_judge_cmd(
+    out: Path = typer.Option(Path("runs/judge"), help="Run directory (checkpoint.safetensors + checkpoint.json)."),
+    seed: int = typer.Option(0, help="Seed: the run is a pure function of it."),
+    steps: int = typer.Option(2000, help="Optimizer steps."),
+    until: int = typer.Option(0, help="Stop after this many total steps (0: run to the end); rerun to continue."),
+    threads: int = typer.Option(1, help="torch threads (the machine is shared)."),
+    export: Path = typer.Option(None, help="Write the final judge here (fp16 safetensors + config.json); the "
+                                           "shipped one is src/relaydiff/assets/judge."),
+    eval_size: int = typer.Option(2000, help="Held-out renders for the accuracy written next to the weights."),
+) -> None:
+    """Train the judge on renders of the world (train split, every style); resumes from --out."""
+    from dataclasses import asdict
+
+    from rich.console import Console
+
+    from relaydiff.quality.judge import JudgeTrainConfig, evaluate_judge, train_judge
+
+    console = Console(stderr=True)
+    cfg = JudgeTrainConfig(seed=seed, steps=steps, threads=threads, eval_size=eval_size)
+
+    def log(d: dict) -> None:
+        console.print(f"step {d['step']}/{d['steps']}  loss {d['loss']:.4f}  lr {d['lr']:.2e}  {d['elapsed_s']:.0f}s")
+
+    try:
+        judge = train_judge(cfg, out, log=log, until=until or None)
+    except ValueError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    done = json.loads((out / "checkpoint.json").read_text())["step"]
+    if done < cfg.steps:
+        console.print(f"stopped at step {done}/{cfg.steps}; run the same command again to continue")
+        return
+    acc = evaluate_judge(judge, n=cfg.eval_size)
+    console.print(f"held-out accuracy: per fact {acc['per_fact']:.4f}, per image {acc['per_image']:.4f}")
+    if export is not None:
+        train_config = json.loads(json.dumps(asdict(cfg)))
+        judge.save_pretrained(export, extra={"train_config": train_config, "heldout_accuracy": acc})
+        console.print(f"judge -> {export}")
+
+
+def bench_quality_cmd(
+    family: str = typer.Option("reference", help="'reference', 'tiny' or a family directory."),
+    steps: int = typer.Option(20, help="Denoising steps T of every chain."),
+    n_prompts: int = typer.Option(96, help="Held-out prompts for members and relay."),
+    sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m."),
+    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, help="Seed of prompts and noise."),
+    repeats: int = typer.Option(3, help="Timing runs per handoff step (the minimum is kept)."),
+    quick: bool = typer.Option(False, help="A small, fast run (smoke test; numbers are noisy)."),
+    out: Path = typer.Option(None, help="Also write the JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Quality vs speed of a family on held-out prompts: members, relay, shared prefix, personalization."""
+    from rich.console import Console
+
+    from relaydiff.quality.bench_quality import QualityBenchConfig, bench_quality
+
+    console = Console(stderr=True)
+    cfg = QualityBenchConfig(family=family, steps=steps, n_prompts=n_prompts, sampler=sampler, guidance=guidance,
+                             seed=seed, repeats=repeats)
+    if quick:
+        cfg = QualityBenchConfig(family=family, steps=min(steps, 8), n_prompts=min(n_prompts, 16), sampler=sampler,
+                                 guidance=guidance, seed=seed, repeats=1, timing_batch=4, n_judge=200,
+                                 shared_groups=2, personal_prompts=4)
+    try:
+        result = bench_quality(cfg, log=lambda msg: console.print(msg))
+    except (ValueError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    text = json.dumps(result)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        print(text)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"relay on {result['family']['id']} (T={cfg.steps}, {result['hardware']})")
+    for col in ("k", "fidelity", "fd", "speedup", "speedup_single"):
+        table.add_column(col)
+    for e in result["relay"]:
+        table.add_row(str(e["k"]), f"{e['fidelity']:.3f}", f"{e['fd']:.2f}", f"{e['speedup']:.2f}",
+                      f"{e['speedup_single']:.2f}")
+    Console().print(table)
+    Console().print({k: result[k] for k in ("judge_accuracy", "best_relay", "targets")})
