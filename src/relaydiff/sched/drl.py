@@ -352,3 +352,13 @@ def train(
         if on_progress is not None:
             on_progress(int(model.num_timesteps), cfg.total_timesteps, rec)
     return history[-1] if history else {}
+
+
+def _register() -> None:
+    from relaydiff.sched.baselines import register_solver
+
+    register_solver("drl", lambda inst: solve_drl(inst))
+    register_solver("drl+ls", lambda inst: solve_drl(inst, improve=True))
+
+
+_register()

@@ -1,0 +1,146 @@
+"""``relaydiff bench offload``: optimality and speed of the one-round solvers, as one JSON object.
+
+- ``optimality``: for N in {5, 10, 20, 30}, seeded rounds of the scenario, every solver's
+  objective divided by the exact MILP optimum (``ratio_mean``, ``ratio_min``) and its decision
+  time (``ms_median``). Where HiGHS stops at its time limit without proving optimality, the
+  reference is the best objective any solver found on that round (and ``exact_proven`` says how
+  many rounds were proven); the exact solver's own ratio then shows the shortfall.
+- ``scaling``: for N in {100, 1000}, every scalable solver's ``ms_median`` and its objective
+  relative to greedy (``vs_greedy_mean``, ``vs_greedy_min``).
+Objectives are sums of user utilities, positive by construction (:mod:`relaydiff.system.problem`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+OPT_SOLVERS = ("exact", "drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
+SCALE_SOLVERS = ("drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
+
+
+def hardware() -> dict[str, Any]:
+    """What the timings were taken on (this machine is shared: the load average is recorded)."""
+    import scipy
+
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = "none"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+            "numpy": np.__version__, "scipy": scipy.__version__,
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.min(values))
+
+
+def run(
+    scenario: str = "default",
+    seed: int = 0,
+    opt_sizes: tuple[int, ...] = (5, 10, 20, 30),
+    opt_rounds: int = 10,
+    scale_sizes: tuple[int, ...] = (100, 1000),
+    scale_rounds: int = 5,
+    opt_solvers: tuple[str, ...] = OPT_SOLVERS,
+    scale_solvers: tuple[str, ...] = SCALE_SOLVERS,
+    on_progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """The bench: same seeded rounds for every solver."""
+    import relaydiff.sched.drl  # noqa: F401  (registers drl, drl+ls)
+    from relaydiff.sched.baselines import get_solver
+    from relaydiff.system.problem import sample_instance
+    from relaydiff.system.scenario import load_scenario
+
+    if opt_rounds < 1 or scale_rounds < 1:
+        raise ValueError("opt_rounds and scale_rounds must be >= 1")
+    sc = load_scenario(scenario)
+    for name in set(opt_solvers) | set(scale_solvers):
+        get_solver(name)
+    t_start = time.perf_counter()
+    # warm-up: policy load, lazy imports, first-call allocations are not decision time
+    warm = sample_instance(sc, n_users=8, seed=12345)
+    for name in set(opt_solvers) | set(scale_solvers):
+        get_solver(name)(warm)
+
+    optimality: list[dict[str, Any]] = []
+    for n in opt_sizes:
+        rng = np.random.default_rng([seed, n])
+        sols: dict[str, list[Any]] = {s: [] for s in opt_solvers}
+        for _ in range(opt_rounds):
+            inst = sample_instance(sc, n_users=n, seed=rng)
+            for name in opt_solvers:
+                sols[name].append(get_solver(name)(inst))
+                if on_progress:
+                    on_progress(f"optimality N={n} {name}")
+        proven = [s.status == "optimal" for s in sols["exact"]] if "exact" in sols else [False] * opt_rounds
+        ref = [max(sols[name][r].objective for name in opt_solvers) if not proven[r] else sols["exact"][r].objective
+               for r in range(opt_rounds)]
+        row: dict[str, Any] = {"n": n, "rounds": opt_rounds, "exact_proven": int(sum(proven))}
+        for name in opt_solvers:
+            mean, low = _stats([s.objective / ref[r] for r, s in enumerate(sols[name])])
+            row[name] = {"ratio_mean": mean, "ratio_min": low, "ms_median": 1e3 * float(np.median([s.wall_s for s in sols[name]]))}
+        optimality.append(row)
+
+    scaling: list[dict[str, Any]] = []
+    for n in scale_sizes:
+        rng = np.random.default_rng([seed, n])
+        sols = {s: [] for s in scale_solvers}
+        for _ in range(scale_rounds):
+            inst = sample_instance(sc, n_users=n, seed=rng)
+            for name in scale_solvers:
+                sols[name].append(get_solver(name)(inst))
+                if on_progress:
+                    on_progress(f"scaling N={n} {name}")
+        row = {"n": n, "rounds": scale_rounds}
+        greedy = [s.objective for s in sols["greedy"]] if "greedy" in sols else None
+        for name in scale_solvers:
+            entry = {"ms_median": 1e3 * float(np.median([s.wall_s for s in sols[name]]))}
+            if greedy is not None:
+                entry["vs_greedy_mean"], entry["vs_greedy_min"] = _stats([s.objective / g for s, g in zip(sols[name], greedy)])
+            row[name] = entry
+        scaling.append(row)
+
+    out: dict[str, Any] = {"scenario": sc.name, "seed": seed, "optimality": optimality, "scaling": scaling}
+    out["targets"] = _targets(optimality, scaling)
+    out["hardware"] = hardware()
+    out["wall_s"] = time.perf_counter() - t_start
+    out["notes"] = ("ratio = objective / exact optimum (best objective found where the MILP was not proven optimal); "
+                    "ms = decision wall time per round, median; drl = MaskablePPO policy in numpy + closed-form bandwidth; "
+                    "drl+ls = the same followed by the local-search baseline's improvement pass")
+    return out
+
+
+def _targets(optimality: list[dict[str, Any]], scaling: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's targets, checked on this run."""
+    t: dict[str, Any] = {}
+    for name in ("drl", "drl+ls"):
+        rows = [r for r in optimality if name in r and r["n"] <= 30]
+        if rows:
+            t[f"{name}_ratio_mean_min_over_n"] = min(r[name]["ratio_mean"] for r in rows)
+            t[f"{name}_ratio_ge_0.98"] = all(r[name]["ratio_mean"] >= 0.98 for r in rows)
+        r30 = [r for r in optimality if r["n"] == 30 and name in r and "exact" in r]
+        if r30:
+            t[f"{name}_speedup_vs_exact_n30"] = r30[0]["exact"]["ms_median"] / max(r30[0][name]["ms_median"], 1e-9)
+        r1000 = [r for r in scaling if r["n"] == 1000 and name in r]
+        if r1000:
+            t[f"{name}_ms_n1000"] = r1000[0][name]["ms_median"]
+            t[f"{name}_n1000_under_100ms"] = r1000[0][name]["ms_median"] < 100.0
+    return t
