@@ -239,3 +239,25 @@ def test_quality_table_from_bench_json(tmp_path: Path) -> None:
         load_quality(path)
     with pytest.raises(QualityTableError, match="does not exist"):
         load_quality(tmp_path / "none.json")
+
+
+# ---- relaydiff profile: measured profiles feed the sampler ---------------------------------------
+def test_measured_profile_roundtrip(tiny, tmp_path: Path) -> None:
+    pytest.importorskip("relaydiff.engine.profile", reason="the engine's profiler is not available")
+    from relaydiff.system.measure import measure_profile
+    from relaydiff.system.profiles import save_profile
+
+    prof = measure_profile(tiny, ["small"], [1], kind="device", name="cpu-here", steps=1,
+                           step_power_w=10.0, radio_power_w=1.0)
+    path = save_profile(prof, tmp_path / "cpu-here.json")
+    back = load_profile(path)
+    assert back.kind == "device" and back.member("small").at(1) > 0 and back.decode_s > 0
+    assert back.decode_j == pytest.approx(10.0 * back.decode_s)
+    sc = parse_scenario({"devices": {str(path): 1.0}})
+    inst = sample_instance(sc, n_users=3, seed=0)
+    assert inst.device_step_s == pytest.approx(np.full(3, back.member("small").at(1)))
+    from dataclasses import replace
+
+    save_profile(replace(prof, step_power_w=None, decode_j=None), tmp_path / "nopower.json")
+    with pytest.raises(ProfileError, match="step_power_w"):
+        sample_instance(parse_scenario({"devices": {str(tmp_path / "nopower.json"): 1.0}}), n_users=2)

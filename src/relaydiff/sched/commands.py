@@ -7,6 +7,7 @@ import typer
 
 def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
     """Add this area's commands to the CLI."""
+    _register_profile(app)
     _register_offload(app, bench, train)
 
 
@@ -120,3 +121,51 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
             result = run(scenario, seed, opt, rounds, scl, scale_rounds,
                          on_progress=None if as_json else (lambda msg: status.update(msg)))
         print(json.dumps(result, indent=None if as_json else 2))
+
+
+# ---- profile: measure the engine on this machine (issue 4, part A) -----------------------------
+def _register_profile(app: typer.Typer) -> None:
+    @app.command("profile")
+    def profile_cmd(
+        family: str = typer.Option("tiny", help="Family to time: 'tiny', 'reference' or a diffusers-format directory."),
+        members: str = typer.Option("", help="Comma-separated members to time (default: all of the family's)."),
+        batch_sizes: str = typer.Option("1,2,4,8", help="Comma-separated batch sizes (chains per batched step)."),
+        steps: int = typer.Option(5, help="Timed steps per batch size (median reported, after 2 warm-up steps)."),
+        kind: str = typer.Option("edge", help="'edge' (batched server) or 'device' (one user's device)."),
+        name: str = typer.Option("measured", help="Profile name written into the file."),
+        out: str = typer.Option("out/profile.json", help="Where to write the profile JSON."),
+        max_batch: int = typer.Option(0, help="Edge memory limit (largest batch); default: largest measured."),
+        step_power_w: float = typer.Option(0.0, help="Device power while denoising, W (not measurable here; 0 = omit)."),
+        radio_power_w: float = typer.Option(0.0, help="Device radio power, W (0 = omit)."),
+        device: str = typer.Option("cpu", help="torch device to run on ('cpu', 'cuda')."),
+    ) -> None:
+        """Measure per-step latency per member and batch size, and decode time; write a profile JSON."""
+        import json
+
+        import torch
+        from rich.console import Console
+
+        from relaydiff.engine.family import load_family
+        from relaydiff.system.measure import measure_profile
+        from relaydiff.system.profiles import save_profile
+
+        console = Console(stderr=True)
+        try:
+            sizes = [int(x) for x in batch_sizes.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter("batch sizes must be comma-separated integers", param_hint="--batch-sizes") from None
+        torch.manual_seed(0)
+        try:
+            fam = load_family(family)
+            if device != "cpu":
+                fam.to(device, torch.float16)
+            names = [m.strip() for m in members.split(",") if m.strip()] or sorted(fam.members)
+            with console.status(f"timing {', '.join(names)} at batch sizes {sizes}"):
+                prof = measure_profile(fam, names, sizes, kind=kind, name=name, steps=steps,
+                                       max_batch=max_batch or None, step_power_w=step_power_w or None,
+                                       radio_power_w=radio_power_w or None)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        path = save_profile(prof, out)
+        console.print(f"wrote {path}")
+        print(json.dumps(prof.to_dict(), indent=2))
