@@ -310,6 +310,12 @@ def test_bad_input_gives_clear_errors() -> None:
         make_sampler("ddim", SD15, eta=1.5)
     with pytest.raises(SamplerError, match="trained_betas"):
         make_sampler("ddim", {**SD15, "trained_betas": [0.1, 0.2]})
+    with pytest.raises(SamplerError, match="trained_betas"):
+        make_sampler("ddim", {**SD15, "trained_betas": "0.1"})
+    with pytest.raises(SamplerError, match="betas must lie"):
+        make_sampler("ddim", {**SD15, "num_train_timesteps": 3, "trained_betas": [0.1, float("nan"), 0.2]})
+    with pytest.raises(SamplerError, match="num_train_timesteps"):
+        make_sampler("euler", {**SD15, "num_train_timesteps": 10**9})
     with pytest.raises(SamplerError, match="dict"):
         make_sampler("ddim", ["not", "a", "dict"])
     sampler = make_sampler("euler", SD15)

@@ -31,6 +31,7 @@ float32 (or wider) and the result is cast back to the input dtype, as diffusers 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -41,7 +42,7 @@ SAMPLERS: tuple[str, ...] = ("ddim", "euler", "dpmpp_2m")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
-MAX_STEPS = 100_000  # sanity bound for schedules read back from a handoff
+MAX_STEPS = 100_000  # sanity bound on training and sampling steps (schedules are read back from handoffs)
 
 
 class SamplerError(ValueError):
@@ -120,7 +121,10 @@ def train_alphas_cumprod(config: Mapping[str, Any]) -> torch.Tensor:
     """alpha_bar over the training timesteps, in float32 as diffusers-trained models define it."""
     n = config["num_train_timesteps"]
     if config.get("trained_betas") is not None:
-        betas = torch.tensor(list(config["trained_betas"]), dtype=torch.float32)
+        try:
+            betas = torch.tensor(config["trained_betas"], dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise SamplerError(f"trained_betas must be a list of numbers: {err}") from None
         if betas.shape != (n,):
             raise SamplerError(f"trained_betas must have num_train_timesteps={n} values, got {tuple(betas.shape)}")
     elif config["beta_schedule"] == "linear":
@@ -192,7 +196,7 @@ _SIGMA_FIXED: dict[str, Any] = {
 }
 
 
-class Sampler:
+class Sampler(ABC):
     """Advances one chain by one step; holds only configuration, never a chain's position."""
 
     name: ClassVar[str]
@@ -234,8 +238,8 @@ class Sampler:
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
 
-        need(is_int(cfg["num_train_timesteps"]) and cfg["num_train_timesteps"] >= 2, "num_train_timesteps",
-             "an int >= 2")
+        need(is_int(cfg["num_train_timesteps"]) and 2 <= cfg["num_train_timesteps"] <= MAX_STEPS,
+             "num_train_timesteps", f"an int in [2, {MAX_STEPS}]")
         if cfg["trained_betas"] is None:
             need(cfg["beta_schedule"] in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}")
             for key in ("beta_start", "beta_end"):
@@ -271,8 +275,9 @@ class Sampler:
 
     # -- the per-chain interface --
 
+    @abstractmethod
     def schedule(self, steps: int) -> Schedule:
-        raise NotImplementedError
+        """The chain's timesteps and noise levels for T = steps."""
 
     def init_noise_sigma(self, schedule: Schedule) -> float:
         """Standard deviation of the starting noise."""
@@ -302,10 +307,11 @@ class Sampler:
         out, new_state = self._step(x.to(work), model_output.to(work), schedule, i, state, generator)
         return out.to(x.dtype), new_state
 
+    @abstractmethod
     def _step(self, x: torch.Tensor, out: torch.Tensor, schedule: Schedule, i: int,
               state: Mapping[str, torch.Tensor], generator: torch.Generator | None,
               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """The step on validated inputs in the working dtype (float32 or wider)."""
 
     def _no_state(self, state: Mapping[str, torch.Tensor]) -> None:
         if state:
