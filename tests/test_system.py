@@ -231,6 +231,21 @@ def test_quality_table_from_bench_json(tmp_path: Path) -> None:
     assert q[0] == pytest.approx(0.6) and q[20] == pytest.approx(0.9) and q[5] == pytest.approx(0.8)
     s = qm.table(20, np.array([0.5]), np.array([1.0]))[0]
     assert s[0] == pytest.approx(1.0) and s[20] == pytest.approx(0.3 / 0.9)
+    # the layout `relaydiff bench quality --json` writes
+    path.write_text(json.dumps({
+        "config": {"steps": 10},
+        "relay": [{"k": k, "fidelity": 0.5 + 0.04 * k, "fd": 1.0} for k in range(11)],
+        "personalization": {"split_points": [0, 4, 8, 10], "styles": {
+            "ink": {"style_fidelity": [0.9, 0.8, 0.5, 0.3]}, "neon": {"style_fidelity": [0.7, 0.6, 0.3, 0.1]}}},
+    }))
+    qm = load_quality(path)
+    q = qm.table(10, np.array([0.5]), np.array([0.0]))[0]
+    assert q == pytest.approx(0.5 + 0.04 * np.arange(11))
+    s = qm.table(10, np.array([0.5]), np.array([1.0]))[0]
+    assert s[0] == pytest.approx(1.0) and s[10] == pytest.approx(0.2 / 0.8) and np.all(np.diff(s) <= 1e-12)
+    path.write_text(json.dumps({"relay": [{"k": 0, "fidelity": 0.5}, {"k": 8, "fidelity": 0.9}],
+                                "personalization": {"skipped": "no adapters"}}))
+    assert "skipped" in load_quality(path).source
     path.write_text(json.dumps({"relay": {"k": [0], "fidelity": [0.5]}}))
     with pytest.raises(QualityTableError, match="two"):
         load_quality(path)

@@ -105,28 +105,41 @@ class QualityModel:
         return np.clip(q, 0.0, 1.0)
 
 
-def _curve(entry: Any, name: str, path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Read one fidelity-vs-k curve as normalized x = k / T and y, from either accepted layout.
+def _curve(entry: Any, name: str, path: Path, steps: float | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Read one fidelity-vs-k curve as normalized x = k / T and y, from any accepted layout.
 
-    Accepted: ``{"k": [...], "fidelity": [...], "steps": T}`` or a list of ``{"k": .., "fidelity": ..}``
-    (``steps`` then taken from the entry or the largest k).
+    Accepted: ``{"k": [...], "fidelity": [...], "steps": T}``; a list of ``{"k": .., "fidelity": ..}``
+    (the ``relay`` entry of ``bench quality``); or ``{"split_points": [...], "styles": {style:
+    {"style_fidelity": [...]}}}`` (its ``personalization`` entry, averaged over styles).
+    T comes from the entry, then from ``steps`` (the bench's ``config.steps``), then the largest k.
     """
-    if isinstance(entry, dict) and "k" in entry:
-        ks, ys, steps = entry["k"], entry.get("fidelity", entry.get("score")), entry.get("steps")
+    if isinstance(entry, dict) and "split_points" in entry and isinstance(entry.get("styles"), dict):
+        ks = list(entry["split_points"])
+        curves = [v.get("style_fidelity") for v in entry["styles"].values() if isinstance(v, dict)]
+        if not curves or any(c is None or len(c) != len(ks) for c in curves):
+            raise QualityTableError(f"{path}: '{name}' needs one style_fidelity list per style, as long as split_points")
+        ys, t = list(np.mean(np.asarray(curves, dtype=float), axis=0)), None
+    elif isinstance(entry, dict) and "k" in entry:
+        ks, ys, t = entry["k"], entry.get("fidelity", entry.get("score")), entry.get("steps")
     elif isinstance(entry, list) and entry and isinstance(entry[0], dict):
         ks = [p.get("k", p.get("handoff_step")) for p in entry]
         ys = [p.get("fidelity", p.get("score")) for p in entry]
-        steps = entry[0].get("steps")
+        t = entry[0].get("steps")
     else:
-        raise QualityTableError(f"{path}: '{name}' must be a dict with 'k' and 'fidelity' lists or a list of points")
-    if ys is None or len(ks) != len(ys) or len(ks) < 2 or any(v is None for v in ks + ys):
+        raise QualityTableError(
+            f"{path}: '{name}' must be a list of {{k, fidelity}} points, a dict with 'k' and 'fidelity' lists, "
+            "or a dict with 'split_points' and 'styles'"
+        )
+    if ys is None or len(ks) != len(ys) or len(ks) < 2 or any(v is None for v in list(ks) + list(ys)):
         raise QualityTableError(f"{path}: '{name}' needs at least two (k, fidelity) points of equal length")
-    steps = float(steps if steps is not None else max(ks))
+    total = float(t if t is not None else steps if steps is not None else max(ks))
     order = np.argsort(np.asarray(ks, dtype=float))
-    x = tuple(float(ks[i]) / steps for i in order)
+    x = tuple(float(ks[i]) / total for i in order)
     y = tuple(float(ys[i]) for i in order)
     if any(b <= a for a, b in zip(x, x[1:])):
         raise QualityTableError(f"{path}: '{name}' has repeated handoff steps")
+    if x[0] < 0 or x[-1] > 1:
+        raise QualityTableError(f"{path}: '{name}' has handoff steps outside 0..{total:g}")
     return x, y
 
 
@@ -143,12 +156,17 @@ def load_quality(path: str | Path | None = None, **overrides: Any) -> QualityMod
         raise QualityTableError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, dict) or "relay" not in data:
         raise QualityTableError(f"{path}: expected a JSON object with a 'relay' entry (relaydiff bench quality --json)")
-    rx, ry = _curve(data["relay"], "relay", path)
+    cfg = data.get("config")
+    steps = cfg.get("steps") if isinstance(cfg, dict) else None
+    rx, ry = _curve(data["relay"], "relay", path, steps)
     kwargs: dict[str, Any] = {"relay_x": rx, "relay_y": ry, "source": f"measured table {path}"}
     # Measured endpoints set the small/large fidelities; the table is for the reference prompt mix.
     kwargs["small_fidelity"], kwargs["large_fidelity"] = float(min(ry[0], ry[-1])), float(max(ry[0], ry[-1]))
-    if "personalization" in data:
-        sx, sy = _curve(data["personalization"], "personalization", path)
+    pers = data.get("personalization")
+    if isinstance(pers, dict) and "skipped" in pers:
+        kwargs["source"] += f" (personalization: default curve, bench skipped it: {pers['skipped']})"
+    elif pers is not None:
+        sx, sy = _curve(pers, "personalization", path, steps)
         kwargs.update(style_x=sx, style_y=sy, style_floor=float(min(sy)) / max(float(max(sy)), 1e-12))
     kwargs.update(overrides)
     return QualityModel(**kwargs)
