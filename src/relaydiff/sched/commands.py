@@ -17,11 +17,12 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
     def train_offload(
         out: str = typer.Option("runs/offload_ppo", help="Output folder (checkpoint/, best.*, history.json)."),
         scenario: str = typer.Option("default", help="Scenario name or YAML/JSON path the rounds are drawn from."),
-        timesteps: int = typer.Option(500_000, help="Total environment steps (a resumed run continues to this)."),
+        timesteps: int = typer.Option(300_000, help="Total environment steps (a resumed run continues to this)."),
         seed: int = typer.Option(0, help="Seed of the PPO run and of the training rounds."),
         n_min: int = typer.Option(3, help="Fewest users per training round."),
         n_max: int = typer.Option(300, help="Most users per training round (log-uniform in between)."),
-        checkpoint_every: int = typer.Option(50_000, help="Steps between checkpoints and validations."),
+        checkpoint_every: int = typer.Option(25_000, help="Steps between checkpoints and validations."),
+        bc_rounds: int = typer.Option(1500, help="Rounds of greedy imitation before PPO (0 = pure PPO)."),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
         install: bool = typer.Option(False, "--install", help="Copy the best policy over the shipped one when done."),
     ) -> None:
@@ -34,7 +35,7 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
         from relaydiff.sched.drl import DEFAULT_POLICY, DRLConfig, train as run_train
 
         cfg = DRLConfig(scenario=scenario, total_timesteps=timesteps, seed=seed, n_min=n_min, n_max=n_max,
-                        checkpoint_every=checkpoint_every)
+                        checkpoint_every=checkpoint_every, bc_rounds=bc_rounds)
         console = Console(stderr=True)
         with Progress(TextColumn("[bold]train offload"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TextColumn("{task.fields[val]}"), TimeRemainingColumn(), console=console) as bar:
@@ -42,7 +43,7 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
 
             def on_progress(step: int, total: int, rec: dict) -> None:
                 if rec:
-                    bar.update(task, completed=step, val=f"vs greedy {rec['vs_greedy_mean']:.4f}")
+                    bar.update(task, completed=step, val=f"validation: {rec['vs_greedy_mean']:.4f} x greedy")
                 elif step % 256 == 0:
                     bar.update(task, completed=step)
 

@@ -48,20 +48,23 @@ class DRLConfig:
     n_min: int = 3  # users per training round, log-uniform in [n_min, n_max]
     n_max: int = 300
     seed: int = 0
-    total_timesteps: int = 600_000
+    total_timesteps: int = 300_000
     n_envs: int = 4
     n_steps: int = 512  # rollout length per env
     batch_size: int = 256
     n_epochs: int = 5
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-4  # fine-tuning the imitation warm start; 3e-4 for pure PPO
     gamma: float = 1.0  # the return is exactly the objective gain of the round
     gae_lambda: float = 0.95
-    clip_range: float = 0.2
-    ent_coef: float = 0.005
+    clip_range: float = 0.1
+    ent_coef: float = 0.001
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     net_arch: tuple[int, ...] = (64, 64)
-    checkpoint_every: int = 50_000  # timesteps between checkpoints and validations
+    bc_rounds: int = 1500  # > 0: before PPO, imitate the greedy choice on this many rounds (0 = pure PPO)
+    bc_epochs: int = 30
+    bc_learning_rate: float = 1e-3
+    checkpoint_every: int = 25_000  # timesteps between checkpoints and validations
     val_rounds: int = 24  # validation rounds per checkpoint (fixed seed), scored against greedy
     val_sizes: tuple[int, ...] = (10, 30, 100)
     torch_threads: int = 1
@@ -222,6 +225,56 @@ def solve_sequential_greedy(instance: RoundInstance, improve: bool = False) -> S
 
 
 # ---- training --------------------------------------------------------------------------------
+def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarray]:
+    """(obs, mask, greedy action, return-to-go) on rounds drawn like the training env's."""
+    from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig
+
+    env = OffloadRoundEnv(RoundEnvConfig(scenario=cfg.scenario, n_min=cfg.n_min, n_max=cfg.n_max))
+    obs, masks, acts, rtg = [], [], [], []
+    for r in range(rounds):
+        env.reset(seed=seed + r)
+        rnd = env.round
+        rewards = []
+        while not rnd.done:
+            mask = rnd.mask()
+            a = int(np.argmax(np.where(mask, rnd.gains(), -np.inf)))
+            obs.append(rnd.observation()), masks.append(mask.copy()), acts.append(a)
+            rewards.append(rnd.step(a))
+        rtg += list(np.cumsum(rewards[::-1])[::-1])
+    return {"obs": np.array(obs, dtype=np.float32), "mask": np.array(masks), "action": np.array(acts),
+            "return": np.array(rtg, dtype=np.float32)}
+
+
+def imitate(model: Any, data: dict[str, np.ndarray], cfg: DRLConfig) -> dict[str, float]:
+    """Warm start: fit the actor to the greedy choice (masked cross-entropy) and the critic to its returns."""
+    import torch
+
+    pol = model.policy
+    opt = torch.optim.Adam(pol.parameters(), lr=cfg.bc_learning_rate)
+    x = torch.as_tensor(data["obs"])
+    m = torch.as_tensor(data["mask"])
+    a = torch.as_tensor(data["action"])
+    ret = torch.as_tensor(data["return"])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n = x.shape[0]
+    for _ in range(cfg.bc_epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            feats = pol.extract_features(x[idx])
+            lat_pi, lat_vf = pol.mlp_extractor(feats)
+            logits = pol.action_net(lat_pi).masked_fill(~m[idx], -1e8)
+            loss = torch.nn.functional.cross_entropy(logits, a[idx])
+            loss = loss + torch.nn.functional.mse_loss(pol.value_net(lat_vf).squeeze(-1), ret[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        lat_pi, _ = pol.mlp_extractor(pol.extract_features(x))
+        agree = (pol.action_net(lat_pi).masked_fill(~m, -1e8).argmax(-1) == a).float().mean().item()
+    return {"bc_samples": int(n), "bc_agreement": float(agree)}
+
+
 def _validation_set(cfg: DRLConfig) -> list[RoundInstance]:
     from relaydiff.system.problem import sample_instance
     from relaydiff.system.scenario import load_scenario
@@ -325,8 +378,18 @@ def train(
         meta = _load_checkpoint(model, ckpt)
         history = meta.get("history", [])
         best_score = float(meta.get("best_score", -np.inf))
-    venv.seed(cfg.seed + model.num_timesteps)  # a resumed run draws fresh, still seeded, rounds
     val = _validation_set(cfg)
+    if cfg.bc_rounds > 0 and not resume:
+        rec = {"timesteps": 0, **imitate(model, imitation_data(cfg, cfg.bc_rounds, 20_000 + cfg.seed), cfg)}
+        policy = policy_from_sb3(model)
+        rec.update(validate(policy, val))
+        history.append(rec)
+        best_score = rec["vs_greedy_mean"]
+        policy.meta = {"trained_timesteps": 0, "config": asdict(cfg), "validation": rec}
+        policy.save(out / "best")
+        if on_progress is not None:
+            on_progress(0, cfg.total_timesteps, rec)
+    venv.seed(cfg.seed + model.num_timesteps)  # a resumed run draws fresh, still seeded, rounds
 
     class _Progress(BaseCallback):
         def _on_step(self) -> bool:

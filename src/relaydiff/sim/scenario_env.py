@@ -72,8 +72,9 @@ class ScenarioEnv(gym.Env):
         self.quality_model = load_quality(self.scenario.quality.table)
         d, p = self.dynamics, len(self.scenario.splits)
         self.observation_space = gym.spaces.Dict({
-            "users": gym.spaces.Box(-np.inf, np.inf, shape=(d.n_max, USER_FEATURES), dtype=np.float32),
-            "edge": gym.spaces.Box(0.0, np.inf, shape=(2,), dtype=np.float32),  # capacity c, n_t / M
+            # log2 of the spectral efficiency is the only negative feature (>= log2(0.01))
+            "users": gym.spaces.Box(-10.0, 1e3, shape=(d.n_max, USER_FEATURES), dtype=np.float32),
+            "edge": gym.spaces.Box(0.0, float(d.n_max), shape=(2,), dtype=np.float32),  # capacity c, n_t / M
         })
         self.action_space = gym.spaces.MultiDiscrete(np.full(d.n_max, p + 1))
         self.population: RoundInstance | None = None
