@@ -17,7 +17,13 @@ from relaydiff.system.problem import RoundInstance, Solution, timed
 
 SolverFn = Callable[[RoundInstance], Solution]
 _REGISTRY: dict[str, SolverFn] = {}
-_LAZY: dict[str, str] = {"exact": "relaydiff.sched.exact:solve_exact"}
+# Solvers whose module is imported on first use: "module:function" registers that function,
+# a bare module name is imported so that it registers itself (the DRL solvers do).
+_LAZY: dict[str, str] = {
+    "exact": "relaydiff.sched.exact:solve_exact",
+    "drl": "relaydiff.sched.drl",
+    "drl+ls": "relaydiff.sched.drl",
+}
 
 
 def register_solver(name: str, fn: SolverFn) -> None:
@@ -34,8 +40,10 @@ def get_solver(name: str) -> SolverFn:
     if name not in _REGISTRY and name in _LAZY:
         import importlib
 
-        mod, attr = _LAZY[name].split(":")
-        _REGISTRY[name] = getattr(importlib.import_module(mod), attr)
+        mod, _, attr = _LAZY[name].partition(":")
+        module = importlib.import_module(mod)
+        if attr:
+            _REGISTRY[name] = getattr(module, attr)
     if name not in _REGISTRY:
         raise ValueError(f"unknown solver {name!r}; available: {', '.join(available_solvers())}")
     return _REGISTRY[name]
