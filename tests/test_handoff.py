@@ -528,6 +528,37 @@ def test_fuzz_payload_mutations_with_resealed_checksum(where, delta):
             decode_or_reject(reframe(h, bytes(blob)))
 
 
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+HEADER_PATHS = sorted(split(SMALL)[0]) + [
+    "family.id", "family.version", "request.steps", "request.prompt", "request.guidance", "request.seed",
+    "request.sampler_options", "plan.0", "plan.0.start", "plan.0.member", "plan.1.adapter", "tensors.0",
+    "tensors.0.name", "tensors.0.dtype", "tensors.0.shape", "payload.raw_length",
+]
+
+
+@FUZZ
+@given(st.sampled_from(HEADER_PATHS), JSON_VALUES)
+def test_fuzz_header_fields_replaced_by_arbitrary_json(path, value):
+    """Any JSON value in any header field (CRC and checksum valid): a Handoff or a HandoffError."""
+    header, payload = split(SMALL)
+    *parents, last = path.split(".")
+    node = header
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    node[int(last) if isinstance(node, list) else last] = value
+    raw = zstandard.ZstdDecompressor().decompress(payload)
+    try:
+        data = reframe(header, payload, raw=raw)
+    except HandoffError:  # e.g. a value JSON cannot encode; nothing to decode
+        return
+    decode_or_reject(data)
+
+
 def test_default_limits_are_sane():
     assert DEFAULT_MAX_BYTES >= 16 * 1024 * 1024 and MAX_HEADER_BYTES < DEFAULT_MAX_BYTES
     assert len(VALID) < 32 * 1024

@@ -325,7 +325,7 @@ def encode_handoff(
     """Serialize ``h``; fp32 is bit-exact, fp16 halves latents/history at fp16 precision."""
     import safetensors.torch
 
-    if dtype not in _WIRE_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _WIRE_DTYPES:
         raise HandoffError(f"dtype must be one of {sorted(_WIRE_DTYPES)}, got {dtype!r}")
     validate_handoff(h)
     tensors = _wire_tensors(h, _WIRE_DTYPES[dtype])
@@ -437,7 +437,7 @@ def _parse_manifest(value: Any) -> dict[str, tuple[torch.dtype, list[int]]]:
                 f"unknown tensor name {name!r}; expected latents, generator_state or "
                 "schedule/, sampler_state/, conditioning/ followed by a key"
             )
-        if dtype not in _DTYPE_NAMES:
+        if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
             raise HandoffError(f"tensor {name!r} has unknown dtype {dtype!r}")
         if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
                 or not all(_is_int(s) and s >= 0 for s in shape)):
@@ -518,10 +518,10 @@ def decode_handoff(
             f"header format_version {header['format_version']!r} disagrees with the prefix version {version}"
         )
     family = _exact_dict(header["family"], "family", {"id", "version"})
-    if header["dtype"] not in _WIRE_DTYPES:
+    if not isinstance(header["dtype"], str) or header["dtype"] not in _WIRE_DTYPES:
         raise HandoffError(f"header dtype must be one of {sorted(_WIRE_DTYPES)}, got {header['dtype']!r}")
     wire = _WIRE_DTYPES[header["dtype"]]
-    if header["compression"] not in _COMPRESSIONS:
+    if not isinstance(header["compression"], str) or header["compression"] not in _COMPRESSIONS:
         raise HandoffError(f"header compression must be one of {list(_COMPRESSIONS)}, got {header['compression']!r}")
     pay = _exact_dict(header["payload"], "payload", {"length", "raw_length", "sha256"})
     length, raw_length, digest = pay["length"], pay["raw_length"], pay["sha256"]
