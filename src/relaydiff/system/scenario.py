@@ -74,7 +74,10 @@ class PayloadSpec(_Strict):
     """Bytes on the air: the prompt up, the handoff latent down (engine's handoff accounting)."""
 
     prompt_bytes: float = Field(default=512.0, gt=0)
-    latent_bytes: float = Field(default=32768.0, gt=0)  # 4x64x64 fp16, SD 1.5 at 512x512
+    # The handoff down: a 4x64x64 fp16 latent (SD 1.5 at 512x512, 32768 B) plus 1761 B of header,
+    # schedule and plan, measured with relaydiff.engine.handoff.encode_handoff (DDIM, T = 20, fp16,
+    # uncompressed; a multistep DPM-Solver++ 2M handoff also carries prev_x0: one more latent).
+    latent_bytes: float = Field(default=34529.0, gt=0)
 
 
 class PreferenceSpec(_Strict):
