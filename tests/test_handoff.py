@@ -300,6 +300,22 @@ def test_wrong_types():
     expect_error("handoff data must be bytes, got str", "RDHO")
 
 
+def test_hostile_values_give_short_clear_errors():
+    deep: list = []
+    node = deep
+    for _ in range(100):
+        node.append([])
+        node = node[0]
+    expect_error("nested deeper than 34 levels", with_header(accounting={"x": deep}))
+    with pytest.raises(HandoffError, match=r"family_id must be a non-empty string, got \[0, 0, .*\.\.\.$") as info:
+        decode_handoff(with_header(family={"id": [0] * 100_000, "version": "1"}))
+    assert len(str(info.value)) < 200
+    huge = with_header(request={**H.request, "guidance": 10**400})  # an int, finite by construction
+    assert decode_handoff(huge).request["guidance"] == 10**400
+    with pytest.raises(HandoffError, match="meta tensor"):
+        encode_handoff(Handoff(**{**vars(H), "latents": torch.empty(1, 4, 8, 8, device="meta")}))
+
+
 def test_plan_must_cover_the_steps():
     gap = copy.deepcopy(H.plan)
     gap[1]["start"] = 5

@@ -136,6 +136,12 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _short(x: Any, limit: int = 80) -> str:
+    """repr for error messages, cut short: a hostile header may hold megabyte-long values."""
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_json(value: Any, where: str, depth: int = 0) -> None:
     """Accept only what JSON round-trips unchanged, so a decoded handoff equals the sent one."""
     if depth > MAX_JSON_DEPTH:
@@ -153,8 +159,8 @@ def _check_json(value: Any, where: str, depth: int = 0) -> None:
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise HandoffError(f"{where} has a non-string key {key!r}; JSON keys are strings")
-            _check_json(item, f"{where}[{key!r}]", depth + 1)
+                raise HandoffError(f"{where} has a non-string key {_short(key)}; JSON keys are strings")
+            _check_json(item, f"{where}[{_short(key, 40)}]", depth + 1)
         return
     raise HandoffError(
         f"{where} is a {type(value).__name__}, which JSON cannot carry unchanged "
@@ -164,11 +170,11 @@ def _check_json(value: Any, where: str, depth: int = 0) -> None:
 
 def _check_name(name: Any, where: str) -> None:
     if not isinstance(name, str) or not name:
-        raise HandoffError(f"{where} must be a non-empty string, got {name!r}")
+        raise HandoffError(f"{where} must be a non-empty string, got {_short(name)}")
     if len(name) > MAX_NAME_CHARS:
         raise HandoffError(f"{where} is longer than {MAX_NAME_CHARS} characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise HandoffError(f"{where} contains a control character: {name!r}")
+        raise HandoffError(f"{where} contains a control character: {_short(name)}")
 
 
 def _check_request(request: Any) -> int:
@@ -185,7 +191,7 @@ def _check_request(request: Any) -> int:
     steps = request["steps"]
     if not 1 <= steps <= MAX_STEPS:
         raise HandoffError(f"request['steps'] must be in 1..{MAX_STEPS}, got {steps}")
-    if not math.isfinite(request["guidance"]):
+    if isinstance(request["guidance"], float) and not math.isfinite(request["guidance"]):
         raise HandoffError(f"request['guidance'] must be finite, got {request['guidance']}")
     if not request["sampler"]:
         raise HandoffError("request['sampler'] must be a non-empty string")
@@ -199,7 +205,7 @@ def _check_request(request: Any) -> int:
 
 def _check_plan(plan: Any, steps: int) -> None:
     if not isinstance(plan, list) or not plan:
-        raise HandoffError(f"plan must be a non-empty list of segments, got {plan!r:.80}")
+        raise HandoffError(f"plan must be a non-empty list of segments, got {_short(plan)}")
     expected_start = 0
     for i, seg in enumerate(plan):
         where = f"plan[{i}]"
@@ -215,7 +221,7 @@ def _check_plan(plan: Any, steps: int) -> None:
                 _check_name(seg[opt], f"{where}['{opt}']")
         start, end = seg["start"], seg["end"]
         if not (_is_int(start) and _is_int(end)):
-            raise HandoffError(f"{where} start/end must be integers, got {start!r}, {end!r}")
+            raise HandoffError(f"{where} start/end must be integers, got {_short(start)}, {_short(end)}")
         if start != expected_start:
             raise HandoffError(
                 f"{where} starts at step {start} but the previous segment ends at {expected_start} "
@@ -231,6 +237,8 @@ def _check_plan(plan: Any, steps: int) -> None:
 def _check_tensor(t: Any, where: str, allowed: tuple, *, finite: bool, nan_only: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         raise HandoffError(f"{where} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type == "meta":
+        raise HandoffError(f"{where} is a meta tensor without data")
     if t.layout != torch.strided:
         raise HandoffError(f"{where} must be a dense tensor, got layout {t.layout}")
     if t.dtype not in allowed:
@@ -380,9 +388,22 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise HandoffError(f"header repeats the JSON key {key!r}")
+            raise HandoffError(f"header repeats the JSON key {_short(key)}")
         out[key] = value
     return out
+
+
+def _check_depth(value: Any) -> None:
+    """Iteratively, so that later recursive code (validation, repr) never meets deep nesting."""
+    stack = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH + 2:  # the header wraps request/accounting in two levels
+            raise HandoffError(f"header JSON is nested deeper than {MAX_JSON_DEPTH + 2} levels")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def _parse_header(text: bytes) -> dict:
@@ -403,6 +424,7 @@ def _parse_header(text: bytes) -> dict:
         raise HandoffError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise HandoffError(f"header must be a JSON object, got {type(header).__name__}")
+    _check_depth(header)
     keys = set(header)
     if keys != _HEADER_FIELDS:
         missing, extra = sorted(_HEADER_FIELDS - keys), sorted(keys - _HEADER_FIELDS)
@@ -438,10 +460,10 @@ def _parse_manifest(value: Any) -> dict[str, tuple[torch.dtype, list[int]]]:
                 "schedule/, sampler_state/, conditioning/ followed by a key"
             )
         if not isinstance(dtype, str) or dtype not in _DTYPE_NAMES:
-            raise HandoffError(f"tensor {name!r} has unknown dtype {dtype!r}")
+            raise HandoffError(f"tensor {name!r} has unknown dtype {_short(dtype)}")
         if (not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS
                 or not all(_is_int(s) and s >= 0 for s in shape)):
-            raise HandoffError(f"tensor {name!r} has an invalid shape {shape!r:.80}")
+            raise HandoffError(f"tensor {name!r} has an invalid shape {_short(shape)}")
         manifest[name] = (_DTYPE_NAMES[dtype], shape)
     if "latents" not in manifest:
         raise HandoffError("the manifest has no 'latents' tensor")
@@ -515,20 +537,20 @@ def decode_handoff(
 
     if not _is_int(header["format_version"]) or header["format_version"] != version:
         raise HandoffError(
-            f"header format_version {header['format_version']!r} disagrees with the prefix version {version}"
+            f"header format_version {_short(header['format_version'])} disagrees with the prefix version {version}"
         )
     family = _exact_dict(header["family"], "family", {"id", "version"})
     if not isinstance(header["dtype"], str) or header["dtype"] not in _WIRE_DTYPES:
-        raise HandoffError(f"header dtype must be one of {sorted(_WIRE_DTYPES)}, got {header['dtype']!r}")
+        raise HandoffError(f"header dtype must be one of {sorted(_WIRE_DTYPES)}, got {_short(header['dtype'])}")
     wire = _WIRE_DTYPES[header["dtype"]]
     if not isinstance(header["compression"], str) or header["compression"] not in _COMPRESSIONS:
-        raise HandoffError(f"header compression must be one of {list(_COMPRESSIONS)}, got {header['compression']!r}")
+        raise HandoffError(f"header compression must be one of {list(_COMPRESSIONS)}, got {_short(header['compression'])}")
     pay = _exact_dict(header["payload"], "payload", {"length", "raw_length", "sha256"})
     length, raw_length, digest = pay["length"], pay["raw_length"], pay["sha256"]
     if not (_is_int(length) and _is_int(raw_length) and length >= 0 and raw_length >= 0):
-        raise HandoffError(f"payload length/raw_length must be non-negative integers, got {length!r}, {raw_length!r}")
+        raise HandoffError(f"payload length/raw_length must be non-negative integers, got {_short(length)}, {_short(raw_length)}")
     if not isinstance(digest, str) or len(digest) != 64:
-        raise HandoffError(f"payload sha256 must be 64 hex characters, got {digest!r:.80}")
+        raise HandoffError(f"payload sha256 must be 64 hex characters, got {_short(digest)}")
     manifest = _parse_manifest(header["tensors"])
 
     present = size - PREFIX_BYTES - header_len
