@@ -1,18 +1,21 @@
 """Exact one-round solver: a MILP (HiGHS via ``scipy.optimize.milp``) with outer approximation.
 
-Variables (P = number of split points, k_0 = 0 < k_1 < ... < k_P the options):
-- x[i, o] binary, one option per user (o = 0 is local);
-- y[i, m] = sum_{o >= m} x[i, o] (an expression): user i is still on the edge in segment m, the
-  steps [k_{m-1}, k_m) that run with the same batch n_m = sum_i y[i, m];
-- z[i, m] >= n_m - B (1 - y[i, m]), z >= y[i, m]: equals y[i, m] n_m at the optimum (z enters the
-  cost with a positive weight), B = min(N - 1, M) the most other users that can share the batch;
-- theta >= (sum_i g_i a_i)^2 with a_i = 1 - x[i, 0]: the optimal-bandwidth term, a convex
-  function of one linear expression; it is under-approximated by tangent cuts, and a cut at the
-  incumbent's value is added until theta matches it (Kelley's outer approximation). At that
-  point the MILP value is an upper bound that the incumbent attains, so it is the optimum.
+Variables (P split points, options k_0 = 0 < k_1 < ... < k_P, C = min(N, M)):
+- x[i, o] binary, one option per user (o = 0 is local); y[i, m] = sum_{o >= m} x[i, o] says that
+  user i is still on the edge in segment m, the steps [k_{m-1}, k_m) that all run with the same
+  batch n_m = sum_i y[i, m];
+- u[m, t] binary, one-hot batch size of segment m (sum_t t u[m, t] = n_m, t = 0..C);
+- q[i, m, t] >= 0, the product y[i, m] u[m, t], linearized by reformulation-linearization (RLT):
+  sum_t q[i, m, t] = y[i, m], q[i, m, t] <= u[m, t], and sum_i q[i, m, t] = t u[m, t] (the batch
+  equation multiplied by u[m, t]). Then y[i, m] n_m = sum_t t q[i, m, t] exactly at integer points,
+  and the LP relaxation is far tighter than a big-M product (about 5x faster at N = 30);
+- theta >= (sum_i g_i a_i)^2 with a_i = 1 - x[i, 0]: the optimal-bandwidth term, a convex function
+  of one linear expression, under-approximated by tangent cuts. A cut at the incumbent's value is
+  added until theta matches it within the MILP's relative gap (Kelley's outer approximation); then
+  the MILP value is an upper bound that the incumbent attains, so the incumbent is optimal.
 
-Objective (maximized): sum V[i, o] x[i, o] - (beta / c) sum_m len_m sum_i lam_i z[i, m] - theta,
-exactly :func:`relaydiff.system.problem.objective_value`.
+Objective (maximized): sum V[i, o] x[i, o] - (beta / c) sum_m len_m sum_i lam_i sum_t t q[i, m, t]
+- theta, i.e. :func:`relaydiff.system.problem.objective_value` at integer points.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from relaydiff.system.problem import Decision, RoundInstance, Solution, evaluate
 
 @dataclass(frozen=True)
 class ExactConfig:
-    """Solver settings: HiGHS time limit per MILP solve, its relative gap, and OA tolerances."""
+    """HiGHS time limit (whole solve) and relative gap; tangent cuts placed before the first solve."""
 
     time_limit_s: float = 60.0
     mip_rel_gap: float = 1e-6
