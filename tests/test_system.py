@@ -276,3 +276,17 @@ def test_measured_profile_roundtrip(tiny, tmp_path: Path) -> None:
     save_profile(replace(prof, step_power_w=None, decode_j=None), tmp_path / "nopower.json")
     with pytest.raises(ProfileError, match="step_power_w"):
         sample_instance(parse_scenario({"devices": {str(tmp_path / "nopower.json"): 1.0}}), n_users=2)
+
+
+def test_quality_auto_uses_shipped_reference_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import relaydiff.system.quality as quality
+
+    monkeypatch.setattr(quality, "REFERENCE_TABLE", tmp_path / "absent.json")
+    assert load_quality("auto").relay_x is None and load_quality("fitted").relay_x is None
+    table = tmp_path / "quality.json"
+    table.write_text(json.dumps({"relay": [{"k": 0, "fidelity": 0.4}, {"k": 20, "fidelity": 0.8}]}))
+    monkeypatch.setattr(quality, "REFERENCE_TABLE", table)
+    assert load_quality().source == f"measured table {table}"
+    inst = sample_instance(parse_scenario({}), n_users=2, seed=0)
+    assert inst.meta["quality_source"] == f"measured table {table}"
+    assert load_quality("fitted").relay_x is None

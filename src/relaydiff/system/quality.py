@@ -16,7 +16,8 @@ Both curves default to the logistic family ``L / (1 + exp(kappa (x - x0))) + C``
 BK-SDM-Tiny, i.e. the small U-Net keeps ~90% of the large one's prompt alignment; RISE / Hybrid-SD
 report full-model quality with the first ~40-60% of steps on the large model). A measured table
 (``relaydiff bench quality --json``: ``relay`` and ``personalization`` entries, fidelity vs
-handoff step k) replaces them when given.
+handoff step k) replaces them: by default the reference family's table when it is shipped
+(``assets/reference/quality.json``), or any file a scenario names.
 """
 
 from __future__ import annotations
@@ -143,9 +144,21 @@ def _curve(entry: Any, name: str, path: Path, steps: float | None = None) -> tup
     return x, y
 
 
-def load_quality(path: str | Path | None = None, **overrides: Any) -> QualityModel:
-    """The quality model: the fitted default, or the curves of a ``bench quality --json`` file."""
-    if path is None:
+# Where the reference family's measured table lives when it is shipped: the output of
+# ``relaydiff bench quality --json`` on the reference family, saved next to the family.
+REFERENCE_TABLE = Path(__file__).resolve().parent.parent / "assets" / "reference" / "quality.json"
+
+
+def load_quality(path: str | Path | None = "auto", **overrides: Any) -> QualityModel:
+    """The quality model from a ``bench quality --json`` file, or the fitted default curve.
+
+    ``"auto"`` (the default): the reference family's measured table when it is shipped
+    (:data:`REFERENCE_TABLE`), else the fitted curve; ``None`` or ``"fitted"``: the fitted curve;
+    anything else: that file.
+    """
+    if path == "auto":
+        path = REFERENCE_TABLE if REFERENCE_TABLE.is_file() else None
+    if path is None or path == "fitted":
         return QualityModel(**overrides)
     path = Path(path)
     if not path.is_file():
@@ -172,4 +185,4 @@ def load_quality(path: str | Path | None = None, **overrides: Any) -> QualityMod
     return QualityModel(**kwargs)
 
 
-__all__ = ["QualityModel", "QualityTableError", "load_quality", "logistic"]
+__all__ = ["REFERENCE_TABLE", "QualityModel", "QualityTableError", "load_quality", "logistic"]

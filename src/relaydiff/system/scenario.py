@@ -101,9 +101,10 @@ class PreferenceSpec(_Strict):
 
 
 class QualitySpec(_Strict):
-    """Quality curves: a ``relaydiff bench quality --json`` file, or the fitted default."""
+    """Quality curves: "auto" (the reference family's measured table when shipped, else the fitted
+    curve), "fitted", or the path of a ``relaydiff bench quality --json`` file."""
 
-    table: str | None = None
+    table: str = "auto"
 
 
 class Scenario(_Strict):
