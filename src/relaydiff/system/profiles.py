@@ -181,18 +181,27 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
 
 
+_CACHE: dict[tuple[str, int], Profile] = {}
+
+
 def load_profile(name_or_path: str | Path) -> Profile:
-    """A shipped profile by name (``available_profiles()``) or any profile file by path."""
+    """A shipped profile by name (``available_profiles()``) or any profile file by path.
+
+    Parsed profiles are cached per file and modification time; treat them as read-only.
+    """
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = PROFILES_DIR / f"{name_or_path}.json"
     if not path.is_file():
         raise ProfileError(f"profile {name_or_path!s} not found (shipped: {', '.join(available_profiles())})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: not valid JSON ({exc})") from exc
-    return parse_profile(data, str(path))
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _CACHE:  # sampling a round reads several profiles: parse each file once
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ProfileError(f"{path}: not valid JSON ({exc})") from exc
+        _CACHE[key] = parse_profile(data, str(path))
+    return _CACHE[key]
 
 
 def save_profile(profile: Profile, path: str | Path) -> Path:
