@@ -67,3 +67,13 @@ def test_larger_round_beats_heuristics() -> None:
     assert ex.status == "optimal"
     for name in ("all_local", "all_edge", "random", "greedy", "local_search"):
         assert solve(name, inst).objective <= ex.objective + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_matches_brute_force_all_five_splits(seed: int) -> None:
+    """Five segments and room for 3 of the 5 users (all 6^5 = 7776 decisions enumerated)."""
+    sc = parse_scenario({"edge": {"max_batch": 3, "capacity": [0.3, 1.0]}})
+    inst = sample_instance(sc, n_users=5, seed=300 + seed)
+    assert len(inst.splits) == 5
+    sol = solve_exact(inst)
+    assert sol.objective == pytest.approx(_brute(inst), rel=1e-6, abs=1e-9)
