@@ -10,7 +10,8 @@ t(n) = (alpha + beta n) / c seconds (c in (0, 1] the compute share of this round
 the edge after E_i = (alpha k_i + beta sum_j min(k_i, k_j)) / c. Capacity: n_0 <= M (memory).
 
 Wireless: the handoff latent (D bytes) goes down at b_i B r_i bit/s (shares b_i, sum b_i <= 1);
-the prompt goes up on the user's own uplink (fixed ``uplink_s``).
+the prompt goes up on the user's own uplink (fixed ``uplink_s``). The device always decodes, so no
+image crosses the air, and the edge's compute is shared only through batching (no per-user shares).
 
 Per-user latency, energy and quality (all-local: T d_i + decode_i, T e_i + decode_j_i):
     L_i = uplink_i + E_i + down_i + (T - k_i) d_i + decode_i
@@ -20,7 +21,8 @@ Utility, with weights w (quality, latency, energy) summing to 1 and all-local re
     u_i = wq_i Q_i + wl_i (1 - L_i / Lref_i) + we_i (1 - En_i / Eref_i)
 This is U_i = wq Q - wl L/Lref - we En/Eref plus the per-user constant wl_i + we_i, so it has the
 same argmax as the lead's utility but is positive at the all-local decision (u_i = wq_i Q_i(0)),
-which makes "solver objective / exact optimum" ratios well defined. Objective = sum_i u_i.
+which makes "solver objective / exact optimum" ratios well defined. Objective = sum_i u_i. (A bad
+decision, e.g. everyone on an overloaded edge, can still score below 0, so ratios can be < 0.)
 
 Bandwidth: for a fixed k the downlink terms are sum_i c_i / b_i with
 c_i = (8 D / (B r_i)) (wl_i / Lref_i + we_i p_rx_i / Eref_i); minimizing over sum b_i <= 1 gives
