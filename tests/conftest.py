@@ -3,6 +3,7 @@ import os
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # two test workers on two cores; subprocesses inherit it
 
 
 @pytest.fixture(scope="session")

@@ -24,17 +24,19 @@ def _requests(n: int, steps: int):
             for i in range(n)]
 
 
-def _plans(family, n: int, steps: int):
+def _plans(family, n: int, steps: int, relay: bool):
+    """Every request on the first member, or (``relay``) first member then second at T/2."""
     from relaydiff.engine.plan import Plan
 
     members = list(family.members)
-    if len(members) >= 2:
+    if relay and len(members) >= 2:
         return [Plan.relay(members[0], members[1], steps // 2, steps) for _ in range(n)]
     return [Plan.single(members[0], steps) for _ in range(n)]
 
 
 def bench_engine(family: str = "tiny", n_requests: int = 16, steps: int = 20, max_batch: int = 16,
-                 stagger: int = 1, device: str = "cpu", dtype: str = "fp32", repeats: int = 1) -> dict[str, Any]:
+                 stagger: int = 1, device: str = "cpu", dtype: str = "fp32", repeats: int = 1,
+                 relay: bool = False) -> dict[str, Any]:
     from relaydiff.engine.chain import new_chain
     from relaydiff.engine.executor import Executor
     from relaydiff.engine.family import load_family
@@ -44,7 +46,7 @@ def bench_engine(family: str = "tiny", n_requests: int = 16, steps: int = 20, ma
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
     fam = load_family(family).to(device, DTYPES[dtype])
     reqs = _requests(n_requests, steps)
-    plans = _plans(fam, n_requests, steps)
+    plans = _plans(fam, n_requests, steps, relay)
     sync = torch.cuda.synchronize if fam.device.type == "cuda" else (lambda: None)
 
     def sequential() -> float:
@@ -93,6 +95,7 @@ def bench_engine(family: str = "tiny", n_requests: int = 16, steps: int = 20, ma
         "stagger": stagger,
         "max_batch": max_batch,
         "family": fam.id,
+        "plan": str(plans[0]),
         "device": str(fam.device),
         "dtype": dtype,
         "sequential_images_per_s": n_requests / t_seq,

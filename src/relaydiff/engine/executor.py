@@ -1,8 +1,10 @@
 """Continuous batching of denoising chains on one node.
 
-Each call to :meth:`Executor.step` runs one batched U-Net evaluation: the group (member, adapter)
-of the oldest waiting chain, filled with up to ``max_batch`` chains of the same group, whatever
-step each of them is at (per-sample timesteps, prompts and guidance). Chains join with
+Each call to :meth:`Executor.step` runs one batched U-Net evaluation for one group (member,
+adapter): the largest waiting group, unless a chain has waited ``max_wait`` calls, in which case
+its group goes first (throughput without starvation). The batch holds up to ``max_batch`` chains
+of that group, oldest first, whatever step each of them is at (per-sample timesteps, prompts and
+guidance). Chains join with
 :meth:`submit` at any time and leave when they finish, reach ``stop_at`` or reach a segment that
 belongs to another node. Chains with different adapters never share a U-Net call: a LoRA changes
 the weights, so each adapter is its own group.
@@ -22,9 +24,13 @@ from relaydiff.engine.family import Family
 class Executor:
     """A queue of chains on one node (``node=None``: this executor runs every segment)."""
 
-    def __init__(self, family: Family, node: str | None = None, max_batch: int = 16):
+    def __init__(self, family: Family, node: str | None = None, max_batch: int = 16, max_wait: int = 8):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_wait < 1:
+            raise ValueError("max_wait must be >= 1")
+        self.max_wait = max_wait
+        self._waited: dict[int, int] = {}
         self.family = family
         self.node = node
         self.max_batch = max_batch
@@ -51,13 +57,25 @@ class Executor:
         """Run one batched U-Net call; returns the number of chains advanced (0 when idle)."""
         if not self.active:
             return 0
-        first = self.active[0]
-        key = (first.segment.member, first.segment.adapter)
-        batch = [c for c in self.active if (c.segment.member, c.segment.adapter) == key][: self.max_batch]
+        groups: dict[tuple[str, str | None], list[Chain]] = {}
+        for c in self.active:
+            groups.setdefault((c.segment.member, c.segment.adapter), []).append(c)
+        starved = [c for c in self.active if self._waited.get(c.id, 0) >= self.max_wait]
+        if starved:
+            key = (starved[0].segment.member, starved[0].segment.adapter)
+        else:
+            key = max(groups, key=lambda k: len(groups[k]))  # ties: the group seen first (oldest chain)
+        batch = groups[key][: self.max_batch]
         self._run_batch(batch, *key)
+        ran = {c.id for c in batch}
         still = []
         for c in self.active:
-            (still if self._runnable(c) else self.outbox).append(c)
+            self._waited[c.id] = 0 if c.id in ran else self._waited.get(c.id, 0) + 1
+            if self._runnable(c):
+                still.append(c)
+            else:
+                self.outbox.append(c)
+                self._waited.pop(c.id, None)
         self.active = still
         return len(batch)
 
