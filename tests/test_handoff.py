@@ -33,7 +33,7 @@ from relaydiff.engine.handoff import (
 PREFIX = struct.Struct("<4sHHII")
 
 
-def make_handoff(seed: int = 0, *, conditioning: bool = True, generator: bool = True) -> Handoff:
+def make_handoff(seed: int = 0, *, conditioning: bool = True, generator: bool = True, long_schedule: bool = True) -> Handoff:
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 4, 8, 8, generator=g)
     return Handoff(
@@ -57,7 +57,7 @@ def make_handoff(seed: int = 0, *, conditioning: bool = True, generator: bool = 
         schedule={
             "timesteps": torch.tensor([999, 874, 749, 624, 499, 374, 249, 124]),
             "sigmas": torch.rand(9, generator=g, dtype=torch.float64),
-            "alphas_cumprod": torch.rand(1000, generator=g),
+            **({"alphas_cumprod": torch.rand(1000, generator=g)} if long_schedule else {}),
         },
         sampler_state={
             "model_outputs": torch.randn(2, 1, 4, 8, 8, generator=g),
@@ -118,7 +118,8 @@ def with_header(**changes) -> bytes:
 H = make_handoff()
 VALID = encode_handoff(H)
 VALID_ZSTD = encode_handoff(H, dtype="fp16", compress=True)
-SMALL = encode_handoff(make_handoff(3, conditioning=False, generator=False), compress=True)
+SMALL = encode_handoff(make_handoff(3, conditioning=False, generator=False, long_schedule=False), dtype="fp16", compress=True)
+SMALL_PLAIN = encode_handoff(make_handoff(4, generator=False, long_schedule=False), dtype="fp16")
 
 
 def expect_error(match: str, data: bytes, **kw) -> None:
@@ -483,11 +484,12 @@ def decode_or_reject(data: bytes) -> None:
     validate_handoff(h)
 
 
-@pytest.mark.parametrize("encoding", ["plain", "zstd", "small"])
+@pytest.mark.parametrize("encoding", ["plain", "zstd"])
 def test_every_truncation_is_rejected(encoding):
-    data = {"plain": VALID, "zstd": VALID_ZSTD, "small": SMALL}[encoding]
+    data = {"plain": SMALL_PLAIN, "zstd": SMALL}[encoding]
+    assert len(data) < 4096  # small enough to try every length quickly
     for n in range(len(data)):
-        with pytest.raises(HandoffError):
+        with pytest.raises(HandoffError, match="truncated"):
             decode_handoff(data[:n])
 
 
@@ -509,7 +511,7 @@ def test_fuzz_random_bytes_after_a_valid_prefix(tail):
 
 
 @FUZZ
-@given(st.sampled_from([VALID, VALID_ZSTD, SMALL]), st.integers(0, 10**9), st.integers(1, 255))
+@given(st.sampled_from([VALID, VALID_ZSTD, SMALL, SMALL_PLAIN]), st.integers(0, 10**9), st.integers(1, 255))
 def test_fuzz_single_byte_mutations(data, where, delta):
     i = where % len(data)
     mutated = bytearray(data)
