@@ -346,6 +346,8 @@ def test_latent_shapes():
     expect_error(r"latents have shape \[1, 4, 8, 8\], expected \[1, 4, 16, 16\]", VALID,
                  expect_latent_shape=(1, 4, 16, 16))
     expect_error(r"expected \[8, 8, 8\]", VALID, expect_latent_shape=(8, 8, 8))
+    expect_error(r"expect_latent_shape must be \(1, C, H, W\) or \(C, H, W\), got \(8, 8\)", VALID,
+                 expect_latent_shape=(8, 8))
     h2, p2 = split(VALID)
     next(e for e in h2["tensors"] if e["name"] == "latents")["shape"] = [1, 4, 8, 9]
     expect_error(r"tensor 'latents' is float32 \[1, 4, 8, 8\] in the payload but float32 \[1, 4, 8, 9\]",
@@ -432,6 +434,7 @@ def test_truncated_data():
 def test_family_mismatch():
     expect_error("handoff is for family tiny@0.1.0, expected sd15@1", VALID, expect_family=("sd15", "1"))
     expect_error("expected tiny@0.2.0", VALID, expect_family=("tiny", "0.2.0"))
+    expect_error("expect_family must be a .* pair of strings, got 'tiny'", VALID, expect_family="tiny")
 
 
 def test_hostile_payloads_with_valid_checksums():

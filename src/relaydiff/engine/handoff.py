@@ -509,6 +509,16 @@ def decode_handoff(
 
     if not _is_int(max_bytes) or max_bytes < PREFIX_BYTES:
         raise HandoffError(f"max_bytes must be an integer >= {PREFIX_BYTES}, got {max_bytes!r}")
+    if expect_family is not None and not (
+        isinstance(expect_family, (tuple, list)) and len(expect_family) == 2
+        and all(isinstance(x, str) for x in expect_family)
+    ):
+        raise HandoffError(f"expect_family must be a (family_id, version) pair of strings, got {_short(expect_family)}")
+    if expect_latent_shape is not None and not (
+        isinstance(expect_latent_shape, (tuple, list)) and len(expect_latent_shape) in (3, 4)
+        and all(_is_int(x) for x in expect_latent_shape)
+    ):
+        raise HandoffError(f"expect_latent_shape must be (1, C, H, W) or (C, H, W), got {_short(expect_latent_shape)}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise HandoffError(f"handoff data must be bytes, got {type(data).__name__}")
     size = data.nbytes if isinstance(data, memoryview) else len(data)
