@@ -517,12 +517,17 @@ def tiny_family(seed: int = 0, widths: dict[str, int] | None = None, adapters: t
     return family
 
 
+def reference_dir() -> Path:
+    """Where the shipped reference family lives inside the package."""
+    return Path(__file__).resolve().parent.parent / "assets" / "reference"
+
+
 def load_family(name_or_path: str | Path, seed: int = 0) -> Family:
     """``"tiny"`` (random, from configs), ``"reference"`` (the shipped trained family) or a directory."""
     if str(name_or_path) == "tiny":
         return tiny_family(seed)
     if str(name_or_path) == "reference":
-        ref = Path(__file__).resolve().parent.parent / "assets" / "reference"
+        ref = reference_dir()
         if not (ref / FAMILY_FILE).is_file():
             raise FamilyError(f"the reference family is not shipped in this installation ({ref})")
         return load_family_dir(ref)
