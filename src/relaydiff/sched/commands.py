@@ -16,7 +16,7 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
     @train.command("offload")
     def train_offload(
         out: str = typer.Option("runs/offload_ppo", help="Output folder (checkpoint/, best.*, history.json)."),
-        scenario: str = typer.Option("default", help="Scenario name or YAML/JSON path the rounds are drawn from."),
+        scenario: str = typer.Option("default,congested", help="Scenario names or paths, comma-separated (each round picks one)."),
         timesteps: int = typer.Option(300_000, help="Total environment steps (a resumed run continues to this)."),
         seed: int = typer.Option(0, help="Seed of the PPO run and of the training rounds."),
         n_min: int = typer.Option(3, help="Fewest users per training round."),

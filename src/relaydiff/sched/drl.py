@@ -44,7 +44,7 @@ class PolicyError(ValueError):
 class DRLConfig:
     """Every hyperparameter of ``relaydiff train offload`` (MaskablePPO on the round MDP)."""
 
-    scenario: str = "default"
+    scenario: str = "default,congested"  # comma-separated: each training round picks one
     n_min: int = 3  # users per training round, log-uniform in [n_min, n_max]
     n_max: int = 300
     seed: int = 0
@@ -279,10 +279,10 @@ def _validation_set(cfg: DRLConfig) -> list[RoundInstance]:
     from relaydiff.system.problem import sample_instance
     from relaydiff.system.scenario import load_scenario
 
-    sc = load_scenario(cfg.scenario)
+    scs = [load_scenario(s.strip()) for s in cfg.scenario.split(",") if s.strip()]
     rng = np.random.default_rng(10_000 + cfg.seed)
-    per = max(cfg.val_rounds // len(cfg.val_sizes), 1)
-    return [sample_instance(sc, n_users=n, seed=rng) for n in cfg.val_sizes for _ in range(per)]
+    per = max(cfg.val_rounds // (len(cfg.val_sizes) * len(scs)), 1)
+    return [sample_instance(sc, n_users=n, seed=rng) for sc in scs for n in cfg.val_sizes for _ in range(per)]
 
 
 def validate(policy: NumpyPolicy, instances: list[RoundInstance]) -> dict[str, float]:

@@ -117,9 +117,8 @@ class SequentialRound:
         self.best[i] = -np.inf
         if action > 0:
             self.moves.move(i, action)
-            self.table -= self.beta * (self.lam[i] + self.lam[:, None]) * self.min_k[action][None, :]
-            self.table -= (2.0 * self.g[i]) * self.g[:, None]
-            self.table[:, 0] = 0.0
+            live_t = self.table[:, 1:]  # a view: option 0 (local) always gains 0
+            live_t -= self.beta * (self.lam[i] + self.lam[:, None]) * self.min_k[action][None, 1:] + (2.0 * self.g[i]) * self.g[:, None]
             live = np.isfinite(self.best)
             best = self.table[live, 1:].max(axis=1)
             self.best[live] = np.where(best > 0.0, best, -np.inf)
@@ -167,7 +166,8 @@ class SequentialRound:
 
 @dataclass(frozen=True)
 class RoundEnvConfig:
-    """Which rounds the env draws: a scenario, a user-count range (log-uniform), dominance masking."""
+    """Which rounds the env draws: scenarios (one picked per round, comma-separated names or paths),
+    a user-count range (log-uniform), and whether dominated options are masked."""
 
     scenario: str = "default"
     n_min: int = 3
@@ -177,6 +177,12 @@ class RoundEnvConfig:
     def __post_init__(self) -> None:
         if not 1 <= self.n_min <= self.n_max:
             raise ValueError(f"need 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}")
+        if not self.scenarios:
+            raise ValueError("scenario: give at least one scenario name or path")
+
+    @property
+    def scenarios(self) -> list[str]:
+        return [s.strip() for s in self.scenario.split(",") if s.strip()]
 
 
 class OffloadRoundEnv(gym.Env):
@@ -191,19 +197,24 @@ class OffloadRoundEnv(gym.Env):
         scenario: Scenario | str | Path | None = None,
     ) -> None:
         self.config = config or RoundEnvConfig()
-        if not isinstance(scenario, Scenario):
-            scenario = load_scenario(scenario if scenario is not None else self.config.scenario)
-        self.scenario = scenario
+        if isinstance(scenario, Scenario):
+            self.scenarios = [scenario]
+        else:
+            self.scenarios = [load_scenario(s) for s in ([scenario] if scenario is not None else self.config.scenarios)]
+        splits = {len(sc.splits) for sc in self.scenarios}
+        if len(splits) != 1:
+            raise ValueError(f"scenarios must have the same number of split points (one observation size), got {sorted(splits)}")
         self.fixed = instance
-        n_splits = len(instance.splits) if instance is not None else len(self.scenario.splits)
+        n_splits = len(instance.splits) if instance is not None else splits.pop()
         self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(obs_size(n_splits),), dtype=np.float32)
         self.action_space = gym.spaces.Discrete(n_splits + 1)
         self.round: SequentialRound | None = None
 
     def _draw(self) -> RoundInstance:
+        sc = self.scenarios[int(self.np_random.integers(len(self.scenarios)))] if len(self.scenarios) > 1 else self.scenarios[0]
         lo, hi = np.log(self.config.n_min), np.log(self.config.n_max + 1)
         n = int(np.clip(np.exp(self.np_random.uniform(lo, hi)), self.config.n_min, self.config.n_max))
-        return sample_instance(self.scenario, n_users=n, seed=self.np_random)
+        return sample_instance(sc, n_users=n, seed=self.np_random)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)
