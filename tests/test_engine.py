@@ -121,17 +121,22 @@ def test_handoff_for_another_family_is_refused(tiny):
         from_handoff(tiny, stopped.handoff)
 
 
-def test_two_processes_joined_by_the_wire_format_give_the_same_image(tmp_path):
-    cli = [sys.executable, "-m", "relaydiff.cli"]
-    common = ["--family", "tiny", "--prompt", "a red circle", "--steps", "8", "--plan", "large:0-4,small:4-8",
-              "--seed", "1", "--sampler", "dpmpp_2m"]
+def test_two_processes_joined_by_the_wire_format_give_the_same_image(tiny, tmp_path):
+    """This process runs the whole plan; two CLI processes run it split by a handoff file."""
+    from PIL import Image
+
+    from relaydiff.engine.commands import save_png
+
+    req = Request("a red circle", steps=8, guidance=3.0, seed=1, sampler="dpmpp_2m")
+    plan = parse_plan("large:0-4,small:4-8")
     x, y, h = tmp_path / "x.png", tmp_path / "y.png", tmp_path / "h.rdh"
-    subprocess.run([*cli, "generate", *common, "--out", str(x)], check=True, capture_output=True)
+    save_png(_alone(tiny, req, plan).image, x)
+    cli = [sys.executable, "-m", "relaydiff.cli"]
+    common = ["--family", "tiny", "--prompt", req.prompt, "--steps", "8", "--plan", str(plan), "--seed", "1",
+              "--sampler", "dpmpp_2m", "--guidance", "3"]
     subprocess.run([*cli, "generate", *common, "--stop-at", "4", "--handoff-out", str(h)], check=True,
                    capture_output=True)
     subprocess.run([*cli, "resume", str(h), "--out", str(y)], check=True, capture_output=True)
-    from PIL import Image
-
     assert np.array_equal(np.asarray(Image.open(x)), np.asarray(Image.open(y)))
     h.write_bytes(h.read_bytes()[:-10])
     bad = subprocess.run([*cli, "resume", str(h), "--out", str(y)], capture_output=True, text=True)
