@@ -214,16 +214,6 @@ def solve_drl(instance: RoundInstance, policy: NumpyPolicy | str | Path | None =
     return Solution("drl+ls" if improve else "drl", Decision(k, bw), obj, wall, "ok", info)
 
 
-def solve_sequential_greedy(instance: RoundInstance, improve: bool = False) -> Solution:
-    """The same visit order with the best immediate gain (the policy's no-learning reference)."""
-    t0 = time.perf_counter()
-    k, info = decide(instance, lambda _o, mask, rnd: int(np.argmax(np.where(mask, rnd.gains(), -np.inf))), improve)
-    bw = allocate_bandwidth(instance.bw_cost, k > 0)
-    wall = time.perf_counter() - t0
-    obj, _ = evaluate(instance, Decision(k, bw))
-    return Solution("seq-greedy+ls" if improve else "seq-greedy", Decision(k, bw), obj, wall, "ok", info)
-
-
 # ---- training --------------------------------------------------------------------------------
 def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarray]:
     """(obs, mask, greedy action, return-to-go) on rounds drawn like the training env's."""
@@ -237,7 +227,7 @@ def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarr
         rewards = []
         while not rnd.done:
             mask = rnd.mask()
-            a = int(np.argmax(np.where(mask, rnd.gains(), -np.inf)))
+            a = rnd.greedy_option()
             obs.append(rnd.observation()), masks.append(mask.copy()), acts.append(a)
             rewards.append(rnd.step(a))
         rtg += list(np.cumsum(rewards[::-1])[::-1])
@@ -286,8 +276,10 @@ def _validation_set(cfg: DRLConfig) -> list[RoundInstance]:
 
 
 def validate(policy: NumpyPolicy, instances: list[RoundInstance]) -> dict[str, float]:
-    """Mean and min of the policy's objective / the sequential greedy's, over fixed rounds."""
-    r = np.array([solve_drl(inst, policy).objective / solve_sequential_greedy(inst).objective for inst in instances])
+    """Mean and min of the policy's objective / the greedy baseline's, over fixed rounds."""
+    from relaydiff.sched.baselines import greedy
+
+    r = np.array([solve_drl(inst, policy).objective / greedy(inst).objective for inst in instances])
     return {"vs_greedy_mean": float(r.mean()), "vs_greedy_min": float(r.min())}
 
 

@@ -103,6 +103,10 @@ class SequentialRound:
             m[1:] = self.table[self.user, 1:] >= 0.0 if self.dominated else True
         return m
 
+    def greedy_option(self) -> int:
+        """The valid option with the largest gain (always taking it is the global greedy baseline)."""
+        return int(np.argmax(np.where(self.mask(), self.gains(), -np.inf)))
+
     def step(self, action: int) -> float:
         """Give the current user option ``action``; returns the objective change."""
         if self.done:
