@@ -33,7 +33,9 @@ from relaydiff.engine.handoff import (
 PREFIX = struct.Struct("<4sHHII")
 
 
-def make_handoff(seed: int = 0, *, conditioning: bool = True, generator: bool = True, long_schedule: bool = True) -> Handoff:
+def make_handoff(
+    seed: int = 0, *, conditioning: bool = True, generator: bool = True, long_schedule: bool = True
+) -> Handoff:
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 4, 8, 8, generator=g)
     return Handoff(
@@ -118,7 +120,9 @@ def with_header(**changes) -> bytes:
 H = make_handoff()
 VALID = encode_handoff(H)
 VALID_ZSTD = encode_handoff(H, dtype="fp16", compress=True)
-SMALL = encode_handoff(make_handoff(3, conditioning=False, generator=False, long_schedule=False), dtype="fp16", compress=True)
+SMALL = encode_handoff(
+    make_handoff(3, conditioning=False, generator=False, long_schedule=False), dtype="fp16", compress=True
+)
 SMALL_PLAIN = encode_handoff(make_handoff(4, generator=False, long_schedule=False), dtype="fp16")
 
 
@@ -223,7 +227,8 @@ def test_read_missing_directory_and_oversized_file(tmp_path):
 
 
 def test_total_size_limit():
-    expect_error(f"handoff is {len(VALID)} bytes; the limit is {len(VALID) - 1}", VALID, max_bytes=len(VALID) - 1)
+    n = len(VALID)
+    expect_error(f"handoff is {n} bytes; the limit is {n - 1}", VALID, max_bytes=n - 1)
     with pytest.raises(HandoffError, match="encoded handoff is .* the limit is 100"):
         encode_handoff(H, max_bytes=100)
     expect_error("max_bytes must be an integer", VALID, max_bytes="big")
@@ -281,7 +286,8 @@ def test_wrong_types():
     expect_error(r"request\['steps'\] must be int, got str", with_header(request={**H.request, "steps": "8"}))
     expect_error(r"request\['guidance'\] must be int or float, got NoneType",
                  with_header(request={**H.request, "guidance": None}))
-    expect_error(r"request\['sampler_options'\] must be a dict", with_header(request={**H.request, "sampler_options": []}))
+    expect_error(r"request\['sampler_options'\] must be a dict",
+                 with_header(request={**H.request, "sampler_options": []}))
     expect_error("family_id must be a non-empty string, got 3", with_header(family={"id": 3, "version": "1"}))
     expect_error("accounting must be a dict, got list", with_header(accounting=[1]))
     header, payload = split(VALID)

@@ -554,11 +554,15 @@ def decode_handoff(
         raise HandoffError(f"header dtype must be one of {sorted(_WIRE_DTYPES)}, got {_short(header['dtype'])}")
     wire = _WIRE_DTYPES[header["dtype"]]
     if not isinstance(header["compression"], str) or header["compression"] not in _COMPRESSIONS:
-        raise HandoffError(f"header compression must be one of {list(_COMPRESSIONS)}, got {_short(header['compression'])}")
+        raise HandoffError(
+            f"header compression must be one of {list(_COMPRESSIONS)}, got {_short(header['compression'])}"
+        )
     pay = _exact_dict(header["payload"], "payload", {"length", "raw_length", "sha256"})
     length, raw_length, digest = pay["length"], pay["raw_length"], pay["sha256"]
     if not (_is_int(length) and _is_int(raw_length) and length >= 0 and raw_length >= 0):
-        raise HandoffError(f"payload length/raw_length must be non-negative integers, got {_short(length)}, {_short(raw_length)}")
+        raise HandoffError(
+            f"payload length/raw_length must be non-negative integers, got {_short(length)}, {_short(raw_length)}"
+        )
     if not isinstance(digest, str) or len(digest) != 64:
         raise HandoffError(f"payload sha256 must be 64 hex characters, got {_short(digest)}")
     manifest = _parse_manifest(header["tensors"])
