@@ -47,13 +47,8 @@ def generate(family: Family, requests: list[Request], plans: list[Plan], *, max_
     """Run every request under its plan with continuous batching; results in request order."""
     if len(requests) != len(plans):
         raise PlanError(f"{len(requests)} requests but {len(plans)} plans")
-    chains = [new_chain(family, r, p, stop_at) for r, p in zip(requests, plans)]
-    ex = Executor(family, node=None, max_batch=max_batch)
-    for c in chains:
-        if not (c.done or c.stopped):
-            ex.submit(c)
-    ex.run()
-    return _finish(family, chains)
+    return run_chains(family, [new_chain(family, r, p, stop_at) for r, p in zip(requests, plans)],
+                      max_batch=max_batch)
 
 
 def run_chains(family: Family, chains: list[Chain], *, max_batch: int = 16) -> list[Result]:
