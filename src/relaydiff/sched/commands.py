@@ -64,7 +64,7 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
         out: str = typer.Option("out/simulate", help="Folder for rounds.csv, summary.json and the PNG plots."),
         rounds: int = typer.Option(60, help="Rounds to simulate."),
         population: int = typer.Option(200, help="Users in the cell (each round draws its requests from them)."),
-        arrival_mean: float = typer.Option(20.0, help="Mean requests per round."),
+        arrival_mean: float | None = typer.Option(None, help="Mean requests per round (default: the scenario's n_users)."),
         n_max: int = typer.Option(64, help="Most requests in one round (arrivals are capped at it)."),
         seed: int = typer.Option(0, help="Seed: the same rounds for every policy."),
     ) -> None:

@@ -3,7 +3,8 @@
 A fixed population of users is drawn once from a scenario (devices, distances, preferences,
 personalization: :func:`relaydiff.system.problem.sample_instance`). Every round:
 
-- arrivals: n_t ~ Poisson(mean (1 + amp sin(2 pi t / period))), clipped to [1, min(population,
+- arrivals: n_t ~ Poisson(mean (1 + amp sin(2 pi t / period))) (mean: the scenario's n_users
+  unless set), clipped to [1, min(population,
   n_max)], users drawn without replacement; each request has a fresh prompt complexity;
 - fading: each user's downlink and uplink gains follow a Gauss-Markov process
   h_t = rho h_{t-1} + sqrt(1 - rho^2) w_t (w complex Gaussian, unit power), so |h|^2 stays
@@ -44,7 +45,7 @@ class Dynamics:
 
     rounds: int = 60
     population: int = 200
-    arrival_mean: float = 20.0  # requests per round on average
+    arrival_mean: float | None = None  # requests per round on average (None: the scenario's n_users)
     arrival_amplitude: float = 0.5  # relative swing of the arrival rate
     arrival_period: int = 30  # rounds per swing
     fading_corr: float = 0.9  # rho of the Gauss-Markov fading between rounds
@@ -55,7 +56,7 @@ class Dynamics:
     def __post_init__(self) -> None:
         if self.rounds < 1 or self.population < 1 or self.n_max < 1 or self.arrival_period < 1:
             raise ValueError("Dynamics: rounds, population, n_max and arrival_period must be >= 1")
-        if self.arrival_mean <= 0 or not 0 <= self.arrival_amplitude <= 1:
+        if (self.arrival_mean is not None and self.arrival_mean <= 0) or not 0 <= self.arrival_amplitude <= 1:
             raise ValueError(f"Dynamics: need arrival_mean > 0 and arrival_amplitude in [0, 1], got {self.arrival_mean}, {self.arrival_amplitude}")
         if not 0 <= self.fading_corr < 1 or not 0 <= self.capacity_corr < 1 or self.capacity_noise < 0:
             raise ValueError("Dynamics: fading_corr and capacity_corr must be in [0, 1), capacity_noise >= 0")
@@ -97,7 +98,8 @@ class ScenarioEnv(gym.Env):
     def _round(self) -> RoundInstance:
         """Draw this round's requests and build their instance from the current channel and capacity."""
         d, rng, sc = self.dynamics, self.np_random, self.scenario
-        rate = d.arrival_mean * (1.0 + d.arrival_amplitude * np.sin(2.0 * np.pi * self.t / d.arrival_period))
+        mean = sc.n_users if d.arrival_mean is None else d.arrival_mean
+        rate = mean * (1.0 + d.arrival_amplitude * np.sin(2.0 * np.pi * self.t / d.arrival_period))
         n = int(np.clip(rng.poisson(rate), 1, min(d.population, d.n_max)))
         users = np.sort(rng.choice(d.population, size=n, replace=False))
         pop = self.population
