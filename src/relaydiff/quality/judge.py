@@ -1,14 +1,22 @@
 """The judge: a small CNN that reads a world image back into objects, relations, background and style.
 
-It is a centre-point detector (one cell of an 8x8 grid per object centre, as in CenterNet): each
-cell predicts "an object is centred here", a sub-cell offset and the object's shape, colour and
-size; pooled features predict the background and the style. Attributes are read by separate heads,
-so shape/colour combinations never seen in training are read as well as the others. Relations are
-derived from the read centres. Extra "none" classes for background and style, trained on noise
-images, let the judge say that an image is not a world image at all (noise scores ~0).
+It is a centre-point detector (one cell of an 8x8 grid per object centre, as in CenterNet) built so
+that shape and colour are read by separate paths that cannot see each other's attribute, because
+some shape/colour combinations are held out of its training data and must still be read:
 
+- a pixel path (1x1 convolutions: it sees one pixel at a time, hence no shapes) gives every pixel
+  a colour embedding and a foreground probability;
+- the shape path is a CNN on the foreground map only (hence no colours): per cell it predicts
+  "an object is centred here", a sub-cell offset, the shape and the size;
+- the colour of an object is read from the pixel embeddings in a window around its centre
+  (a learned spatial weighting, linear in the pixels), then a small MLP;
+- pooled features of both paths predict the background and the style, and are the features of
+  the Fréchet distance.
+
+Relations are derived from the read centres. Extra "none" classes for background and style,
+trained on noise images, let the judge say that an image is not a world image (noise scores ~0).
 Training samples fresh renders every step (train split, every style) with mild blur/noise so that
-the judge also reads the slightly soft images a diffusion model produces. It is deterministic by
+the judge also reads the slightly soft images a diffusion model produces; it is deterministic by
 seed, checkpoints to safetensors + JSON and resumes. The shipped weights live in
 ``relaydiff/assets/judge`` (fp16 safetensors + config JSON): tests and benches never retrain.
 """
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from relaydiff.models.world import BACKGROUNDS, COLORS, SHAPES, SIZES, STYLES, Obj, World
+from relaydiff.models.world import BACKGROUNDS, COLORS, SHAPES, SIZES, STYLES, Obj, Scene, World
 
 NONE = "none"  # background/style class of images that are not world images
 JUDGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judge"
@@ -44,6 +52,8 @@ class JudgeConfig:
     image_size: int = 32
     stride: int = 4
     widths: tuple[int, int, int] = (16, 32, 64)
+    pixel_dim: int = 32
+    color_window: int = 11  # pixels; < the smallest gap between a centre and another object's pixels
     feature_dim: int = 128
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = COLORS
@@ -87,20 +97,25 @@ class Judge(nn.Module):
     def __init__(self, config: JudgeConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or JudgeConfig()
-        if config.image_size // config.stride < 2 or config.stride != 4:
-            raise ValueError(f"the judge needs stride 4 and image_size >= 8, got {config}")
+        if config.image_size // config.stride < 2 or config.stride != 4 or config.color_window % 2 == 0:
+            raise ValueError(f"the judge needs stride 4, image_size >= 8 and an odd color_window, got {config}")
         w1, w2, w3 = config.widths
-        self.backbone = nn.Sequential(  # receptive field 29 px at the 8x8 grid
-            _block(3, w1),
+        pd, win = config.pixel_dim, config.color_window
+        self.pixel = nn.Sequential(nn.Conv2d(3, pd, 1), nn.SiLU(), nn.Conv2d(pd, pd, 1), nn.SiLU())
+        self.foreground_head = nn.Conv2d(pd, 1, 1)
+        self.color_kernel = nn.Parameter(torch.full((win, win, pd), 1.0 / win**2))
+        self.n_shape, self.n_color, self.n_size = len(config.shapes), len(config.colors), len(config.sizes)
+        self.color_head = nn.Sequential(nn.Linear(pd, 64), nn.SiLU(), nn.Linear(64, self.n_color))
+        self.backbone = nn.Sequential(  # on the foreground map; receptive field 29 px at the 8x8 grid
+            _block(1, w1),
             _block(w1, w2, stride=2),
             _block(w2, w2),
             _block(w2, w3, stride=2),
             _block(w3, w3),
             _block(w3, w3),
         )
-        self.n_shape, self.n_color, self.n_size = len(config.shapes), len(config.colors), len(config.sizes)
-        self.cell_head = nn.Conv2d(w3, 3 + self.n_shape + self.n_color + self.n_size, 1)
-        self.feature = nn.Sequential(nn.Linear(2 * w3, config.feature_dim), nn.SiLU())
+        self.cell_head = nn.Conv2d(w3, 3 + self.n_shape + self.n_size, 1)
+        self.feature = nn.Sequential(nn.Linear(2 * pd + 2 * w3, config.feature_dim), nn.SiLU())
         self.background_head = nn.Linear(config.feature_dim, len(config.backgrounds))
         self.style_head = nn.Linear(config.feature_dim, len(config.styles))
 
@@ -113,52 +128,67 @@ class Judge(nn.Module):
         return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.backbone(x)
+        pix = self.pixel(x)
+        fg = self.foreground_head(pix)[:, 0]
+        # detached: the shape path must not be able to ask the pixel path for colour information
+        h = self.backbone(torch.sigmoid(fg).detach()[:, None] * 2 - 1)
         cells = self.cell_head(h)
-        s, c = self.n_shape, self.n_color
-        pooled = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        s = self.n_shape
+        pooled = torch.cat([pix.mean(dim=(2, 3)), pix.amax(dim=(2, 3)), h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], 1)
         feat = self.feature(pooled)
         return {
+            "pixel": pix,
+            "foreground": fg,
             "objectness": cells[:, 0],
             "offset": cells[:, 1:3],
             "shape": cells[:, 3 : 3 + s],
-            "color": cells[:, 3 + s : 3 + s + c],
-            "size": cells[:, 3 + s + c :],
+            "size": cells[:, 3 + s :],
             "features": feat,
             "background": self.background_head(feat),
             "style": self.style_head(feat),
         }
+
+    def color_logits(self, pixel: torch.Tensor, b: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Colour logits [n, colours] of objects centred at pixels (y, x) of images b."""
+        r = self.config.color_window // 2
+        padded = F.pad(pixel, (r, r, r, r))  # zero outside the image
+        d = torch.arange(2 * r + 1)
+        ys = (y.long()[:, None, None] + d[None, :, None]).expand(-1, 2 * r + 1, 2 * r + 1)
+        xs = (x.long()[:, None, None] + d[None, None, :]).expand(-1, 2 * r + 1, 2 * r + 1)
+        patches = padded.permute(0, 2, 3, 1)[b.long()[:, None, None], ys, xs]  # [n, win, win, pd]
+        return self.color_head((patches * self.color_kernel).sum(dim=(1, 2)))
 
     @torch.no_grad()
     def read(self, images: np.ndarray | torch.Tensor, batch_size: int = 256) -> list[Reading]:
         """Read objects (objectness > 0.5 and a local maximum), background and style of each image."""
         self.eval()
         cfg = self.config
+        size_px = cfg.image_size
         out: list[Reading] = []
         x_all = self.to_input(images)
         for start in range(0, len(x_all), batch_size):
             o = self(x_all[start : start + batch_size])
             prob = torch.sigmoid(o["objectness"])
             peak = prob == F.max_pool2d(prob[:, None], 3, stride=1, padding=1)[:, 0]
-            keep = (prob > 0.5) & peak
-            shape, color, size = o["shape"].argmax(1), o["color"].argmax(1), o["size"].argmax(1)
+            b_idx, gy, gx = ((prob > 0.5) & peak).nonzero(as_tuple=True)
+            cx = cfg.stride * (gx + o["offset"][b_idx, 0, gy, gx])
+            cy = cfg.stride * (gy + o["offset"][b_idx, 1, gy, gx])
+            px = cx.round().clamp(0, size_px - 1)
+            py = cy.round().clamp(0, size_px - 1)
+            color = self.color_logits(o["pixel"], b_idx, py, px).argmax(1) if len(b_idx) else b_idx
+            shape = o["shape"][b_idx, :, gy, gx].argmax(1)
+            size = o["size"][b_idx, :, gy, gx].argmax(1)
+            score = prob[b_idx, gy, gx]
             bg, style = o["background"].argmax(1), o["style"].argmax(1)
+            dets: list[list[Detection]] = [[] for _ in range(len(prob))]
+            for i, b in enumerate(b_idx.tolist()):
+                dets[b].append(
+                    Detection(cfg.shapes[shape[i]], cfg.colors[color[i]], cfg.sizes[size[i]],
+                              float(cx[i]), float(cy[i]), float(score[i]))  # fmt: skip
+                )
             for b in range(len(prob)):
-                dets = []
-                for gy, gx in keep[b].nonzero().tolist():
-                    ox, oy = o["offset"][b, :, gy, gx].tolist()
-                    dets.append(
-                        Detection(
-                            shape=cfg.shapes[shape[b, gy, gx]],
-                            color=cfg.colors[color[b, gy, gx]],
-                            size=cfg.sizes[size[b, gy, gx]],
-                            x=cfg.stride * (gx + ox),
-                            y=cfg.stride * (gy + oy),
-                            score=float(prob[b, gy, gx]),
-                        )
-                    )
-                dets.sort(key=lambda d: -d.score)
-                out.append(Reading(tuple(dets), cfg.backgrounds[bg[b]], cfg.styles[style[b]]))
+                dets[b].sort(key=lambda d: -d.score)
+                out.append(Reading(tuple(dets[b]), cfg.backgrounds[bg[b]], cfg.styles[style[b]]))
         return out
 
     @torch.no_grad()
@@ -232,12 +262,21 @@ class JudgeTrainConfig:
     model: JudgeConfig = field(default_factory=JudgeConfig)
 
 
-def _targets(world: World, scenes, styles, cfg: JudgeConfig) -> dict[str, torch.Tensor]:
+def _background_colors(world: World) -> dict[tuple[str, str], np.ndarray]:
+    """The rendered background colour of every (background, style): a render with no objects."""
+    empty = [Scene((), (), bg) for bg in BACKGROUNDS for _ in STYLES]
+    styles = [st for _ in BACKGROUNDS for st in STYLES]
+    images = world.render_many(empty, styles)
+    return {(sc.background, st): img[0, 0] for sc, st, img in zip(empty, styles, images)}
+
+
+def _targets(world: World, images: np.ndarray, scenes, styles, cfg: JudgeConfig) -> dict[str, torch.Tensor]:
     n, g = len(scenes), cfg.image_size // cfg.stride
     obj = torch.zeros(n, g, g)
     offset = torch.zeros(n, 2, g, g)
     shape = torch.full((n, g, g), -100, dtype=torch.long)  # -100: ignored by cross_entropy
-    color, size = shape.clone(), shape.clone()
+    size = shape.clone()
+    centres = []  # (image, y, x, colour) of every object
     for b, scene in enumerate(scenes):
         for o in scene.objects:
             gx, gy = o.x // cfg.stride, o.y // cfg.stride
@@ -245,12 +284,17 @@ def _targets(world: World, scenes, styles, cfg: JudgeConfig) -> dict[str, torch.
             offset[b, 0, gy, gx] = o.x / cfg.stride - gx
             offset[b, 1, gy, gx] = o.y / cfg.stride - gy
             shape[b, gy, gx] = cfg.shapes.index(o.shape)
-            color[b, gy, gx] = cfg.colors.index(o.color)
             size[b, gy, gx] = cfg.sizes.index(o.size)
-    background = torch.tensor([cfg.backgrounds.index(s.background) for s in scenes])
-    style = torch.tensor([cfg.styles.index(s) for s in styles])
-    return {"objectness": obj, "offset": offset, "shape": shape, "color": color, "size": size,
-            "background": background, "style": style}  # fmt: skip
+            centres.append((b, o.y, o.x, cfg.colors.index(o.color)))
+    bg_rgb = _background_colors(world)
+    bgs = np.stack([bg_rgb[(s.background, st)] for s, st in zip(scenes, styles)])
+    foreground = torch.from_numpy((images != bgs[:, None, None, :]).any(-1).astype(np.float32))
+    c = torch.tensor(centres, dtype=torch.long).reshape(-1, 4)
+    return {"objectness": obj, "offset": offset, "shape": shape, "size": size, "foreground": foreground,
+            "foreground_valid": torch.ones(n), "centre_b": c[:, 0], "centre_y": c[:, 1], "centre_x": c[:, 2],
+            "color": c[:, 3],
+            "background": torch.tensor([cfg.backgrounds.index(s.background) for s in scenes]),
+            "style": torch.tensor([cfg.styles.index(s) for s in styles])}  # fmt: skip
 
 
 def noise_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -276,14 +320,20 @@ def _augment(x: torch.Tensor, cfg: JudgeTrainConfig, generator: torch.Generator)
     return torch.where(chosen[:, None, None, None], noisy.clamp(-1, 1), x)
 
 
-def judge_loss(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], pos_weight: float) -> torch.Tensor:
+def judge_loss(judge: Judge, out: dict[str, torch.Tensor], t: dict[str, torch.Tensor], pos_weight: float) -> torch.Tensor:
     obj = F.binary_cross_entropy_with_logits(out["objectness"], t["objectness"], pos_weight=torch.tensor(pos_weight))
     pos = t["objectness"].bool()
     n_pos = pos.sum().clamp(min=1)
     offset = (F.smooth_l1_loss(out["offset"], t["offset"], reduction="none", beta=0.1).sum(1) * pos).sum() / n_pos
-    attrs = sum(F.cross_entropy(out[k], t[k], ignore_index=-100) for k in ("shape", "color", "size"))
+    attrs = sum(F.cross_entropy(out[k], t[k], ignore_index=-100) for k in ("shape", "size"))
+    fg = F.binary_cross_entropy_with_logits(out["foreground"], t["foreground"], reduction="none").mean(dim=(1, 2))
+    fg = (fg * t["foreground_valid"]).sum() / t["foreground_valid"].sum().clamp(min=1)
+    color = out["pixel"].sum() * 0.0
+    if len(t["color"]):
+        logits = judge.color_logits(out["pixel"], t["centre_b"], t["centre_y"], t["centre_x"])
+        color = F.cross_entropy(logits, t["color"])
     glob = F.cross_entropy(out["background"], t["background"]) + F.cross_entropy(out["style"], t["style"])
-    return obj + offset + attrs + glob
+    return obj + offset + attrs + fg + color + glob
 
 
 def _training_batch(world: World, cfg: JudgeTrainConfig, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -292,13 +342,22 @@ def _training_batch(world: World, cfg: JudgeTrainConfig, step: int) -> tuple[tor
     batch = world.batch(cfg.batch_size, seed=seed, split="train", styles=STYLES)
     gen = torch.Generator().manual_seed(seed)
     x = _augment(Judge.to_input(batch.images), cfg, gen)
-    t = _targets(world, batch.scenes, batch.styles, cfg.model)
+    t = _targets(world, batch.images, batch.scenes, batch.styles, cfg.model)
+    # read colours around slightly wrong centres too, as at inference (centres come from the detector)
+    size = cfg.model.image_size
+    jitter = torch.randint(-1, 2, (2, len(t["color"])), generator=gen)
+    t["centre_y"] = (t["centre_y"] + jitter[0]).clamp(0, size - 1)
+    t["centre_x"] = (t["centre_x"] + jitter[1]).clamp(0, size - 1)
     neg = torch.rand(len(x), generator=gen) < cfg.negative_fraction
     if neg.any():
-        x[neg] = noise_images(int(neg.sum()), cfg.model.image_size, gen)
+        x[neg] = noise_images(int(neg.sum()), size, gen)
         t["objectness"][neg] = 0.0
-        for k in ("shape", "color", "size"):
+        for k in ("shape", "size"):
             t[k][neg] = -100
+        t["foreground_valid"][neg] = 0.0
+        keep = ~neg[t["centre_b"]]
+        for k in ("centre_b", "centre_y", "centre_x", "color"):
+            t[k] = t[k][keep]
         t["background"][neg] = cfg.model.backgrounds.index(NONE)
         t["style"][neg] = cfg.model.styles.index(NONE)
     return x, t
@@ -361,7 +420,7 @@ def train_judge(
             group["lr"] = lr
         judge.train()
         x, t = _training_batch(world, cfg, step)
-        loss = judge_loss(judge(x), t, cfg.objectness_pos_weight)
+        loss = judge_loss(judge, judge(x), t, cfg.objectness_pos_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

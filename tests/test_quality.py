@@ -1,0 +1,193 @@
+"""The shipped judge and the quality metrics: renders score ~1, noise ~0, FD separates them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from relaydiff.models.world import STYLES, Obj, Scene, World
+from relaydiff.quality.judge import Detection, Judge, JudgeConfig, JudgeTrainConfig, Reading, load_judge, train_judge
+from relaydiff.quality.metrics import (
+    check_facts,
+    frechet_distance,
+    handoff_shift,
+    judge_accuracy,
+    judge_fd,
+    latent_stats,
+    prompt_fidelity,
+    style_fidelity,
+)
+
+
+@pytest.fixture(scope="module")
+def judge() -> Judge:
+    return load_judge()
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return World().batch(300, seed=777, split="heldout", styles=STYLES)
+
+
+def _noise(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_judge_reads_heldout_renders(judge: Judge, heldout) -> None:
+    acc = judge_accuracy(judge, heldout.images, heldout.scenes, heldout.styles)
+    assert acc["per_fact"] >= 0.98, acc
+    assert acc["per_image"] >= 0.9, acc
+    assert set(acc["by_kind"]) == {"count", "shape", "color", "size", "relation", "background", "style"}
+
+
+def test_renders_score_one_noise_scores_zero(judge: Judge, heldout) -> None:
+    fid = prompt_fidelity(heldout.images, heldout.scenes, judge)
+    assert fid.fidelity >= 0.97 and fid.per_fact >= 0.97, fid
+    assert style_fidelity(heldout.images, heldout.styles, judge) >= 0.97
+    noise = _noise(100, 1)
+    scenes = heldout.scenes[:100]
+    assert prompt_fidelity(noise, scenes, judge).fidelity <= 0.1
+    assert style_fidelity(noise, heldout.styles[:100], judge) <= 0.1
+    # the same images judged against the wrong prompts score far lower
+    shuffled = heldout.scenes[1:] + heldout.scenes[:1]
+    assert prompt_fidelity(heldout.images, shuffled, judge).fidelity < 0.7
+
+
+def test_frechet_distance_separates_renders_from_noise(judge: Judge, heldout) -> None:
+    other = World().batch(300, seed=778, split="heldout", styles=STYLES)
+    same = judge_fd(heldout.images, other.images, judge)
+    noise = judge_fd(heldout.images, _noise(300, 2), judge)
+    assert same >= 0 and noise > 10 * same, (same, noise)
+
+
+def test_frechet_distance_math() -> None:
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    b = rng.normal(size=(4000, 3)) + np.array([2.0, 0.0, 0.0])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(4.0, rel=0.1)
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(a, a[:, :2])
+
+
+def test_check_facts_matching_and_relations() -> None:
+    scene = Scene(
+        objects=(Obj("circle", "red", "small", 6, 6), Obj("square", "blue", "large", 24, 20)),
+        relations=((0, "left of", 1),),
+        background="white",
+    )
+    facts = World.facts(scene)
+    # detections reported in the other order, right attributes
+    good = Reading(
+        (Detection("square", "blue", "large", 24, 20, 0.9), Detection("circle", "red", "small", 6, 6, 0.9)), "white", "plain"
+    )
+    assert all(check_facts(facts, good))
+    # swapped positions break only the relation
+    swapped = Reading(
+        (Detection("square", "blue", "large", 6, 20, 0.9), Detection("circle", "red", "small", 24, 6, 0.9)), "white", "plain"
+    )
+    result = dict(zip(facts, check_facts(facts, swapped)))
+    assert not result[("relation", 0, "left of", 1)] and sum(result.values()) == len(facts) - 1
+    # a missing object fails its attributes, the count and the relation
+    missing = Reading((Detection("circle", "red", "small", 6, 6, 0.9),), "gray", "plain")
+    assert sum(check_facts(facts, missing)) == 3  # circle's shape, colour, size
+    with pytest.raises(ValueError, match="fact kind"):
+        check_facts([("mood", "happy")], good)
+
+
+def test_latent_stats_and_handoff_shift() -> None:
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 4, 8, 8, generator=gen)
+    chain = [z * (1 - 0.1 * t) for t in range(9)]
+    stats = latent_stats(chain)
+    assert len(stats["std"]) == 9 and stats["std"][0] > stats["std"][-1]
+    smooth = handoff_shift(stats, 4)
+    assert smooth["std_ratio"] == pytest.approx(1.0, rel=1e-6)
+    chain[5] = chain[5] * 2.5  # a jump produced by the first step of the new member
+    assert handoff_shift(latent_stats(chain), 4)["std_ratio"] > 3
+    with pytest.raises(ValueError, match="handoff step"):
+        handoff_shift(stats, 8)
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        latent_stats([torch.zeros(3, 8, 8)])
+
+
+def test_shipped_weights_are_checked(tmp_path, judge: Judge) -> None:
+    from relaydiff.quality.judge import JUDGE_DIR
+
+    meta = json.loads((JUDGE_DIR / "config.json").read_text())
+    assert meta["dtype"] == "float16" and meta["heldout_accuracy"]["per_fact"] >= 0.98
+    copy = tmp_path / "judge"
+    shutil.copytree(JUDGE_DIR, copy)
+    meta["sha256"] = "0" * 64
+    (copy / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="sha256"):
+        Judge.from_pretrained(copy)
+    with pytest.raises(FileNotFoundError):
+        Judge.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="images"):
+        prompt_fidelity(np.zeros((2, 32, 32)), [], judge)
+
+
+def test_training_is_deterministic_and_resumes(tmp_path) -> None:
+    cfg = JudgeTrainConfig(
+        steps=4, batch_size=8, warmup=2, checkpoint_every=100, model=JudgeConfig(widths=(8, 8, 8), feature_dim=16)
+    )
+    straight = train_judge(cfg)
+    ckpt = tmp_path / "ckpt"
+    train_judge(cfg, ckpt, until=2)
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 2
+    resumed = train_judge(cfg, ckpt)
+    assert json.loads((ckpt / "checkpoint.json").read_text())["step"] == 4
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), k
+    with pytest.raises(ValueError, match="different training config"):
+        train_judge(JudgeTrainConfig(**{**cfg.__dict__, "lr": 1e-4}), ckpt)
+
+
+def test_logistic_fit_recovers_a_known_curve() -> None:
+    from relaydiff.quality.bench_quality import logistic_fit
+
+    x = np.repeat(np.arange(0, 21, 2), 3).astype(float)
+    y = 0.6 / (1 + np.exp(0.8 * (x - 9.0))) + 0.3 + np.random.default_rng(0).normal(0, 0.005, len(x))
+    fit = logistic_fit(x, y)
+    assert fit["ok"] and fit["r2"] > 0.99
+    assert fit["L"] == pytest.approx(0.6, abs=0.05) and fit["x0"] == pytest.approx(9.0, abs=0.5)
+    assert not logistic_fit([1, 1, 1, 1], [0.1, 0.2, 0.3, 0.4])["ok"]
+
+
+def test_shared_prefix_variants_stay_valid_scenes() -> None:
+    from relaydiff.quality.bench_quality import SHARED_VARIANTS, _variant, fidelity_by_objects
+
+    world, rng = World(), np.random.default_rng(0)
+    for _ in range(30):
+        scene = world.sample_scene(rng, split="heldout")
+        for kind in SHARED_VARIANTS:
+            v = _variant(world, scene, kind, rng)
+            assert len({(o.shape, o.color) for o in v.objects}) == len(v.objects)
+            if kind == "one_attribute":
+                diff = sum((a.shape, a.color) != (b.shape, b.color) for a, b in zip(scene.objects, v.objects))
+                assert diff == 1
+            world.describe(v, rng)
+    scenes = [world.sample_scene(rng, n_objects=n) for n in (1, 2, 3, 3)]
+    assert fidelity_by_objects([1.0, 0.5, 0.0, 1.0], scenes) == {"1": 1.0, "2": 0.5, "3": 0.5, "2-3": 0.5}
+
+
+def test_recorded_run_matches_the_engine() -> None:
+    from relaydiff.engine.family import load_family
+    from relaydiff.engine.plan import Plan, Request
+    from relaydiff.engine.runner import generate
+    from relaydiff.quality.bench_quality import run_recorded
+
+    family = load_family("tiny")
+    reqs = [Request(prompt=p, steps=3, seed=i) for i, p in enumerate(("a red circle", "a blue cross"))]
+    plans = [Plan.relay("large", "small", 1, 3)] * 2
+    images, latents, wall = run_recorded(family, reqs, plans, max_batch=2)
+    expected = generate(family, reqs, plans, max_batch=2)
+    assert latents.shape == (4, 2, *family.latent_shape) and wall > 0
+    for i, res in enumerate(expected):
+        assert torch.allclose(latents[-1, i], res.latents[0], atol=1e-5)
+        assert np.abs(images[i].astype(int) - res.image.astype(int)).max() <= 1
