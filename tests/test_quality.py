@@ -191,3 +191,11 @@ def test_recorded_run_matches_the_engine() -> None:
     for i, res in enumerate(expected):
         assert torch.allclose(latents[-1, i], res.latents[0], atol=1e-5)
         assert np.abs(images[i].astype(int) - res.image.astype(int)).max() <= 1
+
+
+def test_bench_output_is_strict_json() -> None:
+    from relaydiff.quality.bench_quality import finite
+
+    out = finite({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": (2, float("-inf"))}, "e": "x"})
+    assert out == {"a": None, "b": [1.0, None], "c": {"d": [2, None]}, "e": "x"}
+    json.dumps(out, allow_nan=False)

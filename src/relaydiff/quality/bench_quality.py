@@ -256,7 +256,18 @@ def bench_quality(cfg: QualityBenchConfig, judge: Judge | None = None, log: Call
         - relay[0]["by_objects"].get("2-3", 0.0) >= 0.10,
     }
     out["wall_s"] = time.perf_counter() - t_start
-    return out
+    return finite(out)
+
+
+def finite(value: Any) -> Any:
+    """The same structure with NaN/inf floats as None, so that the output is strict JSON."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def fidelity_by_objects(per_image: Sequence[float], scenes: Sequence[Scene]) -> dict[str, float]:

@@ -82,7 +82,7 @@ def bench_quality_cmd(
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    text = json.dumps(result)
+    text = json.dumps(result, allow_nan=False)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
