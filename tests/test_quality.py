@@ -199,3 +199,18 @@ def test_bench_output_is_strict_json() -> None:
     out = finite({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": (2, float("-inf"))}, "e": "x"})
     assert out == {"a": None, "b": [1.0, None], "c": {"d": [2, None]}, "e": "x"}
     json.dumps(out, allow_nan=False)
+
+
+def test_reconstruct_round_trips_through_the_family_vae() -> None:
+    from relaydiff.engine.family import load_family
+    from relaydiff.quality.bench_quality import reconstruct
+
+    family = load_family("tiny")
+    images = World().batch(3, seed=0).images
+    rec = reconstruct(family, images)
+    assert rec.shape == images.shape and rec.dtype == np.uint8
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        direct = family.vae.decode(family.vae.encode(x).latent_dist.mode()).sample
+    expected = ((direct.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(rec.astype(int) - expected.astype(int)).max() <= 1

@@ -3,6 +3,8 @@
 Every number comes from real generation with the engine and is read by the shipped judge:
 
 - `judge_accuracy` of the judge on held-out renders (every style), per fact and per image;
+- `vae_ceiling`: fidelity, style fidelity and FD of the VAE's reconstructions of held-out renders,
+  per style (no denoiser can do better than its VAE);
 - `members`: full-chain prompt fidelity and Fréchet distance (judge features, against renders of
   the same held-out scenes) of `large` and `small`, and their per-step latency at batch 1 and 8;
 - `relay`: for every handoff step k (large for 0..k, small for k..T) fidelity, FD, the latent's
@@ -109,6 +111,32 @@ def run_recorded(family: Any, requests: list, plans: list, max_batch: int) -> tu
     return images, record, time.perf_counter() - t0
 
 
+@torch.no_grad()
+def reconstruct(family: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Encode renders with the family's VAE (posterior mode) and decode them: the VAE's ceiling."""
+    vae = family.vae
+    dtype = next(vae.parameters()).dtype
+    scale = float(vae.config.scaling_factor)
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        z = vae.encode(x.to(family.device, dtype)).latent_dist.mode() * scale
+        out.append(family.decode(z))
+    return np.concatenate(out) if out else np.zeros((0, *images.shape[1:]), dtype=np.uint8)
+
+
+def _vae_ceiling(family: Any, world: World, judge: Judge, cfg: QualityBenchConfig) -> dict[str, Any]:
+    """Prompt and style fidelity and FD of VAE reconstructions of held-out renders, per style."""
+    out = {}
+    for i, style in enumerate(STYLES):
+        batch = world.batch(cfg.n_prompts, seed=cfg.seed + 505 + i, split="heldout", styles=(style,))
+        rec = reconstruct(family, batch.images)
+        out[style] = {"fidelity": prompt_fidelity(rec, batch.scenes, judge).fidelity,
+                      "style_fidelity": style_fidelity(rec, batch.styles, judge),
+                      "fd": frechet_distance(judge.features(rec), judge.features(batch.images))}  # fmt: skip
+    return out
+
+
 def _timed(family: Any, requests: list, plans: list, max_batch: int) -> float:
     from relaydiff.engine.runner import generate
 
@@ -186,6 +214,10 @@ def bench_quality(cfg: QualityBenchConfig, judge: Judge | None = None, log: Call
     ref = world.batch(cfg.n_judge, seed=cfg.seed + 101, split="heldout", styles=STYLES)
     out["judge_accuracy"] = judge_accuracy(judge, ref.images, ref.scenes, ref.styles, world=world)
     say(f"judge accuracy {out['judge_accuracy']['per_fact']:.4f} per fact")
+
+    # ---- the VAE's ceiling: what a perfect denoiser would reach ------------------------------
+    out["vae_ceiling"] = _vae_ceiling(family, world, judge, cfg)
+    say(f"vae ceiling (plain): fidelity {out['vae_ceiling']['plain']['fidelity']:.3f}")
 
     # ---- members and relay ------------------------------------------------------------------
     held = world.batch(cfg.n_prompts, seed=cfg.seed + 202, split="heldout", styles=("plain",))
