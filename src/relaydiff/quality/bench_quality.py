@@ -24,7 +24,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -67,6 +67,7 @@ class QualityBenchConfig:
     personal_prompts: int = 24  # per style
     personal_ks: tuple[int, ...] | None = None  # None: every 2 steps
     style_adapters: dict[str, str] | None = None  # style -> adapter; None: adapters named after styles
+    judge_dir: str | None = None  # None: the shipped judge
     threads: int = 1
 
 
@@ -200,7 +201,7 @@ def bench_quality(cfg: QualityBenchConfig, judge: Judge | None = None, log: Call
     say = log or (lambda _msg: None)
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    judge = judge or load_judge()
+    judge = judge or load_judge(cfg.judge_dir)
     family = load_family(cfg.family)
     T = cfg.steps
     for m in (cfg.large, cfg.small):

@@ -62,6 +62,7 @@ def bench_quality_cmd(
     seed: int = typer.Option(0, help="Seed of prompts and noise."),
     repeats: int = typer.Option(3, help="Timing runs per handoff step (the minimum is kept)."),
     quick: bool = typer.Option(False, help="A small, fast run (smoke test; numbers are noisy)."),
+    judge: Path = typer.Option(None, help="A judge directory (default: the shipped judge)."),
     out: Path = typer.Option(None, help="Also write the JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -72,11 +73,11 @@ def bench_quality_cmd(
 
     console = Console(stderr=True)
     cfg = QualityBenchConfig(family=family, steps=steps, n_prompts=n_prompts, sampler=sampler, guidance=guidance,
-                             seed=seed, repeats=repeats)
+                             seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None)
     if quick:
         cfg = QualityBenchConfig(family=family, steps=min(steps, 8), n_prompts=min(n_prompts, 16), sampler=sampler,
                                  guidance=guidance, seed=seed, repeats=1, timing_batch=4, n_judge=200,
-                                 shared_groups=2, personal_prompts=4)
+                                 shared_groups=2, personal_prompts=4, judge_dir=cfg.judge_dir)
     try:
         result = bench_quality(cfg, log=lambda msg: console.print(msg))
     except (ValueError, FileNotFoundError) as exc:
