@@ -22,7 +22,8 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
         n_min: int = typer.Option(3, help="Fewest users per training round."),
         n_max: int = typer.Option(300, help="Most users per training round (log-uniform in between)."),
         checkpoint_every: int = typer.Option(25_000, help="Steps between checkpoints and validations."),
-        bc_rounds: int = typer.Option(1500, help="Rounds of greedy imitation before PPO (0 = pure PPO)."),
+        bc_rounds: int = typer.Option(3000, help="Rounds of teacher imitation before PPO (0 = pure PPO)."),
+        bc_teacher: str = typer.Option("local_search", help="Imitation teacher: local_search or greedy."),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
         install: bool = typer.Option(False, "--install", help="Copy the best policy over the shipped one when done."),
     ) -> None:
@@ -34,8 +35,11 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
 
         from relaydiff.sched.drl import DEFAULT_POLICY, DRLConfig, train as run_train
 
-        cfg = DRLConfig(scenario=scenario, total_timesteps=timesteps, seed=seed, n_min=n_min, n_max=n_max,
-                        checkpoint_every=checkpoint_every, bc_rounds=bc_rounds)
+        try:
+                cfg = DRLConfig(scenario=scenario, total_timesteps=timesteps, seed=seed, n_min=n_min, n_max=n_max,
+                            checkpoint_every=checkpoint_every, bc_rounds=bc_rounds, bc_teacher=bc_teacher)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
         console = Console(stderr=True)
         with Progress(TextColumn("[bold]train offload"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TextColumn("{task.fields[val]}"), TimeRemainingColumn(), console=console) as bar:

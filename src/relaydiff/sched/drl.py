@@ -2,7 +2,11 @@
 
 The round is visited user by user (:class:`relaydiff.sim.round_env.SequentialRound`); the policy,
 trained with sb3-contrib's MaskablePPO on :class:`relaydiff.sim.round_env.OffloadRoundEnv`, maps
-each fixed-size observation to a masked argmax over {local} ∪ splits. Once every discrete choice
+each fixed-size observation to a masked argmax over {local} ∪ splits. Training starts from an
+imitation warm start (``bc_rounds`` > 0): the actor is fitted to a teacher's choices — by default
+the option the local-search solution gives the visited user — and the critic to the returns, then
+PPO fine-tunes both on the exact-objective reward; the checkpoint with the best validation score
+(objective / greedy's on fixed rounds) is kept. ``bc_rounds=0`` is pure PPO. Once every discrete choice
 is made, the downlink shares come from the convex half in closed form (b_i ∝ sqrt(c_i),
 :func:`relaydiff.sched.convex`). Optionally (``improve=True``) the local-search baseline's
 best-improvement pass (:func:`relaydiff.sched.baselines.local_search_options`: move one user, or
@@ -61,8 +65,9 @@ class DRLConfig:
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     net_arch: tuple[int, ...] = (64, 64)
-    bc_rounds: int = 1500  # > 0: before PPO, imitate the greedy choice on this many rounds (0 = pure PPO)
+    bc_rounds: int = 3000  # > 0: before PPO, imitate the teacher on this many rounds (0 = pure PPO)
     bc_epochs: int = 30
+    bc_teacher: str = "local_search"  # "greedy" (best immediate gain) or "local_search" (the option the local-search solution gives)
     bc_learning_rate: float = 1e-3
     checkpoint_every: int = 25_000  # timesteps between checkpoints and validations
     val_rounds: int = 24  # validation rounds per checkpoint (fixed seed), scored against greedy
@@ -75,6 +80,8 @@ class DRLConfig:
                 raise ValueError(f"DRLConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.n_min > self.n_max:
             raise ValueError(f"DRLConfig: n_min={self.n_min} exceeds n_max={self.n_max}")
+        if self.bc_teacher not in ("greedy", "local_search"):
+            raise ValueError(f"DRLConfig.bc_teacher must be 'greedy' or 'local_search', got {self.bc_teacher!r}")
         if not self.net_arch or min(self.net_arch) < 1:
             raise ValueError(f"DRLConfig.net_arch must be positive layer widths, got {self.net_arch}")
 
@@ -216,7 +223,11 @@ def solve_drl(instance: RoundInstance, policy: NumpyPolicy | str | Path | None =
 
 # ---- training --------------------------------------------------------------------------------
 def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarray]:
-    """(obs, mask, greedy action, return-to-go) on rounds drawn like the training env's."""
+    """(obs, mask, teacher action, return-to-go) on rounds drawn like the training env's.
+
+    The greedy teacher takes the best immediate gain; the local-search teacher gives each visited
+    user its option in the local-search solution of the round (greedy where that option is masked).
+    """
     from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig
 
     env = OffloadRoundEnv(RoundEnvConfig(scenario=cfg.scenario, n_min=cfg.n_min, n_max=cfg.n_max))
@@ -224,10 +235,13 @@ def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarr
     for r in range(rounds):
         env.reset(seed=seed + r)
         rnd = env.round
+        target = local_search_options(rnd.instance)[0] if cfg.bc_teacher == "local_search" else None
         rewards = []
         while not rnd.done:
             mask = rnd.mask()
             a = rnd.greedy_option()
+            if target is not None and mask[target[rnd.user]]:
+                a = int(target[rnd.user])
             obs.append(rnd.observation()), masks.append(mask.copy()), acts.append(a)
             rewards.append(rnd.step(a))
         rtg += list(np.cumsum(rewards[::-1])[::-1])
