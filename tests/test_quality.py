@@ -29,6 +29,13 @@ def judge() -> Judge:
 
 
 @pytest.fixture(scope="module")
+def tiny_family():
+    from relaydiff.engine.family import load_family
+
+    return load_family("tiny")
+
+
+@pytest.fixture(scope="module")
 def heldout():
     return World().batch(300, seed=777, split="heldout", styles=STYLES)
 
@@ -176,13 +183,12 @@ def test_shared_prefix_variants_stay_valid_scenes() -> None:
     assert fidelity_by_objects([1.0, 0.5, 0.0, 1.0], scenes) == {"1": 1.0, "2": 0.5, "3": 0.5, "2-3": 0.5}
 
 
-def test_recorded_run_matches_the_engine() -> None:
-    from relaydiff.engine.family import load_family
+def test_recorded_run_matches_the_engine(tiny_family) -> None:
     from relaydiff.engine.plan import Plan, Request
     from relaydiff.engine.runner import generate
     from relaydiff.quality.bench_quality import run_recorded
 
-    family = load_family("tiny")
+    family = tiny_family
     reqs = [Request(prompt=p, steps=3, seed=i) for i, p in enumerate(("a red circle", "a blue cross"))]
     plans = [Plan.relay("large", "small", 1, 3)] * 2
     images, latents, wall = run_recorded(family, reqs, plans, max_batch=2)
@@ -201,11 +207,10 @@ def test_bench_output_is_strict_json() -> None:
     json.dumps(out, allow_nan=False)
 
 
-def test_reconstruct_round_trips_through_the_family_vae() -> None:
-    from relaydiff.engine.family import load_family
+def test_reconstruct_round_trips_through_the_family_vae(tiny_family) -> None:
     from relaydiff.quality.bench_quality import reconstruct
 
-    family = load_family("tiny")
+    family = tiny_family
     images = World().batch(3, seed=0).images
     rec = reconstruct(family, images)
     assert rec.shape == images.shape and rec.dtype == np.uint8
