@@ -190,8 +190,16 @@ def _variant(world: World, scene: Scene, kind: str, rng: np.random.Generator) ->
     return dataclasses.replace(scene, objects=tuple(objs))
 
 
-def bench_quality(cfg: QualityBenchConfig, judge: Judge | None = None, log: Callable[[str], None] | None = None) -> dict:
-    """Run every measurement of the bench; returns one JSON-ready dict."""
+def bench_quality(
+    cfg: QualityBenchConfig,
+    judge: Judge | None = None,
+    log: Callable[[str], None] | None = None,
+    family: Any = None,
+) -> dict:
+    """Run every measurement of the bench; returns one JSON-ready dict.
+
+    `family`: an engine Family to measure instead of loading `cfg.family` (e.g. a run in progress).
+    """
     from relaydiff.engine.family import load_family
     from relaydiff.engine.plan import Plan
     from relaydiff.engine.profile import hardware, measure_step_latency
@@ -202,7 +210,7 @@ def bench_quality(cfg: QualityBenchConfig, judge: Judge | None = None, log: Call
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     judge = judge or load_judge(cfg.judge_dir)
-    family = load_family(cfg.family)
+    family = family if family is not None else load_family(cfg.family)
     T = cfg.steps
     for m in (cfg.large, cfg.small):
         if m not in family.members:
