@@ -197,3 +197,13 @@ def test_node_executors_hand_over(tiny):
     device.run()
     assert torch.equal(c.latents, _alone(tiny, req, plan).latents)
     assert run_chains(tiny, [c])[0].image is not None
+
+
+def test_bench_engine_reports_the_contract_fields():
+    from relaydiff.bench.engine import bench_engine
+
+    out = bench_engine(n_requests=3, steps=3, max_batch=4)
+    for key in ("requests", "sequential_images_per_s", "batched_images_per_s", "speedup", "hardware"):
+        assert key in out
+    assert out["requests"] == 3 and out["batched_unet_calls"] < 3 * 3
+    assert out["speedup"] == pytest.approx(out["batched_images_per_s"] / out["sequential_images_per_s"])
