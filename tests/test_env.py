@@ -172,9 +172,15 @@ def test_few_training_steps_checkpoint_and_resume(tmp_path):
     cfg = DRLConfig(n_min=3, n_max=12, total_timesteps=128, n_envs=2, n_steps=32, batch_size=32, n_epochs=1,
                     checkpoint_every=64, val_rounds=2, val_sizes=(6,), bc_rounds=3, bc_epochs=1)
     train(cfg, tmp_path)
+    train(cfg, tmp_path / "again")  # same seed, same weights
+    from safetensors.numpy import load_file
+
+    for name in ("best.safetensors", "checkpoint/checkpoint.safetensors"):  # after PPO updates too
+        a, b = load_file(str(tmp_path / name)), load_file(str(tmp_path / "again" / name))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())
     assert meta["num_timesteps"] == 128
-    assert not list(tmp_path.rglob("*.zip")) and not list(tmp_path.rglob("*.pkl"))
+    assert not list(tmp_path.rglob("*.zip")) and not list(tmp_path.rglob("*.pkl"))  # no pickle anywhere
     with pytest.raises(FileExistsError):
         train(cfg, tmp_path)
     longer = DRLConfig(**{**cfg.__dict__, "total_timesteps": 192})

@@ -17,7 +17,7 @@ def _register_offload(app: typer.Typer, bench: typer.Typer, train: typer.Typer) 
     def train_offload(
         out: str = typer.Option("runs/offload_ppo", help="Output folder (checkpoint/, best.*, history.json)."),
         scenario: str = typer.Option("default,congested", help="Scenario names or paths, comma-separated (each round picks one)."),
-        timesteps: int = typer.Option(300_000, help="Total environment steps (a resumed run continues to this)."),
+        timesteps: int = typer.Option(250_000, help="Total environment steps (a resumed run continues to this)."),
         seed: int = typer.Option(0, help="Seed of the PPO run and of the training rounds."),
         n_min: int = typer.Option(3, help="Fewest users per training round."),
         n_max: int = typer.Option(300, help="Most users per training round (log-uniform in between)."),

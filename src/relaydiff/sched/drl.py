@@ -52,7 +52,7 @@ class DRLConfig:
     n_min: int = 3  # users per training round, log-uniform in [n_min, n_max]
     n_max: int = 300
     seed: int = 0
-    total_timesteps: int = 300_000
+    total_timesteps: int = 250_000
     n_envs: int = 4
     n_steps: int = 512  # rollout length per env
     batch_size: int = 256

@@ -132,6 +132,7 @@ class SequentialRound:
         return delta
 
     def observation(self) -> np.ndarray:
+        """The fixed-size state of the current user (layout in the module docstring; zeros when done)."""
         p = self.n_splits
         out = np.zeros(obs_size(p), dtype=np.float32)
         if self.done:
