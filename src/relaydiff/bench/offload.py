@@ -74,7 +74,6 @@ def run(
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The bench: same seeded rounds for every solver."""
-    import relaydiff.sched.drl  # noqa: F401  (registers drl, drl+ls)
     from relaydiff.sched.baselines import get_solver
     from relaydiff.system.problem import sample_instance
     from relaydiff.system.scenario import load_scenario

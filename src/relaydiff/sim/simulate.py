@@ -23,8 +23,7 @@ PLOTS = {"utility": "utility_mean", "latency": "latency_mean_s", "quality": "qua
 
 
 def _solver(name: str) -> Callable[[Any], Any]:
-    import relaydiff.sched.drl  # noqa: F401  (registers the DRL solvers)
-    from relaydiff.sched.baselines import get_solver
+    from relaydiff.sched.baselines import get_solver  # the registry (loads exact/drl on first use)
 
     return get_solver(name)
 
