@@ -63,7 +63,7 @@ class QualityBenchConfig:
     n_judge: int = 1000  # held-out renders for the judge's accuracy
     shared_groups: int = 8  # groups of a leader and `len(SHARED_VARIANTS)` followers
     shared_x: tuple[int, ...] | None = None  # shared-step counts; None: every 2 steps
-    similarity_bins: tuple[float, ...] = (0.0, 0.6, 0.75, 0.9, 1.0001)
+    similarity_bins: tuple[float, ...] | None = None  # bin edges; None: 3 equal-count bins (terciles)
     personal_prompts: int = 24  # per style
     personal_ks: tuple[int, ...] | None = None  # None: every 2 steps
     style_adapters: dict[str, str] | None = None  # style -> adapter; None: adapters named after styles
@@ -347,7 +347,13 @@ def _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_sim
                 fid = prompt_fidelity(images[i : i + 1], [scene], judge).fidelity
                 records.append((float(sims[g, i]), x, fid))
         say(f"shared prefix x={x} done")
-    edges = cfg.similarity_bins
+    if cfg.similarity_bins is not None:
+        edges = tuple(float(e) for e in cfg.similarity_bins)
+        if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ValueError(f"similarity_bins must be >= 2 increasing edges, got {edges}")
+    else:
+        edges = tuple(float(q) for q in np.quantile(sims, [0.0, 1 / 3, 2 / 3, 1.0]))
+    edges = edges[:-1] + (edges[-1] + 1e-9,)  # the top edge is inclusive
     bins = []
     for lo, hi in zip(edges[:-1], edges[1:]):
         pts = [(x, f) for s, x, f in records if lo <= s < hi]
@@ -357,7 +363,7 @@ def _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_sim
             if vals:
                 curve[x] = float(np.mean(vals))
         bins.append({
-            "similarity": [lo, min(hi, 1.0)],
+            "similarity": [lo, hi - 1e-9 if hi == edges[-1] else hi],
             "n_requests": len(pts) // max(len(xs), 1),
             "shared_steps": sorted(curve),
             "fidelity": [curve[x] for x in sorted(curve)],
