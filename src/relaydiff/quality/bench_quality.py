@@ -242,8 +242,9 @@ def bench_quality(
         images, lat, wall = run_recorded(family, reqs, plans, cfg.max_batch)
         fid = prompt_fidelity(images, held.scenes, judge)
         stats[k] = latent_stats(lat)
-        entry = {"k": k, "fidelity": fid.fidelity, "fidelity_exact": fid.exact, "by_kind": fid.by_kind,
-                 "by_objects": fidelity_by_objects(fid.per_image, held.scenes),
+        se = float(np.std(fid.per_image, ddof=1) / np.sqrt(len(fid.per_image))) if len(fid.per_image) > 1 else None
+        entry = {"k": k, "fidelity": fid.fidelity, "fidelity_se": se, "fidelity_exact": fid.exact,
+                 "by_kind": fid.by_kind, "by_objects": fidelity_by_objects(fid.per_image, held.scenes),
                  "fd": frechet_distance(judge.features(images), ref_feats), "quality_run_s": wall}  # fmt: skip
         if 0 < k < T:
             shift = handoff_shift(stats[k], k)
