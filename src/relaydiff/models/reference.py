@@ -103,7 +103,7 @@ class ReferenceConfig:
     # members
     large: UNetSpec = field(default_factory=lambda: UNetSpec((64, 128, 128), 1, 2, 8, 32))
     small: UNetSpec = field(default_factory=lambda: UNetSpec((24, 48), 1, 1, 4, 8))
-    large_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, batch_size=48, lr=5e-4,
+    large_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=48, lr=5e-4,
                                                                      checkpoint_every=100))
     small_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, batch_size=48, lr=1e-3,
                                                                      checkpoint_every=100))
@@ -757,7 +757,7 @@ def export_family(cfg: ReferenceConfig, out: Path, dest: Path) -> dict[str, Any]
     missing = [s for s in cfg.styles if s not in family.adapters]
     if missing:
         raise TrainingError(f"styles {missing} are not trained yet: run the 'styles' stage first")
-    flops = {m: unet_flops(u, cfg.max_length) for m, u in family.members.items()}
+    flops = {m: unet_flops(family.unet(m, None), cfg.max_length) for m in family.members}  # adapters off
     params = {m: sum(p.numel() for p in u.parameters()) for m, u in family.members.items()}
     family.metadata.update({"flops_per_step": flops, "params": params,
                             "flop_ratio_large_small": flops["large"] / flops["small"]})
