@@ -107,3 +107,23 @@ def test_plain_diffusers_directory_loads_as_one_member(saved, tmp_path):
     (plain / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     fam = load_family_dir(plain)
     assert list(fam.members) == ["default"]
+
+
+def test_adapter_on_convolutions_roundtrips(tmp_path):
+    """An adapter file records its target layers, so LoRAs beyond attention load as saved."""
+    from peft import LoraConfig
+
+    fam = tiny_family(3, adapters=())
+    unet = fam.members["small"]
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "conv1", "conv2"],
+                                init_lora_weights=False), adapter_name="conv_style")
+    from relaydiff.engine.family import AdapterSpec
+
+    fam.adapters["conv_style"] = AdapterSpec("conv_style", "small", rank=2)
+    fam._active["small"] = "__stale__"
+    fam.save_adapter_file("conv_style", tmp_path / "a.safetensors", dtype=torch.float32)
+    other = tiny_family(3, adapters=())
+    other.load_adapter_file("conv_style", tmp_path / "a.safetensors")
+    assert torch.equal(_out(fam, "small", "conv_style"), _out(other, "small", "conv_style"))
+    assert not torch.allclose(_out(other, "small", "conv_style"), _out(other, "small"))

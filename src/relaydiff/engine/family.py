@@ -207,8 +207,13 @@ class Family:
         return unet
 
     def add_adapter(self, name: str, member: str, state_dict: dict[str, torch.Tensor], rank: int,
-                    alpha: float | None = None, path: str | None = None) -> None:
-        """Attach LoRA weights (peft layout, adapter-name free keys) to a member."""
+                    alpha: float | None = None, path: str | None = None,
+                    targets: tuple[str, ...] | list[str] = ADAPTER_TARGETS) -> None:
+        """Attach LoRA weights (peft layout, adapter-name free keys) to a member.
+
+        ``targets`` names the adapted layers (attention projections by default; an adapter file
+        records its own, so adapters on convolutions load too).
+        """
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
 
@@ -217,7 +222,7 @@ class Family:
         if name in self.adapters:
             raise FamilyError(f"adapter {name!r} already exists")
         unet = self.members[member]
-        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(ADAPTER_TARGETS),
+        config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=list(targets),
                             init_lora_weights=True)
         unet.add_adapter(config, adapter_name=name)
         result = set_peft_model_state_dict(unet, state_dict, adapter_name=name)
@@ -254,8 +259,11 @@ class Family:
         except (ValueError, KeyError, TypeError) as exc:
             raise FamilyError(f"adapter file {path} lacks its relaydiff_adapter metadata") from exc
         member = member or cfg.get("member")
+        targets = cfg.get("targets", list(ADAPTER_TARGETS))
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise FamilyError(f"adapter file {path} has malformed target layers: {targets!r}")
         self.add_adapter(name, member, {k: v.float() for k, v in sd.items()}, rank=rank,
-                         alpha=cfg.get("alpha"), path=str(path))
+                         alpha=cfg.get("alpha"), path=str(path), targets=targets)
 
     def save_adapter_file(self, name: str, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
         from safetensors.torch import save_file
@@ -263,7 +271,8 @@ class Family:
         spec = self.adapters[name]
         cfg = self.members[spec.member].peft_config[name]
         meta = {"relaydiff_adapter": json.dumps(
-            {"member": spec.member, "rank": int(cfg.r), "alpha": float(cfg.lora_alpha)})}
+            {"member": spec.member, "rank": int(cfg.r), "alpha": float(cfg.lora_alpha),
+             "targets": sorted(cfg.target_modules)})}
         sd = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(path), metadata=meta)
