@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -62,6 +63,24 @@ def _call(solver: Callable[[Any], Any], inst: Any, cpu: list[float]) -> Any:
     return sol
 
 
+def _run_rounds(sc: Any, n: int, rounds: int, solvers: Sequence[str], seed: int, what: str,
+                on_progress: Callable[[str], None] | None) -> tuple[dict[str, list[Any]], dict[str, list[float]]]:
+    """Every solver on the same ``rounds`` instances of ``n`` users (drawn from ``seed`` and ``n``)."""
+    from relaydiff.sched.baselines import get_solver
+    from relaydiff.system.problem import sample_instance
+
+    rng = np.random.default_rng([seed, n])
+    sols: dict[str, list[Any]] = {s: [] for s in solvers}
+    cpu: dict[str, list[float]] = {s: [] for s in solvers}
+    for _ in range(rounds):
+        inst = sample_instance(sc, n_users=n, seed=rng)
+        for name in solvers:
+            sols[name].append(_call(get_solver(name), inst, cpu[name]))
+            if on_progress:
+                on_progress(f"{what} N={n} {name}")
+    return sols, cpu
+
+
 def run(
     scenario: str = "default",
     seed: int = 0,
@@ -91,15 +110,7 @@ def run(
 
     optimality: list[dict[str, Any]] = []
     for n in opt_sizes:
-        rng = np.random.default_rng([seed, n])
-        sols: dict[str, list[Any]] = {s: [] for s in opt_solvers}
-        cpu: dict[str, list[float]] = {s: [] for s in opt_solvers}
-        for _ in range(opt_rounds):
-            inst = sample_instance(sc, n_users=n, seed=rng)
-            for name in opt_solvers:
-                sols[name].append(_call(get_solver(name), inst, cpu[name]))
-                if on_progress:
-                    on_progress(f"optimality N={n} {name}")
+        sols, cpu = _run_rounds(sc, n, opt_rounds, opt_solvers, seed, "optimality", on_progress)
         proven = [s.status == "optimal" for s in sols["exact"]] if "exact" in sols else [False] * opt_rounds
         ref = [max(sols[name][r].objective for name in opt_solvers) if not proven[r] else sols["exact"][r].objective
                for r in range(opt_rounds)]
@@ -112,15 +123,7 @@ def run(
 
     scaling: list[dict[str, Any]] = []
     for n in scale_sizes:
-        rng = np.random.default_rng([seed, n])
-        sols = {s: [] for s in scale_solvers}
-        cpu = {s: [] for s in scale_solvers}
-        for _ in range(scale_rounds):
-            inst = sample_instance(sc, n_users=n, seed=rng)
-            for name in scale_solvers:
-                sols[name].append(_call(get_solver(name), inst, cpu[name]))
-                if on_progress:
-                    on_progress(f"scaling N={n} {name}")
+        sols, cpu = _run_rounds(sc, n, scale_rounds, scale_solvers, seed, "scaling", on_progress)
         row = {"n": n, "rounds": scale_rounds}
         greedy = [s.objective for s in sols["greedy"]] if "greedy" in sols else None
         for name in scale_solvers:
