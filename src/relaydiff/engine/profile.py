@@ -42,6 +42,7 @@ def measure_step_latency(family: Family, member: str, batch_sizes: list[int], st
         raise ValueError(f"unknown member {member!r}; this family has {sorted(family.members)}")
     out: dict[int, float] = {}
     total = steps + warmup
+    sync = torch.cuda.synchronize if family.device.type == "cuda" else (lambda: None)
     for b in batch_sizes:
         if b < 1:
             raise ValueError(f"batch sizes must be >= 1, got {b}")
@@ -51,7 +52,6 @@ def measure_step_latency(family: Family, member: str, batch_sizes: list[int], st
             ex.submit(new_chain(family, req, Plan.single(member, total, adapter)))
         times = []
         for s in range(total):
-            sync = torch.cuda.synchronize if family.device.type == "cuda" else (lambda: None)
             sync()
             t0 = time.perf_counter()
             ex.step()

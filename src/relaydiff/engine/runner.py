@@ -78,9 +78,7 @@ def to_handoff(family: Family, chain: Chain):
 
 def from_handoff(family: Family, handoff, stop_at: int | None = None) -> Chain:
     """Rebuild the chain a handoff describes, on this family (which must be the same family)."""
-    from relaydiff.engine.chain import conditioning
     from relaydiff.engine.handoff import HandoffError
-    from relaydiff.engine.samplers import make_sampler
 
     if (handoff.family_id, handoff.family_version) != (family.id, family.version):
         raise HandoffError(f"handoff is for family {handoff.family_id}@{handoff.family_version}, "
@@ -96,15 +94,13 @@ def from_handoff(family: Family, handoff, stop_at: int | None = None) -> Chain:
                            f"{(1, *family.latent_shape)}")
     if not 0 <= handoff.step <= request.steps:
         raise HandoffError(f"handoff step {handoff.step} is outside 0..{request.steps}")
-    sampler = make_sampler(request.sampler, family.scheduler_config, **request.sampler_options)
     try:
         schedule = type(chain.schedule).from_tensors(handoff.schedule)
     except (KeyError, ValueError, TypeError) as exc:
         raise HandoffError(f"handoff schedule is invalid: {exc}") from exc
     if len(schedule.timesteps) != request.steps:
         raise HandoffError(f"handoff schedule has {len(schedule.timesteps)} steps, the request {request.steps}")
-    chain.schedule = schedule
-    chain.sampler = sampler
+    chain.schedule = schedule  # new_chain built the sampler and the conditioning from the same request
     chain.latents = handoff.latents.to(torch.float32).clone()
     chain.step = int(handoff.step)
     chain.sampler_state = {k: v.clone() for k, v in handoff.sampler_state.items()}
@@ -113,7 +109,6 @@ def from_handoff(family: Family, handoff, stop_at: int | None = None) -> Chain:
             chain.generator.set_state(handoff.generator_state.to(torch.uint8))
         except RuntimeError as exc:
             raise HandoffError(f"handoff generator state is invalid: {exc}") from exc
-    chain.cond, chain.uncond = conditioning(family, request)
     chain.accounting = Accounting.from_dict(handoff.accounting or {})
     return chain
 
