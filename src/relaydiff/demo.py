@@ -42,8 +42,8 @@ def _family() -> tuple[Family, bool]:
     from relaydiff.engine.family import reference_dir
 
     if (reference_dir() / "family.json").is_file():
-        return load_family("reference"), True
-    return load_family("tiny"), False
+        return load_family("reference", trace=True), True
+    return load_family("tiny", trace=True), False
 
 
 def _users(family: Family, reference: bool, steps: int, k: int, seed: int) -> tuple[list[User], list[int]]:

@@ -36,7 +36,7 @@ def _plans(family, n: int, steps: int, relay: bool):
 
 def bench_engine(family: str = "tiny", n_requests: int = 16, steps: int = 20, max_batch: int = 16,
                  stagger: int = 1, device: str = "cpu", dtype: str = "fp32", repeats: int = 1,
-                 relay: bool = False) -> dict[str, Any]:
+                 relay: bool = False, trace: bool = True) -> dict[str, Any]:
     from relaydiff.engine.chain import new_chain
     from relaydiff.engine.executor import Executor
     from relaydiff.engine.family import load_family
@@ -44,7 +44,7 @@ def bench_engine(family: str = "tiny", n_requests: int = 16, steps: int = 20, ma
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
-    fam = load_family(family).to(device, DTYPES[dtype])
+    fam = load_family(family, trace=trace).to(device, DTYPES[dtype])
     reqs = _requests(n_requests, steps)
     plans = _plans(fam, n_requests, steps, relay)
     sync = torch.cuda.synchronize if fam.device.type == "cuda" else (lambda: None)
@@ -98,6 +98,7 @@ def bench_engine(family: str = "tiny", n_requests: int = 16, steps: int = 20, ma
         "plan": str(plans[0]),
         "device": str(fam.device),
         "dtype": dtype,
+        "trace": trace,
         "sequential_images_per_s": n_requests / t_seq,
         "batched_images_per_s": n_requests / t_bat,
         "speedup": t_seq / t_bat,

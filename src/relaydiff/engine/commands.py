@@ -101,6 +101,7 @@ def bench_engine_cmd(
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16."),
     relay: bool = typer.Option(False, help="Relay plans (first member to T/2, then the second) instead of one member."),
     threads: int = typer.Option(1, help="CPU threads for torch (1 keeps shared machines comparable)."),
+    trace: bool = typer.Option(True, help="Run the U-Nets as TorchScript traces (exact, less Python per call)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Sequential (one request at a time) vs continuous batching, same machine, same run."""
@@ -110,7 +111,7 @@ def bench_engine_cmd(
 
     torch.set_num_threads(threads)
     result = bench_engine(family=family, n_requests=requests, steps=steps, max_batch=max_batch, stagger=stagger,
-                          device=device, dtype=dtype, relay=relay)
+                          device=device, dtype=dtype, relay=relay, trace=trace)
     if as_json:
         print(json.dumps(result))
     else:

@@ -94,7 +94,6 @@ class Executor:
     @torch.no_grad()
     def _run_batch(self, batch: list[Chain], member: str, adapter: str | None) -> None:
         fam = self.family
-        unet = fam.unet(member, adapter)
         dtype, device = fam.dtype, fam.device
         xs, ts, ctx = [], [], []
         for c in batch:
@@ -109,8 +108,8 @@ class Executor:
                 ts.append(t)
                 ctx.append(c.cond)
         t0 = time.perf_counter()
-        out = unet(torch.cat(xs).to(device, dtype), torch.stack(ts).to(device),
-                   encoder_hidden_states=torch.cat(ctx).to(device, dtype)).sample.float().cpu()
+        out = fam.denoise(member, adapter, torch.cat(xs).to(device, dtype), torch.stack(ts).to(device),
+                          torch.cat(ctx).to(device, dtype)).float().cpu()
         t1 = time.perf_counter()
         rows = out.shape[0]
         self.calls += 1

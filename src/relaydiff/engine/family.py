@@ -24,6 +24,7 @@ import copy
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,9 @@ class Family:
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
     text_encoder_ref: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    trace: bool = False  # run U-Nets as TorchScript traces (see `denoise`)
     _active: dict[str, str | None] = field(default_factory=dict, repr=False)
+    _traced: dict[tuple, Any] = field(default_factory=dict, repr=False)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +164,7 @@ class Family:
             module.to(device=device, dtype=dtype)
         self.text_encoder.model.to(dtype=torch.float32)  # prompts are encoded in fp32, then cast
         self._prompt_cache.clear()
+        self._traced.clear()
         return self
 
     # ---- conditioning and decoding ------------------------------------------------------
@@ -206,6 +210,36 @@ class Family:
             self._active[member] = adapter
         return unet
 
+    @torch.no_grad()
+    def denoise(self, member: str, adapter: str | None, x: torch.Tensor, t: torch.Tensor,
+                context: torch.Tensor) -> torch.Tensor:
+        """One U-Net evaluation (the model output) of ``member`` with ``adapter`` active.
+
+        With ``trace`` on, each (member, adapter, shapes, dtype, device) runs as a TorchScript
+        trace made on first use: the same kernels without diffusers' per-module Python, which
+        dominates small latents (about 2x at batch 1 on a CPU). Traces are exact (tested) and
+        batch-size independent; a member that cannot be traced runs eagerly.
+        """
+        unet = self.unet(member, adapter)
+        if not self.trace:
+            return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        key = (member, adapter, tuple(x.shape[1:]), x.shape[0] >= 64, t.dtype, tuple(context.shape[1:]),
+               x.dtype, str(x.device))
+        traced = self._traced.get(key)
+        if traced is None:
+            try:
+                with warnings.catch_warnings():  # shape-dependent branches: constant for a key
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
+                    traced = torch.jit.trace(_ModelOutput(unet), (x, t, context), check_trace=False)
+            except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to eager
+                warnings.warn(f"member {member!r} cannot be traced ({exc}); it runs eagerly", stacklevel=2)
+                traced = False
+            self._traced[key] = traced
+        if traced is False:
+            return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        return traced(x, t, context)
+
     def add_adapter(self, name: str, member: str, state_dict: dict[str, torch.Tensor], rank: int,
                     alpha: float | None = None, path: str | None = None,
                     targets: tuple[str, ...] | list[str] = ADAPTER_TARGETS) -> None:
@@ -233,6 +267,7 @@ class Family:
         unet.requires_grad_(False)
         self.adapters[name] = AdapterSpec(name=name, member=member, path=path, rank=rank)
         self._active[member] = "__stale__"  # add_adapter may have changed the active set
+        self._traced.clear()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
@@ -318,6 +353,17 @@ class Family:
         configs = {n: {k: v for k, v in dict(u.config).items() if not k.startswith("_")} for n, u in self.members.items()}
         blob = json.dumps(configs, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+class _ModelOutput(torch.nn.Module):
+    """A U-Net as a plain tensors-in, tensor-out module, the form torch.jit.trace takes."""
+
+    def __init__(self, unet: Any):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
 
 
 def _unet_latent_shape(unet: Any) -> tuple[int, int, int]:
@@ -531,13 +577,19 @@ def reference_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "reference"
 
 
-def load_family(name_or_path: str | Path, seed: int = 0) -> Family:
-    """``"tiny"`` (random, from configs), ``"reference"`` (the shipped trained family) or a directory."""
+def load_family(name_or_path: str | Path, seed: int = 0, trace: bool = False) -> Family:
+    """``"tiny"`` (random, from configs), ``"reference"`` (the shipped trained family) or a directory.
+
+    ``trace``: run the U-Nets as TorchScript traces (`Family.denoise`).
+    """
     if str(name_or_path) == "tiny":
-        return tiny_family(seed)
-    if str(name_or_path) == "reference":
+        family = tiny_family(seed)
+    elif str(name_or_path) == "reference":
         ref = reference_dir()
         if not (ref / FAMILY_FILE).is_file():
             raise FamilyError(f"the reference family is not shipped in this installation ({ref})")
-        return load_family_dir(ref)
-    return load_family_dir(name_or_path)
+        family = load_family_dir(ref)
+    else:
+        family = load_family_dir(name_or_path)
+    family.trace = trace
+    return family

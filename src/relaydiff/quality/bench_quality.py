@@ -68,6 +68,7 @@ class QualityBenchConfig:
     personal_ks: tuple[int, ...] | None = None  # None: every 2 steps
     style_adapters: dict[str, str] | None = None  # style -> adapter; None: adapters named after styles
     judge_dir: str | None = None  # None: the shipped judge
+    trace: bool = True  # U-Nets as TorchScript traces (the engine's fast path; exact)
     threads: int = 1
 
 
@@ -210,7 +211,7 @@ def bench_quality(
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     judge = judge or load_judge(cfg.judge_dir)
-    family = family if family is not None else load_family(cfg.family)
+    family = family if family is not None else load_family(cfg.family, trace=cfg.trace)
     T = cfg.steps
     for m in (cfg.large, cfg.small):
         if m not in family.members:

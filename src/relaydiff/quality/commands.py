@@ -63,6 +63,7 @@ def bench_quality_cmd(
     repeats: int = typer.Option(3, help="Timing runs per handoff step (the minimum is kept)."),
     quick: bool = typer.Option(False, help="A small, fast run (smoke test; numbers are noisy)."),
     judge: Path = typer.Option(None, help="A judge directory (default: the shipped judge)."),
+    trace: bool = typer.Option(True, help="Run the U-Nets as TorchScript traces (exact, less Python per call)."),
     out: Path = typer.Option(None, help="Also write the JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -73,11 +74,11 @@ def bench_quality_cmd(
 
     console = Console(stderr=True)
     cfg = QualityBenchConfig(family=family, steps=steps, n_prompts=n_prompts, sampler=sampler, guidance=guidance,
-                             seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None)
+                             seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None, trace=trace)
     if quick:
         cfg = QualityBenchConfig(family=family, steps=min(steps, 8), n_prompts=min(n_prompts, 16), sampler=sampler,
                                  guidance=guidance, seed=seed, repeats=1, timing_batch=4, n_judge=200,
-                                 shared_groups=2, personal_prompts=4, judge_dir=cfg.judge_dir)
+                                 shared_groups=2, personal_prompts=4, judge_dir=cfg.judge_dir, trace=trace)
     try:
         result = bench_quality(cfg, log=lambda msg: console.print(msg))
     except (ValueError, FileNotFoundError) as exc:

@@ -161,7 +161,7 @@ def _register_profile(app: typer.Typer) -> None:
             raise typer.BadParameter("batch sizes must be comma-separated integers", param_hint="--batch-sizes") from None
         torch.manual_seed(0)
         try:
-            fam = load_family(family)
+            fam = load_family(family, trace=True)  # time what the engine runs
             if device != "cpu":
                 fam.to(device, torch.float16)
             names = [m.strip() for m in members.split(",") if m.strip()] or sorted(fam.members)
