@@ -225,20 +225,18 @@ class Family:
             return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
         key = (member, adapter, tuple(x.shape[1:]), x.shape[0] >= 64, t.dtype, tuple(context.shape[1:]),
                x.dtype, str(x.device))
-        traced = self._traced.get(key)
-        if traced is None:
+        run = self._traced.get(key)
+        if run is None:
+            run = _ModelOutput(unet)
             try:
                 with warnings.catch_warnings():  # shape-dependent branches: constant for a key
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
                     warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
-                    traced = torch.jit.trace(_ModelOutput(unet), (x, t, context), check_trace=False)
+                    run = torch.jit.trace(run, (x, t, context), check_trace=False)
             except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to eager
                 warnings.warn(f"member {member!r} cannot be traced ({exc}); it runs eagerly", stacklevel=2)
-                traced = False
-            self._traced[key] = traced
-        if traced is False:
-            return unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-        return traced(x, t, context)
+            self._traced[key] = run
+        return run(x, t, context)
 
     def add_adapter(self, name: str, member: str, state_dict: dict[str, torch.Tensor], rank: int,
                     alpha: float | None = None, path: str | None = None,
