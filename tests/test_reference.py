@@ -131,6 +131,30 @@ def test_extending_a_constant_lr_stage_is_allowed(tiny_run, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["large_train"]["steps"] == 6
 
 
+def test_decay_phase_keeps_the_constant_part_and_ends_near_zero():
+    from relaydiff.models.reference import _lr_at
+
+    const = TrainSpec(steps=100, batch_size=1, lr=1.0, warmup=10)
+    wsd = TrainSpec(steps=140, batch_size=1, lr=1.0, warmup=10, decay_steps=40)
+    assert [_lr_at(s, wsd) for s in range(100)] == [_lr_at(s, const) for s in range(100)]
+    lrs = [_lr_at(s, wsd) for s in range(100, 140)]
+    assert lrs[0] == 1.0 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1 / 40)
+    with pytest.raises(TrainingError, match="decay_steps"):
+        TrainSpec(steps=10, batch_size=1, lr=1.0, decay_steps=11)
+    with pytest.raises(TrainingError, match="cosine"):
+        TrainSpec(steps=10, batch_size=1, lr=1.0, cosine=True, decay_steps=5)
+
+
+def test_style_adapter_files_carry_the_engine_metadata(tiny_run):
+    from safetensors import safe_open
+
+    cfg, out, _ = tiny_run
+    with safe_open(str(out / "adapters" / "outline.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["relaydiff_adapter"])
+    assert meta == {"member": "small", "rank": cfg.lora_rank, "alpha": float(cfg.lora_rank),
+                    "targets": sorted(cfg.lora_targets), "style": "outline"}
+
+
 # ---- the shipped family (tests use these weights, never retrain) ----------------------------
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +85,21 @@ class TextEncoder:
         if self.use_attention_mask:
             kwargs["attention_mask"] = tok.attention_mask.to(device)
         return self.model(**kwargs).last_hidden_state.float()
+
+
+
+def write_adapter_file(path: str | Path, state_dict: dict[str, torch.Tensor], *, member: str, rank: int,
+                       alpha: float, targets: Sequence[str] | set[str], dtype: torch.dtype | None = None,
+                       **extra: Any) -> None:
+    """The one writer of adapter files: LoRA weights (peft layout) plus the ``relaydiff_adapter``
+    metadata that :meth:`Family.load_adapter_file` reads. ``extra`` keys (e.g. a style name) are kept."""
+    from safetensors.torch import save_file
+
+    meta = {"relaydiff_adapter": json.dumps({"member": member, "rank": int(rank), "alpha": float(alpha),
+                                             "targets": sorted(targets), **extra})}
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state_dict.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata=meta)
 
 
 @dataclass
@@ -299,16 +314,10 @@ class Family:
                          alpha=cfg.get("alpha"), path=str(path), targets=targets)
 
     def save_adapter_file(self, name: str, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
-        from safetensors.torch import save_file
-
         spec = self.adapters[name]
         cfg = self.members[spec.member].peft_config[name]
-        meta = {"relaydiff_adapter": json.dumps(
-            {"member": spec.member, "rank": int(cfg.r), "alpha": float(cfg.lora_alpha),
-             "targets": sorted(cfg.target_modules)})}
-        sd = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.adapter_state_dict(name).items()}
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(path), metadata=meta)
+        write_adapter_file(path, self.adapter_state_dict(name), member=spec.member, rank=int(cfg.r),
+                           alpha=float(cfg.lora_alpha), targets=cfg.target_modules, dtype=dtype)
 
     # ---- persistence --------------------------------------------------------------------
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from relaydiff.engine.family import ADAPTER_TARGETS, TINY_SCHEDULER_CONFIG
+from relaydiff.engine.family import ADAPTER_TARGETS, TINY_SCHEDULER_CONFIG, write_adapter_file
 
 STAGES: tuple[str, ...] = ("data", "vae", "decoder", "large", "small", "styles", "export")
 USER_STYLES: tuple[str, ...] = ("outline", "stripes", "pastel", "dark")
@@ -75,6 +75,15 @@ class TrainSpec:
     lr: float
     warmup: int = 200
     cosine: bool = False  # False: constant after warm-up, so a stage can be extended (EMA does the averaging)
+    # warmup-stable-decay: linear decay to 0 over the last `decay_steps` (constant stages only). The
+    # constant part is unchanged, so a finished constant stage can be extended with a decay phase.
+    decay_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.decay_steps <= self.steps:
+            raise TrainingError(f"decay_steps must be in 0..steps ({self.steps}), got {self.decay_steps}")
+        if self.decay_steps and self.cosine:
+            raise TrainingError("decay_steps is for constant-LR stages; a cosine stage already decays")
     ema_decay: float = 0.999
     weight_decay: float = 0.01
     checkpoint_every: int = 250
@@ -331,11 +340,13 @@ def _load_text(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
 # ---- schedules and losses ---------------------------------------------------------------------
 
 def _lr_at(step: int, spec: TrainSpec) -> float:
-    """Linear warm-up, then constant or cosine decay to 10%: a pure function of the step."""
+    """Linear warm-up, then constant (with an optional final linear decay to 0) or cosine decay to
+    10%: a pure function of the step."""
     if step < spec.warmup:
         return spec.lr * (step + 1) / spec.warmup
     if not spec.cosine:
-        return spec.lr
+        left = spec.steps - step
+        return spec.lr * min(1.0, left / spec.decay_steps) if spec.decay_steps > 0 else spec.lr
     p = (step - spec.warmup) / max(1, spec.steps - spec.warmup)
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
@@ -681,11 +692,10 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
 
 
 def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
-    """One LoRA per style on the small member (attention projections, the engine's adapter targets)."""
+    """One LoRA per style on the small member (layers in ``cfg.lora_targets``), in the engine's adapter file format."""
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     small_dir = out / "unet_small"
     if not (small_dir / "config.json").is_file():
@@ -712,12 +722,8 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
         latents = all_latents[style]
         _train_denoiser(cfg, out, progress, run, f"style-{style}", unet, cfg.style_train, latents,
                         torch.arange(len(latents)), text, uncond[0], params, names, state_fn)
-        sd = get_peft_model_state_dict(unet, adapter_name=style)
-        meta = {"relaydiff_adapter": json.dumps({"member": "small", "rank": cfg.lora_rank,
-                                                 "alpha": float(cfg.lora_rank), "style": style,
-                                                 "targets": list(cfg.lora_targets)})}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(path), metadata=meta)
+        write_adapter_file(path, get_peft_model_state_dict(unet, adapter_name=style), member="small",
+                           rank=cfg.lora_rank, alpha=float(cfg.lora_rank), targets=cfg.lora_targets, style=style)
 
 
 # ---- export -----------------------------------------------------------------------------------
@@ -854,13 +860,14 @@ def evaluate_fidelity(family: Any, plans: dict[str, str], n: int = 64, seed: int
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     """What must not change within a run: everything but threads and the constant-LR stages' lengths
-    (extending such a stage gives the same weights as planning it that long from the start)."""
+    (extending such a stage gives the same weights as planning it that long from the start, and a
+    decay phase may be added at its end; resuming *inside* a decay with other lengths is on the user)."""
     d = dict(d)
     d.pop("threads", None)
     d.pop("decoder_steps", None)  # constant LR as well
     for key in ("large_train", "small_train", "style_train"):
         if key in d and not d[key].get("cosine", False):
-            d[key] = {k: v for k, v in d[key].items() if k != "steps"}
+            d[key] = {k: v for k, v in d[key].items() if k not in ("steps", "decay_steps")}
     return d
 
 
