@@ -80,6 +80,23 @@ def test_relay_accounting(tiny):
     assert res.image.shape == (32, 32, 3) and res.image.dtype == np.uint8
 
 
+def test_segment_guidance_sets_the_rows_and_survives_a_handoff(tiny):
+    req = Request("a red circle", steps=8, guidance=3.0, seed=0)
+    same = _alone(tiny, req, parse_plan("large@edge:0-3,small@device:3-8[g=3]"))
+    assert torch.equal(same.latents, _alone(tiny, req, parse_plan("large@edge:0-3,small@device:3-8")).latents)
+    plan = parse_plan("large@edge:0-3,small@device:3-8[g=1]")
+    off = _alone(tiny, req, plan)
+    assert off.accounting["unet_evals"] == {"large": 6, "small": 5}  # no CFG on the device: one row a step
+    assert not torch.equal(off.latents, same.latents)
+    (stopped,) = generate(tiny, [req], [plan], stop_at=3, max_batch=1)
+    wire = encode_handoff(stopped.handoff, dtype="fp32")
+    assert torch.equal(resume(tiny, decode_handoff(wire, expect_latent_shape=(1, *tiny.latent_shape))).latents,
+                       off.latents)
+    # guidance only on a segment: the request itself asks for none, the segment's CFG still runs
+    on = _alone(tiny, Request("a red circle", steps=8, guidance=1.0, seed=0), parse_plan("large:0-8[g=3]"))
+    assert on.accounting["unet_evals"] == {"large": 16}
+
+
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_handoff_invariant_in_process(tiny, sampler):
     req = Request("a yellow triangle left of a square", steps=6, seed=5, sampler=sampler)

@@ -589,3 +589,14 @@ def test_fuzz_header_fields_replaced_by_arbitrary_json(path, value):
 def test_default_limits_are_sane():
     assert DEFAULT_MAX_BYTES >= 16 * 1024 * 1024 and MAX_HEADER_BYTES < DEFAULT_MAX_BYTES
     assert len(VALID) < 32 * 1024
+
+
+def test_segment_guidance_is_optional_and_checked():
+    plan = copy.deepcopy(H.plan)
+    plan[1]["guidance"] = 1.0
+    assert decode_handoff(with_header(plan=plan)).plan[1]["guidance"] == 1.0
+    for bad in (True, "1", -1.0, 51.0):  # NaN cannot reach here: the header is strict JSON
+        plan[1]["guidance"] = bad
+        expect_error(r"plan\[1\]\['guidance'\] must be a number", with_header(plan=plan))
+    plan[1]["guidance_scale"] = 2.0
+    expect_error(r"extra field\(s\) \['guidance_scale'\]", with_header(plan=plan))

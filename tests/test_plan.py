@@ -54,3 +54,19 @@ def test_relay_helper():
     assert str(Plan.relay("large", "small", 3, 8, "style_a")) == "large@edge:0-3,small+style_a@device:3-8"
     assert Plan.relay("large", "small", 0, 8).segments == (Segment("small", 0, 8, None, "device"),)
     assert Plan.relay("large", "small", 8, 8).segments == (Segment("large", 0, 8, None, "edge"),)
+
+
+def test_segment_guidance_parses_serializes_and_validates():
+    p = parse_plan("large@edge:0-4,small+style_a@device:4-8[g=1]")
+    assert p.segments[1].guidance == 1.0 and p.segments[0].guidance is None
+    assert parse_plan(str(p)) == p and Plan.from_list(p.to_list()) == p
+    assert "guidance" not in p.to_list()[0]  # plans without segment guidance serialize as before
+    assert Plan.relay("large", "small", 4, 8, device_guidance=1.5).segments[1].guidance == 1.5
+    with pytest.raises(PlanError, match="guidance"):
+        validate_plan(Plan((Segment("large", 0, 8, guidance=float("nan")),)), 8)
+    with pytest.raises(PlanError, match="guidance"):
+        validate_plan(Plan((Segment("large", 0, 8, guidance=60.0),)), 8)
+    with pytest.raises(PlanError, match="malformed"):
+        Plan.from_list([{"member": "large", "start": 0, "end": 8, "guidance": "x"}])
+    with pytest.raises(PlanError, match="cannot parse"):
+        parse_plan("large:0-8[g=-1]")

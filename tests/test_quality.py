@@ -199,6 +199,24 @@ def test_recorded_run_matches_the_engine(tiny_family) -> None:
         assert np.abs(images[i].astype(int) - res.image.astype(int)).max() <= 1
 
 
+def test_relay_curve_with_device_guidance(tiny_family, judge: Judge) -> None:
+    """The second relay curve: the device segment without CFG runs one U-Net row a step; k = T has
+    no device segment, so both curves agree there."""
+    from relaydiff.engine.plan import Plan
+    from relaydiff.quality.bench_quality import QualityBenchConfig, _relay_curve, _requests
+
+    cfg = QualityBenchConfig(family="tiny", steps=4, guidance=3.0, repeats=1, timing_batch=2)
+    held = World(32).batch(2, seed=3, split="heldout", styles=("plain",))
+    reqs = _requests(held.prompts, cfg, seed0=0)
+    feats = judge.features(held.images)
+    plain, _ = _relay_curve(cfg, tiny_family, judge, held, reqs, feats, (0, 2, 4), None, lambda _m: None)
+    off, _ = _relay_curve(cfg, tiny_family, judge, held, reqs, feats, (0, 2, 4), 1.0, lambda _m: None)
+    assert off[4]["fidelity"] == plain[4]["fidelity"] and off[4]["fd"] == pytest.approx(plain[4]["fd"])
+    assert off[4]["speedup"] == 1.0 and all(e["speedup"] > 0 for e in off.values())
+    assert off[0]["fd"] != pytest.approx(plain[0]["fd"])  # a different chain on the device
+    assert Plan.relay("large", "small", 2, 4, device_guidance=1.0).segments[1].guidance == 1.0
+
+
 def test_bench_output_is_strict_json() -> None:
     from relaydiff.quality.bench_quality import finite
 

@@ -91,17 +91,29 @@ class Chain:
     def segment(self) -> Segment:
         return self.plan.segment_at(self.step)
 
+    def guidance_at(self, seg: Segment) -> float:
+        """The guidance a segment runs at: its own, else the request's."""
+        return self.request.guidance if seg.guidance is None else float(seg.guidance)
+
+    def rows_at(self, seg: Segment) -> int:
+        """U-Net rows per step of a segment: 2 with classifier-free guidance, else 1."""
+        return 2 if self.uncond is not None and self.guidance_at(seg) > 1.0 else 1
+
+    @property
+    def guidance(self) -> float:
+        return self.guidance_at(self.segment)
+
     @property
     def uses_cfg(self) -> bool:
-        return self.uncond is not None
+        return self.rows == 2
 
     @property
     def rows(self) -> int:
-        return 2 if self.uses_cfg else 1
+        return self.rows_at(self.segment)
 
     def fork(self, request: Request, plan: Plan, family: Family) -> "Chain":
         """A copy that continues from here under another request's conditioning (shared prefix)."""
-        cond, uncond = conditioning(family, request)
+        cond, uncond = conditioning(family, request, plan)
         gen = torch.Generator().set_state(self.generator.get_state())
         return Chain(request=request, plan=plan, latents=self.latents.clone(), step=self.step,
                      schedule=self.schedule, sampler=self.sampler, sampler_state={k: v.clone() for k, v in self.sampler_state.items()},
@@ -109,9 +121,11 @@ class Chain:
                      accounting=Accounting(shared_steps=self.step))
 
 
-def conditioning(family: Family, request: Request) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt embeddings [1, L, D] (and the negative prompt's when guidance is on, as in SD: g > 1)."""
-    if request.guidance > 1.0:
+def conditioning(family: Family, request: Request, plan: Plan | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt embeddings [1, L, D] (and the negative prompt's when guidance is on, as in SD: g > 1,
+    for the request or for any segment of the plan)."""
+    segment_cfg = plan is not None and any(s.guidance is not None and s.guidance > 1.0 for s in plan.segments)
+    if request.guidance > 1.0 or segment_cfg:
         emb = family.encode_prompt([request.prompt, request.negative_prompt])
         return emb[:1], emb[1:]
     return family.encode_prompt([request.prompt]), None
@@ -127,7 +141,7 @@ def new_chain(family: Family, request: Request, plan: Plan, stop_at: int | None 
     generator = torch.Generator().manual_seed(request.seed)
     noise = torch.randn((1, *family.latent_shape), generator=generator, dtype=torch.float32)
     latents = noise * float(sampler.init_noise_sigma(schedule))
-    cond, uncond = conditioning(family, request)
+    cond, uncond = conditioning(family, request, plan)
     return Chain(request=request, plan=plan, latents=latents, step=0, schedule=schedule, sampler=sampler,
                  sampler_state=sampler.initial_state(), generator=generator, cond=cond, uncond=uncond,
                  stop_at=stop_at)

@@ -4,7 +4,7 @@ Each call to :meth:`Executor.step` runs one batched U-Net evaluation for one gro
 adapter): the largest waiting group, unless a chain has waited ``max_wait`` calls, in which case
 its group goes first (throughput without starvation). The batch holds up to ``max_batch`` chains
 of that group, oldest first, whatever step each of them is at (per-sample timesteps, prompts and
-guidance). Chains join with
+guidance; a chain whose segment runs without guidance adds one row, not two). Chains join with
 :meth:`submit` at any time and leave when they finish, reach ``stop_at`` or reach a segment that
 belongs to another node. Chains with different adapters never share a U-Net call: a LoRA changes
 the weights, so each adapter is its own group.
@@ -119,7 +119,7 @@ class Executor:
             seg = c.segment
             if c.uses_cfg:
                 uncond, cond = out[i:i + 1], out[i + 1:i + 2]
-                eps = uncond + c.request.guidance * (cond - uncond)
+                eps = uncond + c.guidance * (cond - uncond)
                 i += 2
             else:
                 eps = out[i:i + 1]

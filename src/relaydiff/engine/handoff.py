@@ -22,7 +22,8 @@ The file ends exactly after the payload. The JSON header has exactly these field
     family          {"id": str, "version": str}
     request         conditioning reference: prompt, negative_prompt, steps, guidance, seed,
                     sampler, optional sampler_options (dict) and further JSON fields
-    plan            [{"member", "start", "end", "adapter", "node"}, ...] covering 0..steps
+    plan            [{"member", "start", "end", "adapter", "node"[, "guidance"]}, ...] covering 0..steps
+                    (guidance: a number in [0, 50], the segment's own classifier-free guidance)
     step            index of the next step to run, 0 <= step < steps
     accounting      JSON object (U-Net evaluations per member, segment wall times, ...)
     dtype           "fp32" | "fp16": wire dtype of floating latents, sampler state, conditioning
@@ -87,6 +88,7 @@ _HEADER_FIELDS = frozenset(
      "payload", "tensors"}
 )
 _SEGMENT_FIELDS = frozenset({"member", "start", "end", "adapter", "node"})
+_SEGMENT_OPTIONAL = frozenset({"guidance"})
 _REQUEST_REQUIRED = {
     "prompt": (str,),
     "negative_prompt": (str, type(None)),
@@ -212,9 +214,14 @@ def _check_plan(plan: Any, steps: int) -> None:
         if not isinstance(seg, dict):
             raise HandoffError(f"{where} must be a dict, got {type(seg).__name__}")
         keys = set(seg)
-        if keys != _SEGMENT_FIELDS:
-            missing, extra = sorted(_SEGMENT_FIELDS - keys), sorted(map(str, keys - _SEGMENT_FIELDS))
+        if not _SEGMENT_FIELDS <= keys <= _SEGMENT_FIELDS | _SEGMENT_OPTIONAL:
+            missing = sorted(_SEGMENT_FIELDS - keys)
+            extra = sorted(map(str, keys - _SEGMENT_FIELDS - _SEGMENT_OPTIONAL))
             raise HandoffError(f"{where} has missing field(s) {missing} and extra field(s) {extra}")
+        if "guidance" in seg:
+            g = seg["guidance"]
+            if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 50.0:
+                raise HandoffError(f"{where}['guidance'] must be a number in [0, 50], got {_short(g)}")
         _check_name(seg["member"], f"{where}['member']")
         for opt in ("adapter", "node"):
             if seg[opt] is not None:

@@ -59,17 +59,25 @@ class Segment:
     end: int
     adapter: str | None = None
     node: str = "local"
+    # classifier-free guidance of this segment's steps; None: the request's. 1 (or less) turns CFG
+    # off, which halves the segment's U-Net rows: late steps need little guidance (guidance in a
+    # limited interval, Kynkaanniemi et al. 2024), so a device segment can run without it.
+    guidance: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["guidance"] is None:  # plans without segment guidance read as before
+            del d["guidance"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Segment":
         try:
+            g = d.get("guidance")
             return cls(member=str(d["member"]), start=int(d["start"]), end=int(d["end"]),
                        adapter=None if d.get("adapter") is None else str(d["adapter"]),
-                       node=str(d.get("node", "local")))
-        except (KeyError, TypeError, ValueError) as exc:
+                       node=str(d.get("node", "local")), guidance=None if g is None else float(g))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"malformed segment {d!r}: {exc}") from exc
 
 
@@ -104,33 +112,37 @@ class Plan:
         return cls((Segment(member, 0, steps, adapter, node),))
 
     @classmethod
-    def relay(cls, first: str, second: str, k: int, steps: int, adapter: str | None = None) -> "Plan":
-        """``first`` on the edge for steps 0..k, ``second`` (with ``adapter``) on the device for k..T."""
+    def relay(cls, first: str, second: str, k: int, steps: int, adapter: str | None = None,
+              device_guidance: float | None = None) -> "Plan":
+        """``first`` on the edge for steps 0..k, ``second`` (with ``adapter``) on the device for k..T,
+        at ``device_guidance`` there when given (1: no CFG on the device)."""
         segs = []
         if k > 0:
             segs.append(Segment(first, 0, k, None, "edge"))
         if k < steps:
-            segs.append(Segment(second, k, steps, adapter, "device"))
+            segs.append(Segment(second, k, steps, adapter, "device", device_guidance))
         return cls(tuple(segs))
 
     def __str__(self) -> str:
         return ",".join(
             f"{s.member}{'+' + s.adapter if s.adapter else ''}{'@' + s.node if s.node != 'local' else ''}:{s.start}-{s.end}"
+            f"{f'[g={s.guidance:g}]' if s.guidance is not None else ''}"
             for s in self.segments)
 
 
-_SEGMENT_RE = re.compile(r"^\s*([A-Za-z0-9_.-]+)(?:\+([A-Za-z0-9_.-]+))?(?:@([A-Za-z0-9_.-]+))?:(\d+)-(\d+)\s*$")
+_SEGMENT_RE = re.compile(r"^\s*([A-Za-z0-9_.-]+)(?:\+([A-Za-z0-9_.-]+))?(?:@([A-Za-z0-9_.-]+))?:(\d+)-(\d+)"
+                         r"(?:\[g=(\d+(?:\.\d*)?)\])?\s*$")
 
 
 def parse_plan(text: str) -> Plan:
-    """Parse ``large:0-4,small+style_a@device:4-8``."""
+    """Parse ``large:0-4,small+style_a@device:4-8`` (``[g=1]`` after a segment sets its guidance)."""
     segs = []
     for part in text.split(","):
         m = _SEGMENT_RE.match(part)
         if not m:
-            raise PlanError(f"cannot parse plan segment {part!r}; expected member[+adapter][@node]:start-end")
-        member, adapter, node, a, b = m.groups()
-        segs.append(Segment(member, int(a), int(b), adapter, node or "local"))
+            raise PlanError(f"cannot parse plan segment {part!r}; expected member[+adapter][@node]:start-end[[g=G]]")
+        member, adapter, node, a, b, g = m.groups()
+        segs.append(Segment(member, int(a), int(b), adapter, node or "local", None if g is None else float(g)))
     return Plan(tuple(segs))
 
 
@@ -150,6 +162,9 @@ def validate_plan(plan: Plan, steps: int, members: set[str] | None = None,
         if seg.start < expected:
             raise PlanError(f"overlap in the plan: step {seg.start} is assigned twice")
         expected = seg.end
+        if seg.guidance is not None and not (isinstance(seg.guidance, (int, float)) and 0.0 <= seg.guidance <= 50.0):
+            raise PlanError(f"segment {seg.member}:{seg.start}-{seg.end} guidance must be in [0, 50], "
+                            f"got {seg.guidance!r}")
         if members is not None and seg.member not in members:
             raise PlanError(f"unknown member {seg.member!r}; known: {sorted(members)}")
         if seg.adapter is not None and adapters is not None:

@@ -176,10 +176,10 @@ def generate_shared_prefix(family: Family, requests: list[Request], plans: list[
         for member, n in res.accounting["unet_evals"].items():
             group_evals[member] = group_evals.get(member, 0) + n
         for seg in p.segments:
-            alone[seg.member] = alone.get(seg.member, 0) + (seg.end - seg.start) * fork.rows
+            alone[seg.member] = alone.get(seg.member, 0) + (seg.end - seg.start) * fork.rows_at(seg)
     return SharedPrefixResult(results=results, shared_steps=shared_steps, leader=leader, conditioning=conditioning,
                               unet_evals=group_evals, unet_evals_unshared=alone)
 
 
 def _prefix(plan: Plan, k: int) -> list[tuple]:
-    return [(s.member, s.adapter, s.start, min(s.end, k)) for s in plan.segments if s.start < k]
+    return [(s.member, s.adapter, s.guidance, s.start, min(s.end, k)) for s in plan.segments if s.start < k]

@@ -12,6 +12,8 @@ Every number comes from real generation with the engine and is read by the shipp
   run as the minimum of `repeats` runs of the same requests (the minimum filters out the other
   jobs on a shared machine), for a batch of `timing_batch` requests and for one request alone;
 - `best_relay`: the k with the highest speedup whose fidelity is >= 0.99 x full-large;
+- `relay_device_guidance`: the same curve (every 2 steps) and best relay with the device segment at
+  another guidance (default 1: no classifier-free guidance on the device, half its U-Net rows);
 - `shared_prefix`: fidelity versus number of shared steps per prompt-similarity bin (a request's
   prompt vs its group leader's, MiniLM cosine) and the fit Q(x) = L / (1 + exp(k (x - x0))) + C;
 - `personalization`: style and prompt fidelity versus split point, large (edge, no adapter) for
@@ -68,6 +70,10 @@ class QualityBenchConfig:
     personal_ks: tuple[int, ...] | None = None  # None: every 2 steps
     style_adapters: dict[str, str] | None = None  # style -> adapter; None: adapters named after styles
     judge_dir: str | None = None  # None: the shipped judge
+    # a second relay curve with the device segment at this guidance (1: no CFG, half the device's
+    # U-Net rows); None skips it. Its ks: None = every 2 steps (must include T)
+    device_guidance: float | None = 1.0
+    device_guidance_ks: tuple[int, ...] | None = None
     trace: bool = True  # U-Nets as TorchScript traces (the engine's fast path; exact)
     threads: int = 1
 
@@ -137,6 +143,48 @@ def _vae_ceiling(family: Any, world: World, judge: Judge, cfg: QualityBenchConfi
                       "style_fidelity": style_fidelity(rec, batch.styles, judge),
                       "fd": frechet_distance(judge.features(rec), judge.features(batch.images))}  # fmt: skip
     return out
+
+
+def _relay_curve(cfg: QualityBenchConfig, family: Any, judge: Judge, held: Any, reqs: list, ref_feats: np.ndarray,
+                 ks: Sequence[int], device_guidance: float | None,
+                 say: Callable[[str], None]) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, list[float]]]]:
+    """Fidelity, FD, latent shift and speedup of large-then-small relays for each handoff step k,
+    with the device segment at ``device_guidance`` (None: the request's)."""
+    from relaydiff.engine.plan import Plan
+
+    T = cfg.steps
+    plan_at = {k: Plan.relay(cfg.large, cfg.small, k, T, device_guidance=device_guidance) for k in ks}
+    tag = "" if device_guidance is None else f" (device guidance {device_guidance:g})"
+    relay: dict[int, dict[str, Any]] = {}
+    stats: dict[int, dict[str, list[float]]] = {}
+    for k in sorted(ks, reverse=True):
+        images, lat, wall = run_recorded(family, reqs, [plan_at[k]] * len(reqs), cfg.max_batch)
+        fid = prompt_fidelity(images, held.scenes, judge)
+        stats[k] = latent_stats(lat)
+        se = float(np.std(fid.per_image, ddof=1) / np.sqrt(len(fid.per_image))) if len(fid.per_image) > 1 else None
+        entry = {"k": k, "fidelity": fid.fidelity, "fidelity_se": se, "fidelity_exact": fid.exact,
+                 "by_kind": fid.by_kind, "by_objects": fidelity_by_objects(fid.per_image, held.scenes),
+                 "fd": frechet_distance(judge.features(images), ref_feats), "quality_run_s": wall}  # fmt: skip
+        if 0 < k < T:
+            shift = handoff_shift(stats[k], k)
+            entry["latent_shift"] = {key: shift[key] for key in ("mean_delta", "std_ratio", "norm_ratio")}
+        relay[k] = entry
+        say(f"relay k={k}{tag}: fidelity {fid.fidelity:.3f} fd {entry['fd']:.2f} ({wall:.1f}s)")
+
+    # timing: min over repeats, interleaved over k so that load changes hit every k alike
+    timing_reqs = reqs[: cfg.timing_batch]
+    walls: dict[str, dict[int, float]] = {"batch": {k: math.inf for k in ks}, "single": {k: math.inf for k in ks}}
+    for _ in range(cfg.repeats):
+        for k in ks:
+            walls["batch"][k] = min(walls["batch"][k],
+                                    _timed(family, timing_reqs, [plan_at[k]] * len(timing_reqs), cfg.max_batch))
+            walls["single"][k] = min(walls["single"][k], _timed(family, timing_reqs[:1], [plan_at[k]], 1))
+    for k in ks:
+        relay[k]["wall_s"] = walls["batch"][k]
+        relay[k]["speedup"] = walls["batch"][T] / walls["batch"][k]
+        relay[k]["wall_s_single"] = walls["single"][k]
+        relay[k]["speedup_single"] = walls["single"][T] / walls["single"][k]
+    return relay, stats
 
 
 def _timed(family: Any, requests: list, plans: list, max_batch: int) -> float:
@@ -236,36 +284,7 @@ def bench_quality(
     if T not in ks or 0 not in ks or any(not 0 <= k <= T for k in ks):
         raise ValueError(f"relay_ks must lie in 0..{T} and include 0 (full small) and {T} (full large), got {ks}")
     ref_feats = judge.features(held.images)
-    relay: dict[int, dict[str, Any]] = {}
-    stats: dict[int, dict[str, list[float]]] = {}
-    for k in sorted(ks, reverse=True):
-        plans = [Plan.relay(cfg.large, cfg.small, k, T)] * len(reqs)
-        images, lat, wall = run_recorded(family, reqs, plans, cfg.max_batch)
-        fid = prompt_fidelity(images, held.scenes, judge)
-        stats[k] = latent_stats(lat)
-        se = float(np.std(fid.per_image, ddof=1) / np.sqrt(len(fid.per_image))) if len(fid.per_image) > 1 else None
-        entry = {"k": k, "fidelity": fid.fidelity, "fidelity_se": se, "fidelity_exact": fid.exact,
-                 "by_kind": fid.by_kind, "by_objects": fidelity_by_objects(fid.per_image, held.scenes),
-                 "fd": frechet_distance(judge.features(images), ref_feats), "quality_run_s": wall}  # fmt: skip
-        if 0 < k < T:
-            shift = handoff_shift(stats[k], k)
-            entry["latent_shift"] = {key: shift[key] for key in ("mean_delta", "std_ratio", "norm_ratio")}
-        relay[k] = entry
-        say(f"relay k={k}: fidelity {fid.fidelity:.3f} fd {entry['fd']:.2f} ({wall:.1f}s)")
-
-    # timing: min over repeats, interleaved over k so that load changes hit every k alike
-    timing_reqs = reqs[: cfg.timing_batch]
-    walls: dict[str, dict[int, float]] = {"batch": {k: math.inf for k in ks}, "single": {k: math.inf for k in ks}}
-    for _ in range(cfg.repeats):
-        for k in ks:
-            plan = Plan.relay(cfg.large, cfg.small, k, T)
-            walls["batch"][k] = min(walls["batch"][k], _timed(family, timing_reqs, [plan] * len(timing_reqs), cfg.max_batch))
-            walls["single"][k] = min(walls["single"][k], _timed(family, timing_reqs[:1], [plan], 1))
-    for k in ks:
-        relay[k]["wall_s"] = walls["batch"][k]
-        relay[k]["speedup"] = walls["batch"][T] / walls["batch"][k]
-        relay[k]["wall_s_single"] = walls["single"][k]
-        relay[k]["speedup_single"] = walls["single"][T] / walls["single"][k]
+    relay, stats = _relay_curve(cfg, family, judge, held, reqs, ref_feats, ks, None, say)
     out["relay"] = [relay[k] for k in sorted(ks)]
 
     step_ms = {}
@@ -284,6 +303,18 @@ def bench_quality(
                          "speedup": best["speedup"], "speedup_single": best["speedup_single"]}  # fmt: skip
     out["latent_stats"] = {"full_large": stats[T], f"relay_k{best['k']}": stats[best["k"]]}
     say(f"best relay k={best['k']} speedup {best['speedup']:.2f}")
+    if cfg.device_guidance is not None:
+        dks = tuple(cfg.device_guidance_ks) if cfg.device_guidance_ks is not None else _grid(T, 2)
+        if T not in dks or any(not 0 <= k <= T for k in dks):
+            raise ValueError(f"device_guidance_ks must lie in 0..{T} and include {T} (full large), got {dks}")
+        dev, _ = _relay_curve(cfg, family, judge, held, reqs, ref_feats, dks, cfg.device_guidance, say)
+        ok = [dev[k] for k in dks if dev[k]["fidelity"] >= 0.99 * full_large]
+        dbest = max(ok, key=lambda e: e["speedup"]) if ok else None
+        out["relay_device_guidance"] = {
+            "guidance": cfg.device_guidance, "relay": [dev[k] for k in sorted(dks)],
+            "best_relay": None if dbest is None else {
+                "k": dbest["k"], "fidelity": dbest["fidelity"], "fidelity_ratio": dbest["fidelity"] / full_large,
+                "speedup": dbest["speedup"], "speedup_single": dbest["speedup_single"]}}
 
     # ---- shared prefix ----------------------------------------------------------------------
     out["shared_prefix"] = _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_similarity, say)

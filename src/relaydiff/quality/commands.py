@@ -64,6 +64,9 @@ def bench_quality_cmd(
     quick: bool = typer.Option(False, help="A small, fast run (smoke test; numbers are noisy)."),
     judge: Path = typer.Option(None, help="A judge directory (default: the shipped judge)."),
     trace: bool = typer.Option(True, help="Run the U-Nets as TorchScript traces (exact, less Python per call)."),
+    device_guidance: float = typer.Option(1.0, help="Guidance of the device segment in the second relay curve "
+                                          "(1: no CFG on the device)."),
+    device_curve: bool = typer.Option(True, help="Measure that second relay curve."),
     out: Path = typer.Option(None, help="Also write the JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -74,11 +77,13 @@ def bench_quality_cmd(
 
     console = Console(stderr=True)
     cfg = QualityBenchConfig(family=family, steps=steps, n_prompts=n_prompts, sampler=sampler, guidance=guidance,
-                             seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None, trace=trace)
+                             seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None, trace=trace,
+                             device_guidance=device_guidance if device_curve else None)
     if quick:
         cfg = QualityBenchConfig(family=family, steps=min(steps, 8), n_prompts=min(n_prompts, 16), sampler=sampler,
                                  guidance=guidance, seed=seed, repeats=1, timing_batch=4, n_judge=200,
-                                 shared_groups=2, personal_prompts=4, judge_dir=cfg.judge_dir, trace=trace)
+                                 shared_groups=2, personal_prompts=4, judge_dir=cfg.judge_dir, trace=trace,
+                                 device_guidance=cfg.device_guidance)
     try:
         result = bench_quality(cfg, log=lambda msg: console.print(msg))
     except (ValueError, FileNotFoundError) as exc:
@@ -96,8 +101,15 @@ def bench_quality_cmd(
     table = Table(title=f"relay on {result['family']['id']} (T={cfg.steps}, {result['hardware']})")
     for col in ("k", "fidelity", "fd", "speedup", "speedup_single"):
         table.add_column(col)
+    dev = {e["k"]: e for e in result.get("relay_device_guidance", {}).get("relay", [])}
+    if dev:
+        g = result["relay_device_guidance"]["guidance"]
+        table.add_column(f"fidelity (device g={g:g})")
+        table.add_column(f"speedup (device g={g:g})")
     for e in result["relay"]:
+        d = dev.get(e["k"])
+        extra = [f"{d['fidelity']:.3f}", f"{d['speedup']:.2f}"] if d else (["", ""] if dev else [])
         table.add_row(str(e["k"]), f"{e['fidelity']:.3f}", f"{e['fd']:.2f}", f"{e['speedup']:.2f}",
-                      f"{e['speedup_single']:.2f}")
+                      f"{e['speedup_single']:.2f}", *extra)
     Console().print(table)
     Console().print({k: result[k] for k in ("judge_accuracy", "best_relay", "targets")})
