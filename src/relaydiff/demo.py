@@ -46,7 +46,26 @@ def _family() -> tuple[Family, bool]:
     return load_family("tiny", trace=True), False
 
 
-def _users(family: Family, reference: bool, steps: int, k: int, seed: int) -> tuple[list[User], list[int]]:
+def personal_split(quality: dict[str, Any] | None, steps: int) -> int | None:
+    """The split point (0 < k < T) that best balances style and prompt fidelity in the measured
+    personalization curves (mean over styles of (style + prompt) / 2); None without a table."""
+    pers = (quality or {}).get("personalization") or {}
+    ks, styles = pers.get("split_points"), pers.get("styles")
+    if not ks or not isinstance(styles, dict) or not styles:
+        return None
+    try:
+        score = np.mean([(np.asarray(v["style_fidelity"], float) + np.asarray(v["prompt_fidelity"], float)) / 2
+                         for v in styles.values()], axis=0)
+    except (KeyError, TypeError, ValueError):
+        return None
+    inner = [i for i, k in enumerate(ks) if 0 < k < steps]
+    return int(ks[max(inner, key=lambda i: score[i])]) if inner and len(score) == len(ks) else None
+
+
+def _users(family: Family, reference: bool, steps: int, k: int, seed: int,
+           k_personal: int | None = None) -> tuple[list[User], list[int]]:
+    """``k``: the relay's handoff step; ``k_personal``: the split of users with a personal adapter
+    (and the shared-prefix group's shared steps), ``k`` when not given."""
     members = list(family.members)
     large, small = ("large", "small") if {"large", "small"} <= set(members) else (members[0], members[-1])
     styles = sorted(family.adapters) or [None]
@@ -80,9 +99,10 @@ def _users(family: Family, reference: bool, steps: int, k: int, seed: int) -> tu
         ("gus", "shared prefix", None, style(0)),
         ("hana", "shared prefix", None, None),
     ]
+    kp = k if k_personal is None else k_personal
     users = []
     for i, (name, kind, plan, st) in enumerate(spec):
-        plan = plan or Plan.relay(large, small, k, steps, st)
+        plan = plan or Plan.relay(large, small, kp, steps, st)
         users.append(User(name=name, prompt=prompts[i], style=st, plan_kind=kind, plan=plan, scene=scenes[i]))
     return users, [5, 6, 7]
 
@@ -99,9 +119,11 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, log=print) -> d
     quality = _shipped_quality()
     k = int((quality or {}).get("best_relay", {}).get("k", steps // 2))
     k = min(max(k, 1), steps - 1)
-    users, group = _users(family, reference, steps, k, seed)
+    kp = personal_split(quality, steps) if reference else None
+    kp = k if kp is None else kp
+    users, group = _users(family, reference, steps, k, seed, kp)
     log(f"family {family.id}@{family.version}: members {list(family.members)}, adapters {sorted(family.adapters)}; "
-        f"T={steps}, handoff at k={k}")
+        f"T={steps}, relay handoff at k={k}, personal split and shared prefix at k={kp}")
 
     # The guidance the shipped quality table was measured at (chosen as the family's best on held-out
     # prompts); random tiny models do not care.
@@ -134,7 +156,7 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, log=print) -> d
         u.accounting = c.accounting.to_dict()
     # 3. the shared-prefix group: k steps once on the edge, then one continuation per device
     shared = generate_shared_prefix(family, [requests[users[i].name] for i in group],
-                                    [users[i].plan for i in group], k)
+                                    [users[i].plan for i in group], kp)
     for i, res in zip(group, shared.results):
         users[i].image, users[i].accounting = res.image, res.accounting
         users[i].handoff_bytes = len(encode_handoff(res.handoff, dtype="fp16", compress=True)) if res.handoff else 0
@@ -146,7 +168,7 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, log=print) -> d
         u.baseline = b.image
     if reference:
         _score(users)
-    report = _report(out, family, users, shared, serve_s, steps, k, quality)
+    report = _report(out, family, users, shared, serve_s, steps, k, kp, quality)
     log(f"report -> {out / 'report.md'}")
     return report
 
@@ -210,7 +232,7 @@ def _plot(users: list[User], path: Path) -> None:
 
 
 def _report(out: Path, family: Family, users: list[User], shared, serve_s: float, steps: int, k: int,
-            quality: dict[str, Any] | None) -> dict[str, Any]:
+            k_personal: int, quality: dict[str, Any] | None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     _grid(users, out / "grid.png")
     _plot(users, out / "compute.png")
@@ -219,12 +241,17 @@ def _report(out: Path, family: Family, users: list[User], shared, serve_s: float
         rows.append({"user": u.name, "plan": str(u.plan), "kind": u.plan_kind, "prompt": u.prompt,
                      "unet_evals": u.accounting.get("unet_evals", {}), "handoff_bytes": u.handoff_bytes,
                      "shared_steps": u.accounting.get("shared_steps", 0), **u.scores})
-    report = {"family": f"{family.id}@{family.version}", "steps": steps, "handoff_k": k, "serve_s": serve_s,
+    report = {"family": f"{family.id}@{family.version}", "steps": steps, "handoff_k": k,
+              "personal_split_k": k_personal, "serve_s": serve_s,
               "users": rows, "shared_prefix": {"unet_evals": shared.unet_evals,
                                                "unet_evals_unshared": shared.unet_evals_unshared,
                                                "saved_fraction": shared.saved_fraction}}
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = [f"# relaydiff demo ({family.id}@{family.version}, T={steps}, handoff at step {k})", "",
+    lines = [f"# relaydiff demo ({family.id}@{family.version}, T={steps}, relay handoff at step {k}, "
+             f"personal split and shared prefix at step {k_personal})", "",
+             "The relay handoff is the measured best relay (highest speedup at >= 0.99 x full-large fidelity); "
+             "the personal split best balances style and prompt fidelity in the measured personalization "
+             "curves.", "",
              "![images](grid.png)", "", "Top row: what each user got; bottom row: the full large member on "
              "the edge for the same prompt and seed.", "",
              "| user | plan kind | plan | U-Net evals | handoff bytes | prompt fidelity | style fidelity | prompt |",

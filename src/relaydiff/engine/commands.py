@@ -140,7 +140,8 @@ def demo_cmd(
     report = run_demo(out, seed=seed, steps=steps, log=console.print)
     from rich.table import Table
 
-    table = Table(title=f"relaydiff demo: {report['family']}, T={report['steps']}, handoff at k={report['handoff_k']}")
+    table = Table(title=f"relaydiff demo: {report['family']}, T={report['steps']}, relay handoff at k={report['handoff_k']}, "
+                        f"personal split at k={report['personal_split_k']}")
     for col in ("user", "kind", "plan", "U-Net evals", "handoff B", "fidelity", "style"):
         table.add_column(col)
     for r in report["users"]:
