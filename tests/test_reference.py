@@ -164,6 +164,14 @@ def shipped():
     return load_family("reference")
 
 
+def test_defaults_reproduce_the_shipped_family():
+    """`relaydiff train reference` with no --config trains what ships (threads aside)."""
+    shipped = verify_manifest()["training_config"]
+    defaults = json.loads(json.dumps(ReferenceConfig().to_dict()))
+    shipped.pop("threads"), defaults.pop("threads")
+    assert defaults == shipped
+
+
 def test_shipped_manifest_matches_files():
     manifest = verify_manifest(SHIPPED_DIR)
     assert manifest["dtype"] == "float16"

@@ -112,10 +112,11 @@ class ReferenceConfig:
     # members
     large: UNetSpec = field(default_factory=lambda: UNetSpec((64, 128, 128), 1, 2, 8, 32))
     small: UNetSpec = field(default_factory=lambda: UNetSpec((24, 48), 1, 1, 4, 8))
-    large_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=2000, batch_size=48, lr=5e-4,
-                                                                     checkpoint_every=100))
-    small_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=1500, batch_size=48, lr=1e-3,
-                                                                     checkpoint_every=100))
+    # the shipped family's lengths: constant LR, then a linear decay over the last steps
+    large_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=12000, batch_size=48, lr=5e-4,
+                                                                     decay_steps=3000, checkpoint_every=100))
+    small_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=5500, batch_size=48, lr=1e-3,
+                                                                     decay_steps=1500, checkpoint_every=100))
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # styles
