@@ -155,6 +155,74 @@ def test_style_adapter_files_carry_the_engine_metadata(tiny_run):
                     "targets": sorted(cfg.lora_targets), "style": "outline"}
 
 
+def test_distillation_target_mixes_noise_and_teacher():
+    """distill=1 regresses on the teacher's prediction, distill=0 on the noise, 0.5 halfway."""
+    from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
+
+    class Const(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x, t, ctx):
+            return type("Out", (), {"sample": torch.full_like(x, self.value)})()
+
+    acp = _alphas_cumprod(scheduler_config())
+    z, ctx = torch.zeros(64, 4, 8, 8), torch.zeros(64, 3, 16)
+    student, teacher = Const(0.7), Const(0.7)
+
+    def loss(distill, t=teacher):
+        return float(denoising_loss(student, z, ctx, acp, torch.Generator().manual_seed(0), 5.0, t, distill))
+
+    assert loss(1.0) == pytest.approx(0.0, abs=1e-7)  # the student equals the teacher
+    assert loss(0.0) == pytest.approx(loss(0.0, None))  # no distillation: the plain loss
+    assert 0.0 < loss(0.5) < loss(0.0)
+
+
+def test_small_distills_from_the_run_large(tiny_run, tmp_path):
+    """A distilled small stage trains on the run's large member; without one it refuses clearly."""
+    import shutil
+
+    cfg, out, _ = tiny_run
+    dcfg = tiny_config(small_distill=1.0)
+    with pytest.raises(TrainingError, match="large member"):
+        run = tmp_path / "nolarge"
+        run.mkdir()
+        for name in ("data", "vae"):
+            shutil.copytree(out / name, run / name)
+        train_reference(dcfg, run, stages=["small"], quiet=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("data", "vae", "unet_large"):
+        shutil.copytree(out / name, run / name)
+    train_reference(dcfg, run, stages=["small"], quiet=True)
+    from safetensors.torch import load_file
+
+    a = load_file(str(run / "unet_small" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "unet_small" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], b[k]) for k in a), "distillation must change what the small member learns"
+
+
+def test_seed_from_family_keeps_the_latent_space(tiny_run, tmp_path):
+    """A run seeded from an exported family reuses its VAE and large member and trains the rest."""
+    from relaydiff.engine.family import load_family_dir
+    from safetensors.torch import load_file
+
+    cfg, out, _ = tiny_run
+    run = tmp_path / "seeded"
+    manifest = train_reference(cfg, run, stages=["small", "styles", "export"], from_family=out / "family", quiet=True)
+    assert manifest["files"]
+    src, new = load_family_dir(out / "family"), load_family_dir(run / "family")
+    assert new.vae.config.scaling_factor == pytest.approx(src.vae.config.scaling_factor)
+    a = load_file(str(run / "family" / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(out / "family" / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    lat = load_file(str(run / "data" / "latents.safetensors"))
+    assert set(lat) == {"plain", *cfg.styles} and lat["plain"].shape == (cfg.n_train, 4, 8, 8)
+    with pytest.raises(TrainingError, match="not a trained"):
+        train_reference(cfg, tmp_path / "bad", stages=[], from_family=tmp_path / "nowhere", quiet=True)
+
+
 # ---- the shipped family (tests use these weights, never retrain) ----------------------------
 
 @pytest.fixture(scope="module")

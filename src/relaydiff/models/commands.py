@@ -29,6 +29,8 @@ def register_reference(train: typer.Typer) -> None:
         stop_after: int = typer.Option(0, help="Stop after this many steps of a stage (0: run to the end); "
                                                 "a checkpoint is written, --resume continues."),
         config: str = typer.Option("", help="JSON file overriding ReferenceConfig fields."),
+        from_family: str = typer.Option("", help="Start from this trained family's VAE and large member "
+                                                  "('reference': the shipped one) instead of training them."),
     ) -> None:
         """Train the reference family (VAE, large/small U-Nets, style LoRAs) and export it."""
         import json
@@ -44,7 +46,8 @@ def register_reference(train: typer.Typer) -> None:
             cfg = ReferenceConfig.from_dict({**ReferenceConfig().to_dict(), **overrides, "seed": seed,
                                              "threads": threads})
             manifest = train_reference(cfg, out, resume=resume, stages=[s.strip() for s in stages.split(",") if s],
-                                       export_to=export_to or None, stop_after=stop_after or None)
+                                       export_to=export_to or None, stop_after=stop_after or None,
+                                       from_family=from_family or None)
         except (TrainingError, OSError, json.JSONDecodeError, TypeError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc

@@ -119,6 +119,10 @@ class ReferenceConfig:
                                                                      decay_steps=1500, checkpoint_every=100))
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # knowledge distillation of the small member from the trained large one (as BK-SDM does for SD):
+    # its target is (1 - w) * noise + w * large's prediction on the same noisy latent and context, so
+    # that the device member continues the edge member's chains (a relay) rather than its own
+    small_distill: float = 0.0
     # styles
     styles: tuple[str, ...] = USER_STYLES
     lora_rank: int = 16
@@ -584,6 +588,63 @@ def _load_latents(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress: Progress,
+                     parts: Sequence[str] = ("vae", "large")) -> None:
+    """Start a run from a trained family's VAE (and members) instead of training them again.
+
+    The family's ``vae/`` and ``unet_<member>/`` directories are copied into the run (the engine's
+    family layout is the run's), the prompts are encoded as the 'data' stage does, and the
+    latents are the copied VAE's posterior means at its own scaling factor, so that the latent
+    space of the copied members is kept. Later stages (e.g. a new small member, styles) then run
+    as usual on top.
+    """
+    import shutil
+
+    from relaydiff.models.world import World
+
+    family_dir = Path(family_dir)
+    unknown = [p for p in parts if p not in ("vae", "large", "small")]
+    if unknown or "vae" not in parts:
+        raise TrainingError(f"seed parts must include 'vae' and be some of vae, large, small; got {list(parts)}")
+    for part in parts:
+        src = family_dir / ("vae" if part == "vae" else f"unet_{part}")
+        if not (src / "config.json").is_file():
+            raise TrainingError(f"{src} is not a trained {part} (no config.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        name = "vae" if part == "vae" else f"unet_{part}"
+        if (out / name / "config.json").is_file():
+            progress.note(f"seed: {name} already in {out}")
+            continue
+        shutil.copytree(family_dir / name, out / name, dirs_exist_ok=True)
+        progress.note(f"seed: {name} from {family_dir}")
+    stage_data(cfg, out, progress)
+    if not (out / "data" / "latents.safetensors").is_file():
+        from safetensors.torch import save_file
+
+        vae = _load_vae(out)
+        scale = float(vae.config.scaling_factor)
+        batch = training_set(cfg)
+        world = World(cfg.image_size)
+
+        @torch.no_grad()
+        def encode(images: np.ndarray) -> torch.Tensor:
+            return torch.cat([vae.encode(_to_tensor(images[i:i + 256])).latent_dist.mean
+                              for i in range(0, len(images), 256)]) * scale
+
+        task = progress.start("seed latents", 1 + len(cfg.styles))
+        tensors = {"plain": encode(batch.images).contiguous()}
+        progress.advance(task)
+        for style in cfg.styles:
+            imgs = world.render_many(batch.scenes[:cfg.n_style], [style] * cfg.n_style)
+            tensors[style] = encode(imgs).contiguous()
+            progress.advance(task)
+        save_file(tensors, str(out / "data" / "latents.safetensors"))
+    record = out / "vae" / "decoder_record.json"
+    if not record.is_file():
+        record.write_text(json.dumps({"seeded_from": str(family_dir)}, indent=1))
+
+
 # ---- the denoisers ----------------------------------------------------------------------------
 
 def _resume(ckpt: Checkpoint, resume: bool, models: dict[str, torch.nn.Module], opt: torch.optim.Optimizer,
@@ -605,14 +666,22 @@ def _resume(ckpt: Checkpoint, resume: bool, models: dict[str, torch.nn.Module], 
 
 
 def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   gen: torch.Generator, min_snr_gamma: float) -> torch.Tensor:
-    """Epsilon-prediction loss with min-SNR-gamma weights (faster convergence on a small budget)."""
+                   gen: torch.Generator, min_snr_gamma: float, teacher: Any = None,
+                   distill: float = 0.0) -> torch.Tensor:
+    """Epsilon-prediction loss with min-SNR-gamma weights (faster convergence on a small budget).
+
+    With a ``teacher`` the target is ``(1 - distill) * noise + distill * teacher's prediction``: the
+    teacher's prediction is the conditional mean of the noise, a lower-variance target than the noise.
+    """
     n = latents.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen)
     noise = torch.randn(latents.shape, generator=gen)
     a = alphas_cumprod[t].view(n, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     pred = unet(noisy, t, context).sample
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            noise = (1 - distill) * noise + distill * teacher(noisy, t, context).sample
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
     weight = torch.clamp(snr, max=min_snr_gamma) / snr
     return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -625,7 +694,8 @@ def _should_stop(run: RunOptions, step: int, start: int) -> bool:
 def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions, stage: str, unet: Any,
                     spec: TrainSpec, latents: torch.Tensor, prompt_index: torch.Tensor, text: torch.Tensor,
                     uncond: torch.Tensor, params: list[torch.nn.Parameter], ema_names: Sequence[str],
-                    state_fn: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+                    state_fn: Callable[[], dict[str, torch.Tensor]], teacher: Any = None,
+                    distill: float = 0.0) -> dict[str, torch.Tensor]:
     """The shared loop of the members and the style adapters; returns the EMA (or final) weights."""
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     named = dict(unet.named_parameters())
@@ -649,7 +719,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
         ctx[drop] = uncond.float()
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
-        loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma)
+        loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -681,9 +751,19 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     torch.manual_seed(_stage_seed(cfg.seed, f"{member}-init", 0))
     unet = build_unet(member, cfg)
     spec = cfg.large_train if member == "large" else cfg.small_train
+    teacher = None
+    if member == "small" and cfg.small_distill > 0:
+        from diffusers import UNet2DConditionModel
+
+        if not (out / "unet_large" / "config.json").is_file():
+            raise TrainingError(f"small_distill needs the trained large member in {out / 'unet_large'}: "
+                                "run the 'large' stage first")
+        teacher = UNet2DConditionModel.from_pretrained(str(out / "unet_large"), local_files_only=True)
+        teacher.eval().requires_grad_(False)
     names = [n for n, _ in unet.named_parameters()]
     ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
-                          text, uncond[0], list(unet.parameters()), names, unet.state_dict)
+                          text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
+                          cfg.small_distill if teacher is not None else 0.0)
     unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
     unet.save_pretrained(str(final), safe_serialization=True)
     flops = unet_flops(unet, cfg.max_length)
@@ -884,11 +964,14 @@ def _check_out(cfg: ReferenceConfig, out: Path, resume: bool) -> None:
 
 def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = False,
                     stages: Sequence[str] = STAGES, export_to: str | Path | None = None,
-                    stop_after: int | None = None, quiet: bool = False) -> dict[str, Any]:
+                    stop_after: int | None = None, quiet: bool = False,
+                    from_family: str | Path | None = None) -> dict[str, Any]:
     """Run the requested stages in order (finished ones are skipped).
 
     Returns the exported manifest (empty when nothing was exported) or ``{"stopped": why}`` when
     ``stop_after`` steps of a stage ran in this invocation (a checkpoint is written first).
+    ``from_family`` (a family directory, or "reference" for the shipped one) seeds the run with that
+    family's VAE and large member (`seed_from_family`) before the stages run.
     """
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
@@ -901,6 +984,9 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
     run = RunOptions(resume=resume, stop_after=stop_after)
     manifest: dict[str, Any] = {}
     with Progress(quiet) as progress:
+        if from_family is not None:
+            seed_dir = SHIPPED_DIR if str(from_family) == "reference" else Path(from_family)
+            seed_from_family(cfg, out, seed_dir, progress)
         try:
             for stage in STAGES:
                 if stage not in stages:
