@@ -179,6 +179,29 @@ def test_distillation_target_mixes_noise_and_teacher():
     assert 0.0 < loss(0.5) < loss(0.0)
 
 
+def test_late_share_draws_late_timesteps():
+    from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, ctx):
+            seen.append(t.clone())
+            return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+    acp = _alphas_cumprod(scheduler_config())
+    z, ctx = torch.zeros(256, 4, 8, 8), torch.zeros(256, 3, 16)
+    denoising_loss(Spy(), z, ctx, acp, torch.Generator().manual_seed(0), 5.0, late_share=1.0, late_t=50)
+    denoising_loss(Spy(), z, ctx, acp, torch.Generator().manual_seed(0), 5.0, late_share=0.5, late_t=50)
+    denoising_loss(Spy(), z, ctx, acp, torch.Generator().manual_seed(0), 5.0)
+    all_late, half, plain = seen
+    assert int(all_late.max()) < 50
+    assert 0.4 < float((half < 50).float().mean()) < 0.65 and float((plain < 50).float().mean()) < 0.15
+    for bad in ({"small_late_share": 1.5}, {"small_late_t": 0}, {"small_distill": -0.1}):
+        with pytest.raises(TrainingError):
+            tiny_config(**bad)
+
+
 def test_small_distills_from_the_run_large(tiny_run, tmp_path):
     """A distilled small stage trains on the run's large member; without one it refuses clearly."""
     import shutil

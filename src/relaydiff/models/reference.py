@@ -123,6 +123,10 @@ class ReferenceConfig:
     # its target is (1 - w) * noise + w * large's prediction on the same noisy latent and context, so
     # that the device member continues the edge member's chains (a relay) rather than its own
     small_distill: float = 0.0
+    # a share of the small member's training samples drawn from the late (low-noise) timesteps
+    # t < small_late_t, where it finishes relayed chains; the rest are uniform over all of them
+    small_late_share: float = 0.0
+    small_late_t: int = 650
     # styles
     styles: tuple[str, ...] = USER_STYLES
     lora_rank: int = 16
@@ -132,6 +136,14 @@ class ReferenceConfig:
     style_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=600, batch_size=48, lr=2e-3, warmup=50,
                                                                      ema_decay=0.0, weight_decay=0.0,
                                                                      checkpoint_every=200))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.small_distill <= 1.0:
+            raise TrainingError(f"small_distill must be in [0, 1], got {self.small_distill}")
+        if not 0.0 <= self.small_late_share <= 1.0:
+            raise TrainingError(f"small_late_share must be in [0, 1], got {self.small_late_share}")
+        if not 1 <= self.small_late_t <= 1000:
+            raise TrainingError(f"small_late_t must be a timestep in 1..1000, got {self.small_late_t}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -667,14 +679,18 @@ def _resume(ckpt: Checkpoint, resume: bool, models: dict[str, torch.nn.Module], 
 
 def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
                    gen: torch.Generator, min_snr_gamma: float, teacher: Any = None,
-                   distill: float = 0.0) -> torch.Tensor:
+                   distill: float = 0.0, late_share: float = 0.0, late_t: int = 0) -> torch.Tensor:
     """Epsilon-prediction loss with min-SNR-gamma weights (faster convergence on a small budget).
 
     With a ``teacher`` the target is ``(1 - distill) * noise + distill * teacher's prediction``: the
     teacher's prediction is the conditional mean of the noise, a lower-variance target than the noise.
+    ``late_share`` of the samples take t uniform in [0, late_t) instead of over every timestep.
     """
     n = latents.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen)
+    if late_share > 0:
+        late = torch.rand(n, generator=gen) < late_share
+        t = torch.where(late, torch.randint(0, late_t, (n,), generator=gen), t)
     noise = torch.randn(latents.shape, generator=gen)
     a = alphas_cumprod[t].view(n, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -695,7 +711,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
                     spec: TrainSpec, latents: torch.Tensor, prompt_index: torch.Tensor, text: torch.Tensor,
                     uncond: torch.Tensor, params: list[torch.nn.Parameter], ema_names: Sequence[str],
                     state_fn: Callable[[], dict[str, torch.Tensor]], teacher: Any = None,
-                    distill: float = 0.0) -> dict[str, torch.Tensor]:
+                    distill: float = 0.0, late_share: float = 0.0) -> dict[str, torch.Tensor]:
     """The shared loop of the members and the style adapters; returns the EMA (or final) weights."""
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     named = dict(unet.named_parameters())
@@ -719,7 +735,8 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
         ctx[drop] = uncond.float()
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
-        loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill)
+        loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill,
+                              late_share, cfg.small_late_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -763,7 +780,8 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     names = [n for n, _ in unet.named_parameters()]
     ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
                           text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
-                          cfg.small_distill if teacher is not None else 0.0)
+                          cfg.small_distill if teacher is not None else 0.0,
+                          cfg.small_late_share if member == "small" else 0.0)
     unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
     unet.save_pretrained(str(final), safe_serialization=True)
     flops = unet_flops(unet, cfg.max_length)
