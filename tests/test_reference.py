@@ -71,6 +71,23 @@ def test_tiny_run_exports_a_loadable_family(tiny_run):
     assert res[0].image.shape == (32, 32, 3) and res[0].image.dtype == np.uint8
 
 
+def test_a_16x16_latent_family_trains_and_generates(tmp_path):
+    """Two VAE levels give 16x16 latents: objects span more latent pixels (every stage still runs)."""
+    from relaydiff.engine.family import load_family_dir
+    from relaydiff.engine.plan import Request, parse_plan
+    from relaydiff.engine.runner import generate
+
+    cfg = tiny_config(vae_channels=(16, 16), styles=("dark",), n_train=16, n_style=4)
+    train_reference(cfg, tmp_path, export_to=tmp_path / "family", quiet=True)
+    fam = load_family_dir(tmp_path / "family")
+    assert fam.latent_shape == (4, 16, 16) and fam.image_size == 32
+    req = Request(prompt="a red circle on a white background", steps=2, seed=1)
+    (res,) = generate(fam, [req], [parse_plan("large:0-1,small+dark:1-2")])
+    assert res.image.shape == (32, 32, 3)
+    with pytest.raises(TrainingError, match="16x16"):
+        train_reference(tiny_config(vae_channels=(16,)), tmp_path / "bad", stages=["vae"], quiet=True)
+
+
 def test_manifest_detects_tampering(tiny_run, tmp_path):
     import shutil
 

@@ -6,7 +6,7 @@ Stages, in order (each reads what the previous ones wrote under ``out``):
 
     data    renders the training scenes and encodes their prompts once with the frozen MiniLM
             (the costly part of a diffusion step otherwise), into ``data/``
-    vae     AutoencoderKL 32x32x3 -> 8x8x4 on renders of every style; then encodes the plain and
+    vae     AutoencoderKL 32x32x3 -> 8x8x4 (or 16x16x4 with two levels) on renders of every style; then encodes the plain and
             styled renders into latents and sets ``scaling_factor`` from their std
     large   the edge member, epsilon prediction with classifier-free-guidance dropout
     small   the device member (>= 4x cheaper per step), same recipe
@@ -177,8 +177,8 @@ def scheduler_config() -> dict[str, Any]:
 
 def vae_config(cfg: ReferenceConfig) -> dict[str, Any]:
     n = len(cfg.vae_channels)
-    if cfg.image_size // 2 ** (n - 1) != 8:
-        raise TrainingError(f"the VAE must map {cfg.image_size}px to 8x8 latents; {n} levels do not")
+    if cfg.image_size // 2 ** (n - 1) not in (8, 16):
+        raise TrainingError(f"the VAE must map {cfg.image_size}px to 8x8 or 16x16 latents; {n} levels do not")
     return {
         "in_channels": 3, "out_channels": 3, "latent_channels": cfg.vae_latent_channels,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
