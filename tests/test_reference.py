@@ -88,6 +88,17 @@ def test_a_16x16_latent_family_trains_and_generates(tmp_path):
         train_reference(tiny_config(vae_channels=(16,)), tmp_path / "bad", stages=["vae"], quiet=True)
 
 
+def test_the_16x16_config_file_is_a_valid_family_plan():
+    """configs/reference_16x16.json (the next reference family) parses and keeps the >= 4x FLOP ratio."""
+    path = Path(__file__).resolve().parent.parent / "configs" / "reference_16x16.json"
+    cfg = ReferenceConfig.from_dict({**ReferenceConfig().to_dict(), **json.loads(path.read_text())})
+    from relaydiff.models.reference import unet_config
+
+    assert unet_config(cfg.large, cfg)["sample_size"] == 16
+    flops = {m: unet_flops(build_unet(m, cfg), cfg.max_length) for m in ("large", "small")}
+    assert flops["large"] >= 4 * flops["small"], flops
+
+
 def test_manifest_detects_tampering(tiny_run, tmp_path):
     import shutil
 
