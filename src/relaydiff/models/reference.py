@@ -523,20 +523,31 @@ def stage_vae(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptio
 
 
 @torch.no_grad()
+def _posterior_means(vae: Any, images: np.ndarray) -> torch.Tensor:
+    return torch.cat([vae.encode(_to_tensor(images[i:i + 256])).latent_dist.mean for i in range(0, len(images), 256)])
+
+
+@torch.no_grad()
+def _scaled_latents(cfg: ReferenceConfig, vae: Any, batch: Any, world: Any, scale: float,
+                    plain: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The members' training latents: posterior means of the plain renders (``plain`` when already
+    encoded) and of the first ``n_style`` scenes in every style, times ``scale``."""
+    plain = _posterior_means(vae, batch.images) if plain is None else plain
+    tensors = {"plain": (plain * scale).contiguous()}
+    for style in cfg.styles:
+        imgs = world.render_many(batch.scenes[:cfg.n_style], [style] * cfg.n_style)
+        tensors[style] = (_posterior_means(vae, imgs) * scale).contiguous()
+    return tensors
+
+
+@torch.no_grad()
 def _encode_latents(cfg: ReferenceConfig, out: Path, vae: Any, batch: Any, world: Any, progress: Progress) -> None:
     """Posterior means of the plain and styled renders; scaling_factor = 1 / std of the plain ones."""
     from safetensors.torch import save_file
 
-    def encode(images: np.ndarray) -> torch.Tensor:
-        return torch.cat([vae.encode(_to_tensor(images[i:i + 256])).latent_dist.mean
-                          for i in range(0, len(images), 256)])
-
-    plain = encode(batch.images)
+    plain = _posterior_means(vae, batch.images)
     scale = float(1.0 / plain.std())
-    tensors = {"plain": (plain * scale).contiguous()}
-    for style in cfg.styles:
-        imgs = world.render_many(batch.scenes[:cfg.n_style], [style] * cfg.n_style)
-        tensors[style] = (encode(imgs) * scale).contiguous()
+    tensors = _scaled_latents(cfg, vae, batch, world, scale, plain)
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(str(out / "vae"), safe_serialization=True)
     save_file(tensors, str(out / "data" / "latents.safetensors"))
@@ -600,31 +611,26 @@ def _load_latents(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress: Progress,
-                     parts: Sequence[str] = ("vae", "large")) -> None:
-    """Start a run from a trained family's VAE (and members) instead of training them again.
+def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress: Progress) -> None:
+    """Start a run from a trained family's VAE and large member instead of training them again.
 
-    The family's ``vae/`` and ``unet_<member>/`` directories are copied into the run (the engine's
+    The family's ``vae/`` and ``unet_large/`` directories are copied into the run (the engine's
     family layout is the run's), the prompts are encoded as the 'data' stage does, and the
     latents are the copied VAE's posterior means at its own scaling factor, so that the latent
-    space of the copied members is kept. Later stages (e.g. a new small member, styles) then run
-    as usual on top.
+    space of the copied large member is kept. Later stages (e.g. a new small member, styles) then
+    run as usual on top.
     """
     import shutil
 
     from relaydiff.models.world import World
 
     family_dir = Path(family_dir)
-    unknown = [p for p in parts if p not in ("vae", "large", "small")]
-    if unknown or "vae" not in parts:
-        raise TrainingError(f"seed parts must include 'vae' and be some of vae, large, small; got {list(parts)}")
-    for part in parts:
-        src = family_dir / ("vae" if part == "vae" else f"unet_{part}")
-        if not (src / "config.json").is_file():
-            raise TrainingError(f"{src} is not a trained {part} (no config.json)")
+    names = ("vae", "unet_large")
+    for name in names:
+        if not (family_dir / name / "config.json").is_file():
+            raise TrainingError(f"{family_dir / name} is not a trained {name} (no config.json)")
     out.mkdir(parents=True, exist_ok=True)
-    for part in parts:
-        name = "vae" if part == "vae" else f"unet_{part}"
+    for name in names:
         if (out / name / "config.json").is_file():
             progress.note(f"seed: {name} already in {out}")
             continue
@@ -635,22 +641,8 @@ def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress
         from safetensors.torch import save_file
 
         vae = _load_vae(out)
-        scale = float(vae.config.scaling_factor)
-        batch = training_set(cfg)
-        world = World(cfg.image_size)
-
-        @torch.no_grad()
-        def encode(images: np.ndarray) -> torch.Tensor:
-            return torch.cat([vae.encode(_to_tensor(images[i:i + 256])).latent_dist.mean
-                              for i in range(0, len(images), 256)]) * scale
-
-        task = progress.start("seed latents", 1 + len(cfg.styles))
-        tensors = {"plain": encode(batch.images).contiguous()}
-        progress.advance(task)
-        for style in cfg.styles:
-            imgs = world.render_many(batch.scenes[:cfg.n_style], [style] * cfg.n_style)
-            tensors[style] = encode(imgs).contiguous()
-            progress.advance(task)
+        progress.note("seed: encoding the training latents")
+        tensors = _scaled_latents(cfg, vae, training_set(cfg), World(cfg.image_size), float(vae.config.scaling_factor))
         save_file(tensors, str(out / "data" / "latents.safetensors"))
     record = out / "vae" / "decoder_record.json"
     if not record.is_file():
@@ -711,7 +703,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
                     spec: TrainSpec, latents: torch.Tensor, prompt_index: torch.Tensor, text: torch.Tensor,
                     uncond: torch.Tensor, params: list[torch.nn.Parameter], ema_names: Sequence[str],
                     state_fn: Callable[[], dict[str, torch.Tensor]], teacher: Any = None,
-                    distill: float = 0.0, late_share: float = 0.0) -> dict[str, torch.Tensor]:
+                    distill: float = 0.0, late_share: float = 0.0, late_t: int = 0) -> dict[str, torch.Tensor]:
     """The shared loop of the members and the style adapters; returns the EMA (or final) weights."""
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     named = dict(unet.named_parameters())
@@ -736,7 +728,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill,
-                              late_share, cfg.small_late_t)
+                              late_share, late_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -780,8 +772,7 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     names = [n for n, _ in unet.named_parameters()]
     ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
                           text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
-                          cfg.small_distill if teacher is not None else 0.0,
-                          cfg.small_late_share if member == "small" else 0.0)
+                          cfg.small_distill, cfg.small_late_share if member == "small" else 0.0, cfg.small_late_t)
     unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
     unet.save_pretrained(str(final), safe_serialization=True)
     flops = unet_flops(unet, cfg.max_length)
