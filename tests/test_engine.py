@@ -249,3 +249,24 @@ def test_traced_unets_give_the_eager_images_and_keep_adapters_apart():
     out = fam.denoise("small", "style_a", x, t, ctx)
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, fam.unet("small", "style_a")(x, t, encoder_hidden_states=ctx).sample)
+
+
+def test_a_guidance_distilled_member_runs_one_row_unless_the_plan_says_otherwise(tiny):
+    """Its guidance is in its weights: a segment left to the request's guidance runs it at g=1."""
+    req = Request("a red circle", steps=8, guidance=3.0, seed=0)
+    explicit_off = _alone(tiny, req, parse_plan("large:0-3,small:3-8[g=1]"))
+    plain = _alone(tiny, req, parse_plan("large:0-3,small:3-8"))
+    tiny.guidance_distilled = {"small": 3.0}
+    try:
+        native = _alone(tiny, req, parse_plan("large:0-3,small:3-8"))
+        forced = _alone(tiny, req, parse_plan("large:0-3,small:3-8[g=3]"))
+        (stopped,) = generate(tiny, [req], [parse_plan("large@edge:0-3,small@device:3-8")], stop_at=3, max_batch=1)
+        wire = encode_handoff(stopped.handoff, dtype="fp32")
+        resumed = resume(tiny, decode_handoff(wire, expect_latent_shape=(1, *tiny.latent_shape)))
+    finally:
+        tiny.guidance_distilled = {}
+    assert native.accounting["unet_evals"] == {"large": 6, "small": 5}
+    assert torch.equal(native.latents, explicit_off.latents)
+    assert forced.accounting["unet_evals"] == {"large": 6, "small": 10}
+    assert torch.equal(forced.latents, plain.latents)
+    assert torch.equal(resumed.latents, native.latents)

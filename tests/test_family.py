@@ -127,3 +127,25 @@ def test_adapter_on_convolutions_roundtrips(tmp_path):
     other.load_adapter_file("conv_style", tmp_path / "a.safetensors")
     assert torch.equal(_out(fam, "small", "conv_style"), _out(other, "small", "conv_style"))
     assert not torch.allclose(_out(other, "small", "conv_style"), _out(other, "small"))
+
+
+def test_guidance_distilled_members_are_saved_checked_and_rejected_when_wrong(saved, tmp_path):
+    import json
+
+    fam_dir = tmp_path / "gd"
+    shutil.copytree(saved, fam_dir)
+    manifest = json.loads((fam_dir / "family.json").read_text())
+    assert "guidance_distilled" not in manifest  # families without it read as before
+    manifest["guidance_distilled"] = {"small": 4}
+    (fam_dir / "family.json").write_text(json.dumps(manifest))
+    fam = load_family_dir(fam_dir)
+    assert fam.guidance_distilled == {"small": 4.0}
+    again = tmp_path / "again"
+    fam.save_pretrained(again)
+    assert json.loads((again / "family.json").read_text())["guidance_distilled"] == {"small": 4.0}
+    for bad, match in (({"tiny": 4.0}, "not a member"), ({"small": 1.0}, r"\(1, 50\]"),
+                       ({"small": "4"}, "guidance scales"), (["small"], "guidance scales")):
+        manifest["guidance_distilled"] = bad
+        (fam_dir / "family.json").write_text(json.dumps(manifest))
+        with pytest.raises(FamilyError, match=match):
+            load_family_dir(fam_dir)

@@ -207,6 +207,39 @@ def test_distillation_target_mixes_noise_and_teacher():
     assert 0.0 < loss(0.5) < loss(0.0)
 
 
+def test_guidance_distillation_targets_the_teachers_guided_prediction():
+    """The target is u + g (c - u): the teacher's CFG output, its unconditional one for dropped rows."""
+    from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
+
+    class ByContext(torch.nn.Module):  # predicts 1 on the unconditional context (zeros), 2 otherwise
+        def forward(self, x, t, ctx):
+            v = torch.where(ctx.abs().sum(dim=(1, 2)) > 0, 2.0, 1.0).view(-1, 1, 1, 1)
+            return type("Out", (), {"sample": v.expand_as(x).clone()})()
+
+    class Const(torch.nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, x, t, ctx):
+            return type("Out", (), {"sample": torch.full_like(x, self.value)})()
+
+    acp = _alphas_cumprod(scheduler_config())
+    z, uncond = torch.zeros(32, 4, 8, 8), torch.zeros(3, 16)
+    cond = torch.ones(32, 3, 16)
+
+    def loss(student, ctx, g, u=uncond):
+        return float(denoising_loss(student, z, ctx, acp, torch.Generator().manual_seed(0), 5.0, ByContext(), 1.0,
+                                    guidance=g, uncond=u))
+
+    assert loss(Const(1 + 4.0 * (2 - 1)), cond, 4.0) == pytest.approx(0.0, abs=1e-7)  # u + 4 (c - u) = 5
+    assert loss(Const(2.0), cond, 0.0) == pytest.approx(0.0, abs=1e-7)  # no guidance: the conditional one
+    assert loss(Const(1.0), cond.mul(0), 4.0) == pytest.approx(0.0, abs=1e-7)  # dropped rows: u
+    assert loss(Const(2.0), cond, 4.0) > 0.1
+    with pytest.raises(TrainingError, match="unconditional"):
+        loss(Const(5.0), cond, 4.0, None)
+
+
 def test_late_share_draws_late_timesteps():
     from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
 
@@ -225,17 +258,20 @@ def test_late_share_draws_late_timesteps():
     all_late, half, plain = seen
     assert int(all_late.max()) < 50
     assert 0.4 < float((half < 50).float().mean()) < 0.65 and float((plain < 50).float().mean()) < 0.15
-    for bad in ({"small_late_share": 1.5}, {"small_late_t": 0}, {"small_distill": -0.1}):
+    for bad in ({"small_late_share": 1.5}, {"small_late_t": 0}, {"small_distill": -0.1},
+                {"small_guidance": 0.5}, {"small_guidance": 3.0}, {"small_guidance": 60.0, "small_distill": 1.0}):
         with pytest.raises(TrainingError):
             tiny_config(**bad)
 
 
 def test_small_distills_from_the_run_large(tiny_run, tmp_path):
-    """A distilled small stage trains on the run's large member; without one it refuses clearly."""
+    """A (guidance-)distilled small stage trains on the run's large member; without one it refuses clearly."""
     import shutil
 
+    from relaydiff.models.reference import checkpoint_family
+
     cfg, out, _ = tiny_run
-    dcfg = tiny_config(small_distill=1.0)
+    dcfg = tiny_config(small_distill=1.0, small_guidance=3.0)
     with pytest.raises(TrainingError, match="large member"):
         run = tmp_path / "nolarge"
         run.mkdir()
@@ -252,6 +288,7 @@ def test_small_distills_from_the_run_large(tiny_run, tmp_path):
     a = load_file(str(run / "unet_small" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(out / "unet_small" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(a[k], b[k]) for k in a), "distillation must change what the small member learns"
+    assert checkpoint_family(dcfg, run).guidance_distilled == {"small": 3.0}  # the engine runs it in one pass
 
 
 def test_seed_from_family_keeps_the_latent_space(tiny_run, tmp_path):

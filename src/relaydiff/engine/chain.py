@@ -113,6 +113,7 @@ class Chain:
 
     def fork(self, request: Request, plan: Plan, family: Family) -> "Chain":
         """A copy that continues from here under another request's conditioning (shared prefix)."""
+        plan = family.native_plan(plan)
         cond, uncond = conditioning(family, request, plan)
         gen = torch.Generator().set_state(self.generator.get_state())
         return Chain(request=request, plan=plan, latents=self.latents.clone(), step=self.step,
@@ -134,6 +135,7 @@ def conditioning(family: Family, request: Request, plan: Plan | None = None) -> 
 def new_chain(family: Family, request: Request, plan: Plan, stop_at: int | None = None) -> Chain:
     """Start a chain: validated plan, schedule, seeded initial noise (drawn on the CPU: same on any device)."""
     validate_plan(plan, request.steps, set(family.members), {n: s.member for n, s in family.adapters.items()})
+    plan = family.native_plan(plan)
     if stop_at is not None and not 0 <= stop_at <= request.steps:
         raise ValueError(f"stop_at must be in 0..{request.steps}, got {stop_at}")
     sampler = make_sampler(request.sampler, family.scheduler_config, **request.sampler_options)

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -125,6 +125,10 @@ class Family:
     adapters: dict[str, AdapterSpec] = field(default_factory=dict)
     text_encoder_ref: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # members trained to give the classifier-free-guided prediction at this scale in one pass
+    # (guidance distillation): their segments run without CFG, one U-Net row, unless a plan sets
+    # the segment's guidance
+    guidance_distilled: dict[str, float] = field(default_factory=dict)
     trace: bool = False  # run U-Nets as TorchScript traces (see `denoise`)
     _active: dict[str, str | None] = field(default_factory=dict, repr=False)
     _traced: dict[tuple, Any] = field(default_factory=dict, repr=False)
@@ -152,6 +156,12 @@ class Family:
                     f"{self.text_encoder.hidden_size}-d")
             unet.eval().requires_grad_(False)
         self.vae.eval().requires_grad_(False)
+        self.guidance_distilled = {str(k): float(v) for k, v in dict(self.guidance_distilled).items()}
+        for name, g in self.guidance_distilled.items():
+            if name not in self.members:
+                raise FamilyError(f"guidance_distilled names {name!r}, which is not a member ({sorted(self.members)})")
+            if not 1.0 < g <= 50.0:
+                raise FamilyError(f"guidance_distilled scale of {name!r} must be in (1, 50], got {g}")
         self.scheduler_config = dict(self.scheduler_config)
         self.scheduler_config.setdefault("prediction_type", "epsilon")
 
@@ -349,11 +359,22 @@ class Family:
             "id": self.id, "version": self.version, "members": members, "adapters": adapters,
             "text_encoder": te_ref, "vae": "vae", "scheduler": "scheduler", "metadata": self.metadata,
         }
+        if self.guidance_distilled:
+            manifest["guidance_distilled"] = dict(self.guidance_distilled)
         (path / FAMILY_FILE).write_text(json.dumps(manifest, indent=2))
         return path
 
     def _has_adapters(self, member: str) -> bool:
         return any(s.member == member for s in self.adapters.values())
+
+    def native_plan(self, plan: Any) -> Any:
+        """The plan with each segment on a guidance-distilled member at guidance 1 (one pass, its
+        guidance is in its weights) where the plan leaves that segment's guidance to the request."""
+        if not self.guidance_distilled:
+            return plan
+        segs = tuple(replace(s, guidance=1.0) if s.guidance is None and s.member in self.guidance_distilled
+                     else s for s in plan.segments)
+        return replace(plan, segments=segs)
 
     def fingerprint(self) -> str:
         """Short hash of the configs: tells two families apart in handoffs and profiles."""
@@ -400,6 +421,14 @@ def _save_module(module: Any, path: Path, dtype: torch.dtype | None, exclude_lor
 
 
 # ---- loading ------------------------------------------------------------------------------
+
+def _guidance_distilled(manifest: dict[str, Any], where: Path) -> dict[str, float]:
+    raw = manifest.get("guidance_distilled") or {}
+    if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            for v in raw.values()):
+        raise FamilyError(f"'guidance_distilled' in {where} must map member names to guidance scales")
+    return {str(k): float(v) for k, v in raw.items()}
+
 
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
@@ -486,6 +515,7 @@ def load_family_dir(path: str | Path) -> Family:
         text_encoder=text_encoder, vae=vae, scheduler_config=scheduler_config, members=members,
         text_encoder_ref={k: v for k, v in te_ref.items() if k != "max_length"},
         metadata=dict(manifest.get("metadata", {})),
+        guidance_distilled=_guidance_distilled(manifest, manifest_path),
     )
     for name, spec in (manifest.get("adapters") or {}).items():
         if not isinstance(spec, dict) or "path" not in spec:

@@ -127,6 +127,10 @@ class ReferenceConfig:
     # t < small_late_t, where it finishes relayed chains; the rest are uniform over all of them
     small_late_share: float = 0.0
     small_late_t: int = 650
+    # guidance distillation (Meng et al. 2023): with small_distill, the teacher's target is its
+    # classifier-free-guided prediction at this scale, so that the device member gives guided steps
+    # in one U-Net pass (half the rows of CFG); 0: the teacher's conditional prediction
+    small_guidance: float = 0.0
     # styles
     styles: tuple[str, ...] = USER_STYLES
     lora_rank: int = 16
@@ -144,6 +148,10 @@ class ReferenceConfig:
             raise TrainingError(f"small_late_share must be in [0, 1], got {self.small_late_share}")
         if not 1 <= self.small_late_t <= 1000:
             raise TrainingError(f"small_late_t must be a timestep in 1..1000, got {self.small_late_t}")
+        if self.small_guidance != 0.0 and not 1.0 < self.small_guidance <= 50.0:
+            raise TrainingError(f"small_guidance must be 0 (off) or in (1, 50], got {self.small_guidance}")
+        if self.small_guidance and not self.small_distill:
+            raise TrainingError("small_guidance distils the large member's guided prediction: it needs small_distill > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -671,11 +679,14 @@ def _resume(ckpt: Checkpoint, resume: bool, models: dict[str, torch.nn.Module], 
 
 def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
                    gen: torch.Generator, min_snr_gamma: float, teacher: Any = None,
-                   distill: float = 0.0, late_share: float = 0.0, late_t: int = 0) -> torch.Tensor:
+                   distill: float = 0.0, late_share: float = 0.0, late_t: int = 0,
+                   guidance: float = 0.0, uncond: torch.Tensor | None = None) -> torch.Tensor:
     """Epsilon-prediction loss with min-SNR-gamma weights (faster convergence on a small budget).
 
     With a ``teacher`` the target is ``(1 - distill) * noise + distill * teacher's prediction``: the
     teacher's prediction is the conditional mean of the noise, a lower-variance target than the noise.
+    With ``guidance`` > 1 that prediction is the teacher's CFG one, ``u + guidance * (c - u)`` with
+    ``u`` its prediction on ``uncond`` [L, D] (rows whose context is ``uncond`` get ``u``).
     ``late_share`` of the samples take t uniform in [0, late_t) instead of over every timestep.
     """
     n = latents.shape[0]
@@ -689,7 +700,16 @@ def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alph
     pred = unet(noisy, t, context).sample
     if teacher is not None and distill > 0:
         with torch.no_grad():
-            noise = (1 - distill) * noise + distill * teacher(noisy, t, context).sample
+            if guidance > 1.0:
+                if uncond is None:
+                    raise TrainingError("guidance distillation needs the unconditional context")
+                both = teacher(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                               torch.cat([context, uncond.expand_as(context)])).sample
+                c, u = both.chunk(2)
+                target = u + guidance * (c - u)
+            else:
+                target = teacher(noisy, t, context).sample
+            noise = (1 - distill) * noise + distill * target
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
     weight = torch.clamp(snr, max=min_snr_gamma) / snr
     return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -703,7 +723,8 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
                     spec: TrainSpec, latents: torch.Tensor, prompt_index: torch.Tensor, text: torch.Tensor,
                     uncond: torch.Tensor, params: list[torch.nn.Parameter], ema_names: Sequence[str],
                     state_fn: Callable[[], dict[str, torch.Tensor]], teacher: Any = None,
-                    distill: float = 0.0, late_share: float = 0.0, late_t: int = 0) -> dict[str, torch.Tensor]:
+                    distill: float = 0.0, late_share: float = 0.0, late_t: int = 0,
+                    guidance: float = 0.0) -> dict[str, torch.Tensor]:
     """The shared loop of the members and the style adapters; returns the EMA (or final) weights."""
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     named = dict(unet.named_parameters())
@@ -728,7 +749,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill,
-                              late_share, late_t)
+                              late_share, late_t, guidance, uncond.float())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -772,7 +793,8 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     names = [n for n, _ in unet.named_parameters()]
     ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
                           text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
-                          cfg.small_distill, cfg.small_late_share if member == "small" else 0.0, cfg.small_late_t)
+                          cfg.small_distill, cfg.small_late_share if member == "small" else 0.0, cfg.small_late_t,
+                          cfg.small_guidance if member == "small" else 0.0)
     unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
     unet.save_pretrained(str(final), safe_serialization=True)
     flops = unet_flops(unet, cfg.max_length)
@@ -840,7 +862,8 @@ def assemble_family(cfg: ReferenceConfig, out: Path):
         members[m] = UNet2DConditionModel.from_pretrained(str(d), local_files_only=True)
     family = Family(id="reference", version=f"seed{cfg.seed}", text_encoder=load_text_encoder(cfg.max_length),
                     vae=_load_vae(out), scheduler_config=scheduler_config(), members=members,
-                    text_encoder_ref={"package": TEXT_PACKAGE}, metadata={"styles": list(cfg.styles)})
+                    text_encoder_ref={"package": TEXT_PACKAGE}, metadata={"styles": list(cfg.styles)},
+                    guidance_distilled=_guidance_distilled(cfg))
     for style in cfg.styles:
         path = out / "adapters" / f"{style}.safetensors"
         if path.is_file():
@@ -916,7 +939,12 @@ def checkpoint_family(cfg: ReferenceConfig, out: str | Path):
         raise TrainingError(f"{out} has no trained member yet")
     return Family(id="reference", version="checkpoint", text_encoder=load_text_encoder(cfg.max_length),
                   vae=_load_vae(out), scheduler_config=scheduler_config(), members=members,
-                  text_encoder_ref={"package": TEXT_PACKAGE})
+                  text_encoder_ref={"package": TEXT_PACKAGE},
+                  guidance_distilled=_guidance_distilled(cfg) if "small" in members else {})
+
+
+def _guidance_distilled(cfg: ReferenceConfig) -> dict[str, float]:
+    return {"small": cfg.small_guidance} if cfg.small_guidance else {}
 
 
 def evaluate_fidelity(family: Any, plans: dict[str, str], n: int = 64, seed: int = 777, steps: int = 20,
