@@ -6,7 +6,9 @@ Every number comes from real generation with the engine and is read by the shipp
 - `vae_ceiling`: fidelity, style fidelity and FD of the VAE's reconstructions of held-out renders,
   per style (no denoiser can do better than its VAE);
 - `members`: full-chain prompt fidelity and Fréchet distance (judge features, against renders of
-  the same held-out scenes) of `large` and `small`, and their per-step latency at batch 1 and 8;
+  the same held-out scenes) of `large` and `small`, and their per-step latency at batch 1 and 8
+  (a member the family names in `guidance_distilled` runs at guidance 1, one row a step: its
+  guidance is in its weights; `family.guidance_distilled` in the JSON says which);
 - `relay`: for every handoff step k (large for 0..k, small for k..T) fidelity, FD, the latent's
   shift at the handoff, and the speedup: full-large wall time / relay wall time, both timed in this
   run as the minimum of `repeats` runs of the same requests (the minimum filters out the other
@@ -265,7 +267,9 @@ def bench_quality(
         if m not in family.members:
             raise ValueError(f"family {cfg.family!r} has no member {m!r} (members: {sorted(family.members)})")
     world = World(family.image_size)
-    out: dict[str, Any] = {"hardware": hardware(), "family": {"id": family.id, "version": family.version},
+    out: dict[str, Any] = {"hardware": hardware(),
+                           "family": {"id": family.id, "version": family.version,
+                                      "guidance_distilled": dict(family.guidance_distilled)},
                            "config": _jsonable(asdict(cfg))}  # fmt: skip
 
     # ---- judge ------------------------------------------------------------------------------
