@@ -240,6 +240,30 @@ def test_guidance_distillation_targets_the_teachers_guided_prediction():
         loss(Const(5.0), cond, 4.0, None)
 
 
+def test_style_adapters_on_a_guidance_distilled_member_keep_its_guidance():
+    """The shift is (g-1)/g * (base(c) - base(u)) with the adapter off, and the adapter is back on after."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from relaydiff.engine.family import tiny_unet_config
+    from relaydiff.models.reference import _base_guidance_shift
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**tiny_unet_config(8, 16)).eval()
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 900])
+    ctx, uncond = torch.randn(3, 5, 16), torch.zeros(5, 16)
+    with torch.no_grad():
+        base_c, base_u = unet(x, t, ctx).sample, unet(x, t, uncond.expand_as(ctx)).sample
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False),
+                     adapter_name="style")
+    with torch.no_grad():
+        adapted = unet(x, t, ctx).sample
+        shift = _base_guidance_shift(unet, uncond, 4.0)(x, t, ctx)
+        assert torch.allclose(shift, 0.75 * (base_c - base_u), atol=1e-5)
+        assert torch.equal(unet(x, t, ctx).sample, adapted)  # the adapter is active again
+        assert float(_base_guidance_shift(unet, uncond, 4.0)(x, t, uncond.expand_as(ctx)).abs().max()) == 0.0
+
+
 def test_late_share_draws_late_timesteps():
     from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
 
@@ -282,7 +306,8 @@ def test_small_distills_from_the_run_large(tiny_run, tmp_path):
     run.mkdir()
     for name in ("data", "vae", "unet_large"):
         shutil.copytree(out / name, run / name)
-    train_reference(dcfg, run, stages=["small"], quiet=True)
+    train_reference(dcfg, run, stages=["small", "styles"], quiet=True)  # styles keep the base's guidance
+    assert all((run / "adapters" / f"{s}.safetensors").is_file() for s in dcfg.styles)
     from safetensors.torch import load_file
 
     a = load_file(str(run / "unet_small" / "diffusion_pytorch_model.safetensors"))

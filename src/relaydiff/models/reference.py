@@ -680,13 +680,15 @@ def _resume(ckpt: Checkpoint, resume: bool, models: dict[str, torch.nn.Module], 
 def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alphas_cumprod: torch.Tensor,
                    gen: torch.Generator, min_snr_gamma: float, teacher: Any = None,
                    distill: float = 0.0, late_share: float = 0.0, late_t: int = 0,
-                   guidance: float = 0.0, uncond: torch.Tensor | None = None) -> torch.Tensor:
+                   guidance: float = 0.0, uncond: torch.Tensor | None = None,
+                   target_shift: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
     """Epsilon-prediction loss with min-SNR-gamma weights (faster convergence on a small budget).
 
     With a ``teacher`` the target is ``(1 - distill) * noise + distill * teacher's prediction``: the
     teacher's prediction is the conditional mean of the noise, a lower-variance target than the noise.
     With ``guidance`` > 1 that prediction is the teacher's CFG one, ``u + guidance * (c - u)`` with
     ``u`` its prediction on ``uncond`` [L, D] (rows whose context is ``uncond`` get ``u``).
+    ``target_shift(noisy, t, context)`` is added to the target (see `_base_guidance_shift`).
     ``late_share`` of the samples take t uniform in [0, late_t) instead of over every timestep.
     """
     n = latents.shape[0]
@@ -710,6 +712,9 @@ def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alph
             else:
                 target = teacher(noisy, t, context).sample
             noise = (1 - distill) * noise + distill * target
+    if target_shift is not None:
+        with torch.no_grad():
+            noise = noise + target_shift(noisy, t, context)
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
     weight = torch.clamp(snr, max=min_snr_gamma) / snr
     return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
@@ -724,7 +729,8 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
                     uncond: torch.Tensor, params: list[torch.nn.Parameter], ema_names: Sequence[str],
                     state_fn: Callable[[], dict[str, torch.Tensor]], teacher: Any = None,
                     distill: float = 0.0, late_share: float = 0.0, late_t: int = 0,
-                    guidance: float = 0.0) -> dict[str, torch.Tensor]:
+                    guidance: float = 0.0,
+                    target_shift: Callable[..., torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The shared loop of the members and the style adapters; returns the EMA (or final) weights."""
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     named = dict(unet.named_parameters())
@@ -749,7 +755,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill,
-                              late_share, late_t, guidance, uncond.float())
+                              late_share, late_t, guidance, uncond.float(), target_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -803,6 +809,32 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
          "loss": Checkpoint(out, member).state().get("loss")}, indent=1))
 
 
+def _base_guidance_shift(unet: Any, uncond: torch.Tensor, guidance: float) -> Callable[..., torch.Tensor]:
+    """Keeps a style adapter on a guidance-distilled member guided.
+
+    The base B gives the guided prediction in one pass, B(c) - B(u) ~ g (c - u) of its teacher, and
+    the adapted member runs at guidance 1 as well. Its plain target, the noise, estimates the style's
+    conditional prediction S_c; the guided one is S_c + (g - 1)(S_c - S_u). Taking the style's
+    guidance direction to be the base's, the target becomes noise + (g - 1) / g * (B(c) - B(u)),
+    with B the member with its adapters off (0 on rows whose context is the empty prompt)."""
+    scale = (guidance - 1.0) / guidance
+
+    def shift(noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        was_training = unet.training
+        unet.eval()
+        unet.disable_adapters()
+        try:
+            both = unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
+                        torch.cat([context, uncond.expand_as(context)])).sample
+        finally:
+            unet.enable_adapters()
+            unet.train(was_training)
+        c, u = both.chunk(2)
+        return scale * (c - u)
+
+    return shift
+
+
 def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
     """One LoRA per style on the small member (layers in ``cfg.lora_targets``), in the engine's adapter file format."""
     from diffusers import UNet2DConditionModel
@@ -832,8 +864,9 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
         names = [n for n, p in unet.named_parameters() if "lora_" in n]
         state_fn = lambda u=unet, ns=tuple(names): {n: p.detach() for n, p in u.named_parameters() if n in ns}  # noqa: E731
         latents = all_latents[style]
+        shift = _base_guidance_shift(unet, uncond[0].float(), cfg.small_guidance) if cfg.small_guidance else None
         _train_denoiser(cfg, out, progress, run, f"style-{style}", unet, cfg.style_train, latents,
-                        torch.arange(len(latents)), text, uncond[0], params, names, state_fn)
+                        torch.arange(len(latents)), text, uncond[0], params, names, state_fn, target_shift=shift)
         write_adapter_file(path, get_peft_model_state_dict(unet, adapter_name=style), member="small",
                            rank=cfg.lora_rank, alpha=float(cfg.lora_rank), targets=cfg.lora_targets, style=style)
 
