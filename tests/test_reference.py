@@ -183,17 +183,20 @@ def test_style_adapter_files_carry_the_engine_metadata(tiny_run):
                     "targets": sorted(cfg.lora_targets), "style": "outline"}
 
 
+class Const(torch.nn.Module):
+    """A denoiser that predicts one value everywhere."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, t, ctx):
+        return type("Out", (), {"sample": torch.full_like(x, self.value)})()
+
+
 def test_distillation_target_mixes_noise_and_teacher():
     """distill=1 regresses on the teacher's prediction, distill=0 on the noise, 0.5 halfway."""
     from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
-
-    class Const(torch.nn.Module):
-        def __init__(self, value):
-            super().__init__()
-            self.value = value
-
-        def forward(self, x, t, ctx):
-            return type("Out", (), {"sample": torch.full_like(x, self.value)})()
 
     acp = _alphas_cumprod(scheduler_config())
     z, ctx = torch.zeros(64, 4, 8, 8), torch.zeros(64, 3, 16)
@@ -215,14 +218,6 @@ def test_guidance_distillation_targets_the_teachers_guided_prediction():
         def forward(self, x, t, ctx):
             v = torch.where(ctx.abs().sum(dim=(1, 2)) > 0, 2.0, 1.0).view(-1, 1, 1, 1)
             return type("Out", (), {"sample": v.expand_as(x).clone()})()
-
-    class Const(torch.nn.Module):
-        def __init__(self, value):
-            super().__init__()
-            self.value = value
-
-        def forward(self, x, t, ctx):
-            return type("Out", (), {"sample": torch.full_like(x, self.value)})()
 
     acp = _alphas_cumprod(scheduler_config())
     z, uncond = torch.zeros(32, 4, 8, 8), torch.zeros(3, 16)
