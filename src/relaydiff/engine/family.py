@@ -427,7 +427,7 @@ def _guidance_distilled(manifest: dict[str, Any], where: Path) -> dict[str, floa
     if not isinstance(raw, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                             for v in raw.values()):
         raise FamilyError(f"'guidance_distilled' in {where} must map member names to guidance scales")
-    return {str(k): float(v) for k, v in raw.items()}
+    return dict(raw)  # Family checks the members and scales
 
 
 def _require(path: Path, what: str) -> Path:

@@ -705,9 +705,7 @@ def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alph
             if guidance > 1.0:
                 if uncond is None:
                     raise TrainingError("guidance distillation needs the unconditional context")
-                both = teacher(torch.cat([noisy, noisy]), torch.cat([t, t]),
-                               torch.cat([context, uncond.expand_as(context)])).sample
-                c, u = both.chunk(2)
+                c, u = _cond_uncond(teacher, noisy, t, context, uncond)
                 target = u + guidance * (c - u)
             else:
                 target = teacher(noisy, t, context).sample
@@ -718,6 +716,14 @@ def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alph
     snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
     weight = torch.clamp(snr, max=min_snr_gamma) / snr
     return (weight * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+
+
+def _cond_uncond(unet: Any, noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predictions on ``context`` and on the empty prompt ``uncond`` [L, D], in one batch."""
+    both = unet(torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([context, uncond.expand_as(context)])).sample
+    c, u = both.chunk(2)
+    return c, u
 
 
 def _should_stop(run: RunOptions, step: int, start: int) -> bool:
@@ -745,17 +751,18 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
     acp = _alphas_cumprod(scheduler_config())
     task = progress.start(stage, spec.steps, start)
     losses: list[float] = []
+    uncond = uncond.float()
     unet.train()
     for step in range(start, spec.steps):
         rng, gen = _rng(cfg.seed, stage, step)
         rows = torch.from_numpy(rng.integers(0, len(latents), spec.batch_size))
         drop = torch.from_numpy(rng.random(spec.batch_size) < cfg.cfg_dropout)
         ctx = text[prompt_index[rows]].float()
-        ctx[drop] = uncond.float()
+        ctx[drop] = uncond
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill,
-                              late_share, late_t, guidance, uncond.float(), target_shift)
+                              late_share, late_t, guidance, uncond, target_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -824,12 +831,10 @@ def _base_guidance_shift(unet: Any, uncond: torch.Tensor, guidance: float) -> Ca
         unet.eval()
         unet.disable_adapters()
         try:
-            both = unet(torch.cat([noisy, noisy]), torch.cat([t, t]),
-                        torch.cat([context, uncond.expand_as(context)])).sample
+            c, u = _cond_uncond(unet, noisy, t, context, uncond)
         finally:
             unet.enable_adapters()
             unet.train(was_training)
-        c, u = both.chunk(2)
         return scale * (c - u)
 
     return shift
@@ -896,7 +901,7 @@ def assemble_family(cfg: ReferenceConfig, out: Path):
     family = Family(id="reference", version=f"seed{cfg.seed}", text_encoder=load_text_encoder(cfg.max_length),
                     vae=_load_vae(out), scheduler_config=scheduler_config(), members=members,
                     text_encoder_ref={"package": TEXT_PACKAGE}, metadata={"styles": list(cfg.styles)},
-                    guidance_distilled=_guidance_distilled(cfg))
+                    guidance_distilled=_distilled_members(cfg))
     for style in cfg.styles:
         path = out / "adapters" / f"{style}.safetensors"
         if path.is_file():
@@ -973,10 +978,10 @@ def checkpoint_family(cfg: ReferenceConfig, out: str | Path):
     return Family(id="reference", version="checkpoint", text_encoder=load_text_encoder(cfg.max_length),
                   vae=_load_vae(out), scheduler_config=scheduler_config(), members=members,
                   text_encoder_ref={"package": TEXT_PACKAGE},
-                  guidance_distilled=_guidance_distilled(cfg) if "small" in members else {})
+                  guidance_distilled=_distilled_members(cfg) if "small" in members else {})
 
 
-def _guidance_distilled(cfg: ReferenceConfig) -> dict[str, float]:
+def _distilled_members(cfg: ReferenceConfig) -> dict[str, float]:
     return {"small": cfg.small_guidance} if cfg.small_guidance else {}
 
 
