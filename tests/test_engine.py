@@ -69,6 +69,28 @@ def test_adapters_never_share_a_unet_call(tiny, monkeypatch):
     assert not torch.allclose(results[0].latents, results[1].latents)
 
 
+def test_finished_chains_are_decoded_together_and_give_each_alone_image(tiny, monkeypatch):
+    reqs = [Request(f"a red circle {i}", steps=4, seed=i) for i in range(5)]
+    plans = [Plan.single("large", 4)] * 5
+    calls = []
+    original = type(tiny).decode
+
+    def spy(self, latents):
+        calls.append(latents.shape[0])
+        return original(self, latents)
+
+    monkeypatch.setattr(type(tiny), "decode", spy)
+    chains = [new_chain(tiny, r, p, stop_at=2 if i == 3 else None) for i, (r, p) in enumerate(zip(reqs, plans))]
+    results = run_chains(tiny, chains, max_batch=3)
+    assert calls == [3, 1]  # four finished chains, max_batch 3; the stopped one is not decoded
+    assert results[3].image is None and results[3].handoff is not None and results[3].handoff.step == 2
+    monkeypatch.setattr(type(tiny), "decode", original)
+    for i in (0, 1, 2, 4):
+        alone = _alone(tiny, reqs[i], plans[i]).image
+        assert results[i].image.shape == alone.shape and results[i].image.dtype == np.uint8
+        assert np.abs(results[i].image.astype(int) - alone.astype(int)).max() <= 1
+
+
 def test_relay_accounting(tiny):
     req = Request("a red circle", steps=8, guidance=3.0, seed=0)
     (res,) = generate(tiny, [req], [parse_plan("large@edge:0-3,small+style_a@device:3-8")])

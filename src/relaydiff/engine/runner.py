@@ -30,15 +30,19 @@ class Result:
     handoff: Any = None                     # relaydiff.engine.handoff.Handoff when stopped
 
 
-def _finish(family: Family, chains: list[Chain]) -> list[Result]:
-    results = []
-    for c in chains:
-        res = Result(request=c.request, plan=c.plan, latents=c.latents.clone(), accounting=c.accounting.to_dict())
-        if c.done:
-            res.image = family.decode(c.latents)[0]
-        else:
+def _finish(family: Family, chains: list[Chain], max_batch: int = 16) -> list[Result]:
+    """Results in chain order; finished chains are decoded together, ``max_batch`` latents a VAE call
+    (one call per image cost a 20-step relay of 8 requests 7% of its time on the 16x16 family)."""
+    results = [Result(request=c.request, plan=c.plan, latents=c.latents.clone(), accounting=c.accounting.to_dict())
+               for c in chains]
+    done = [i for i, c in enumerate(chains) if c.done]
+    for start in range(0, len(done), max_batch):
+        rows = done[start : start + max_batch]
+        for i, image in zip(rows, family.decode(torch.cat([chains[i].latents for i in rows]))):
+            results[i].image = image
+    for res, c in zip(results, chains):
+        if not c.done:
             res.handoff = to_handoff(family, c)
-        results.append(res)
     return results
 
 
@@ -58,7 +62,7 @@ def run_chains(family: Family, chains: list[Chain], *, max_batch: int = 16) -> l
         if not (c.done or c.stopped):
             ex.submit(c)
     ex.run()
-    return _finish(family, chains)
+    return _finish(family, chains, max_batch)
 
 
 # ---- handoffs -----------------------------------------------------------------------------
