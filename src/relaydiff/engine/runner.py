@@ -32,7 +32,7 @@ class Result:
 
 def _finish(family: Family, chains: list[Chain], max_batch: int = 16) -> list[Result]:
     """Results in chain order; finished chains are decoded together, ``max_batch`` latents a VAE call
-    (one call per image cost a 20-step relay of 8 requests 7% of its time on the 16x16 family)."""
+    (8 images on the 16x16 VAE: 69 ms one call each, 34 ms in one call, 2-core CPU)."""
     results = [Result(request=c.request, plan=c.plan, latents=c.latents.clone(), accounting=c.accounting.to_dict())
                for c in chains]
     done = [i for i, c in enumerate(chains) if c.done]
