@@ -148,6 +148,14 @@ def test_bad_inputs_are_refused(tiny_run, tmp_path):
         train_reference(cfg, tmp_path / "y", stages=["styles"], quiet=True)
     with pytest.raises(TrainingError, match="member"):
         build_unet("medium", cfg)
+    with pytest.raises(TrainingError, match="unknown device"):
+        train_reference(cfg, tmp_path / "d", stages=["vae"], quiet=True, device="gpu0")
+    with pytest.raises(TrainingError, match="expected cpu"):
+        train_reference(cfg, tmp_path / "d", stages=["vae"], quiet=True, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="no CUDA GPU"):
+            train_reference(cfg, tmp_path / "d", stages=["vae"], quiet=True, device="cuda")
+    assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
 def test_extending_a_constant_lr_stage_is_allowed(tiny_run, tmp_path):
@@ -257,6 +265,16 @@ def test_style_adapters_on_a_guidance_distilled_member_keep_its_guidance():
         assert torch.allclose(shift, 0.75 * (base_c - base_u), atol=1e-5)
         assert torch.equal(unet(x, t, ctx).sample, adapted)  # the adapter is active again
         assert float(_base_guidance_shift(unet, uncond, 4.0)(x, t, uncond.expand_as(ctx)).abs().max()) == 0.0
+        # the adapted member's own direction: the adapter stays on, and it is not the base's
+        own = _base_guidance_shift(unet, uncond, 4.0, "adapter")(x, t, ctx)
+        adapted_u = unet(x, t, uncond.expand_as(ctx)).sample
+        assert torch.allclose(own, 0.75 * (adapted - adapted_u), atol=1e-5)
+        assert not torch.allclose(own, shift, atol=1e-3)
+        assert torch.equal(unet(x, t, ctx).sample, adapted)
+    with pytest.raises(TrainingError, match="direction"):
+        _base_guidance_shift(unet, uncond, 4.0, "teacher")
+    with pytest.raises(TrainingError, match="style_guidance_direction"):
+        tiny_config(style_guidance_direction="teacher")
 
 
 def test_late_share_draws_late_timesteps():
@@ -303,6 +321,16 @@ def test_small_distills_from_the_run_large(tiny_run, tmp_path):
         shutil.copytree(out / name, run / name)
     train_reference(dcfg, run, stages=["small", "styles"], quiet=True)  # styles keep the base's guidance
     assert all((run / "adapters" / f"{s}.safetensors").is_file() for s in dcfg.styles)
+    # the adapter's own guidance direction trains other adapters on the same small member
+    own = tmp_path / "own"
+    shutil.copytree(run, own, ignore=shutil.ignore_patterns("adapters", "style-*"))
+    (own / "config.json").unlink()
+    train_reference(tiny_config(small_distill=1.0, small_guidance=3.0, style_guidance_direction="adapter"), own,
+                    stages=["styles"], quiet=True)
+    from safetensors.torch import load_file as _load
+    base_dark, own_dark = (_load(str(r / "adapters" / "dark.safetensors")) for r in (run, own))
+    assert base_dark.keys() == own_dark.keys()
+    assert any(not torch.equal(base_dark[k], own_dark[k]) for k in base_dark)
     from safetensors.torch import load_file
 
     a = load_file(str(run / "unet_small" / "diffusion_pytorch_model.safetensors"))

@@ -53,6 +53,24 @@ class RunOptions:
 
     resume: bool = False
     stop_after: int | None = None
+    # where the stages compute. Random draws stay on the CPU's generators (see `_rng`), so a run on
+    # a GPU draws the same batches and noise as one on the CPU; only float rounding differs.
+    device: str = "cpu"
+
+
+def _device(name: str) -> torch.device:
+    """A usable torch device, or a clear error (not a crash deep inside the first stage)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainingError(f"unknown device {name!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r}: this torch build or machine has no CUDA GPU")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"device {name!r}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise TrainingError(f"device {name!r}: expected cpu, cuda[:N] or mps")
+    return dev
 
 
 @dataclass
@@ -131,6 +149,11 @@ class ReferenceConfig:
     # classifier-free-guided prediction at this scale, so that the device member gives guided steps
     # in one U-Net pass (half the rows of CFG); 0: the teacher's conditional prediction
     small_guidance: float = 0.0
+    # on a guidance-distilled small member, whose guidance direction a style adapter's target keeps:
+    # "base" the member's own with its adapters off; "adapter" the adapted member's (no gradient),
+    # which follows the style where the prompt and the style disagree (dark mode on a prompt that
+    # says "white background": the base's direction pulls back towards white)
+    style_guidance_direction: str = "base"
     # styles
     styles: tuple[str, ...] = USER_STYLES
     lora_rank: int = 16
@@ -150,6 +173,9 @@ class ReferenceConfig:
             raise TrainingError(f"small_late_t must be a timestep in 1..1000, got {self.small_late_t}")
         if self.small_guidance != 0.0 and not 1.0 < self.small_guidance <= 50.0:
             raise TrainingError(f"small_guidance must be 0 (off) or in (1, 50], got {self.small_guidance}")
+        if self.style_guidance_direction not in ("base", "adapter"):
+            raise TrainingError(f"style_guidance_direction must be 'base' or 'adapter', got "
+                                f"{self.style_guidance_direction!r}")
         if self.small_guidance and not self.small_distill:
             raise TrainingError("small_guidance distils the large member's guided prediction: it needs small_distill > 0")
 
@@ -481,7 +507,7 @@ def _train_autoencoder(cfg: ReferenceConfig, progress: Progress, run: RunOptions
         rng, _ = _rng(cfg.seed, stage, step)
         idx = rng.integers(0, cfg.n_train, spec.batch_size)
         styles = [STYLES[int(s)] for s in rng.integers(0, len(STYLES), spec.batch_size)]
-        x = _to_tensor(world.render_many([batch.scenes[i] for i in idx], styles))
+        x = _to_tensor(world.render_many([batch.scenes[i] for i in idx], styles)).to(run.device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
         loss = loss_fn(x)
@@ -508,7 +534,7 @@ def stage_vae(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptio
         progress.note("vae: done")
         return
     torch.manual_seed(_stage_seed(cfg.seed, "vae-init", 0))
-    vae = build_vae(cfg)
+    vae = build_vae(cfg).to(run.device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     ckpt = Checkpoint(out, "vae")
     start = _resume(ckpt, run.resume, {"model": vae}, opt)
@@ -526,7 +552,7 @@ def stage_vae(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptio
     vae.train()
     _train_autoencoder(cfg, progress, run, ckpt, "vae", vae, list(vae.parameters()), opt, spec, start, loss_fn,
                        clip=10.0, checkpoint_every=200)
-    vae.eval()
+    vae.eval().to("cpu")
     _encode_latents(cfg, out, vae, batch, world, progress)
 
 
@@ -574,7 +600,7 @@ def stage_decoder(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunO
     if done.is_file():
         progress.note("decoder: done")
         return
-    vae = _load_vae(out)
+    vae = _load_vae(out).to(run.device)
     vae.requires_grad_(False)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for p in params:
@@ -592,7 +618,7 @@ def stage_decoder(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunO
     vae.decoder.train()
     _train_autoencoder(cfg, progress, run, ckpt, "decoder", vae, params, opt, spec, start, loss_fn,
                        clip=1.0, checkpoint_every=100)
-    vae.eval()
+    vae.eval().to("cpu")
     vae.save_pretrained(str(out / "vae"), safe_serialization=True)
     batch = training_set(cfg)
     with torch.no_grad():
@@ -673,7 +699,8 @@ def _resume(ckpt: Checkpoint, resume: bool, models: dict[str, torch.nn.Module], 
                                 f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     _load_optimizer_tensors(opt, ckpt.load("optimizer"))
     if ema is not None:
-        ema.update(ckpt.load("ema"))
+        device = next(next(iter(models.values())).parameters()).device
+        ema.update({k: v.to(device) for k, v in ckpt.load("ema").items()})
     return int(ckpt.state()["step"])
 
 
@@ -696,7 +723,9 @@ def denoising_loss(unet: Any, latents: torch.Tensor, context: torch.Tensor, alph
     if late_share > 0:
         late = torch.rand(n, generator=gen) < late_share
         t = torch.where(late, torch.randint(0, late_t, (n,), generator=gen), t)
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = torch.randn(latents.shape, generator=gen).to(latents.device)  # drawn on the CPU: same on every device
+    t = t.to(latents.device)
+    alphas_cumprod = alphas_cumprod.to(latents.device)
     a = alphas_cumprod[t].view(n, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     pred = unet(noisy, t, context).sample
@@ -748,20 +777,21 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
         missing = set(state_fn()) - set(ckpt.load("lora"))
         if missing:
             raise TrainingError(f"checkpoint {ckpt.dir} lacks adapter weights {sorted(missing)[:3]}")
-    acp = _alphas_cumprod(scheduler_config())
+    device = next(unet.parameters()).device
+    acp = _alphas_cumprod(scheduler_config()).to(device)
     task = progress.start(stage, spec.steps, start)
     losses: list[float] = []
-    uncond = uncond.float()
+    uncond = uncond.float().to(device)
     unet.train()
     for step in range(start, spec.steps):
         rng, gen = _rng(cfg.seed, stage, step)
         rows = torch.from_numpy(rng.integers(0, len(latents), spec.batch_size))
         drop = torch.from_numpy(rng.random(spec.batch_size) < cfg.cfg_dropout)
-        ctx = text[prompt_index[rows]].float()
-        ctx[drop] = uncond
+        ctx = text[prompt_index[rows]].float().to(device)
+        ctx[drop.to(device)] = uncond
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, spec)
-        loss = denoising_loss(unet, latents[rows].float(), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill,
+        loss = denoising_loss(unet, latents[rows].float().to(device), ctx, acp, gen, cfg.min_snr_gamma, teacher, distill,
                               late_share, late_t, guidance, uncond, target_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -792,7 +822,7 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     text, uncond = _load_text(out)
     latents = _load_latents(out)["plain"]
     torch.manual_seed(_stage_seed(cfg.seed, f"{member}-init", 0))
-    unet = build_unet(member, cfg)
+    unet = build_unet(member, cfg).to(run.device)
     spec = cfg.large_train if member == "large" else cfg.small_train
     teacher = None
     if member == "small" and cfg.small_distill > 0:
@@ -802,13 +832,14 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
             raise TrainingError(f"small_distill needs the trained large member in {out / 'unet_large'}: "
                                 "run the 'large' stage first")
         teacher = UNet2DConditionModel.from_pretrained(str(out / "unet_large"), local_files_only=True)
-        teacher.eval().requires_grad_(False)
+        teacher.eval().requires_grad_(False).to(run.device)
     names = [n for n, _ in unet.named_parameters()]
     ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
                           text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
                           cfg.small_distill, cfg.small_late_share if member == "small" else 0.0, cfg.small_late_t,
                           cfg.small_guidance if member == "small" else 0.0)
     unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
+    unet.to("cpu")
     unet.save_pretrained(str(final), safe_serialization=True)
     flops = unet_flops(unet, cfg.max_length)
     (final / "train_record.json").write_text(json.dumps(
@@ -816,24 +847,31 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
          "loss": Checkpoint(out, member).state().get("loss")}, indent=1))
 
 
-def _base_guidance_shift(unet: Any, uncond: torch.Tensor, guidance: float) -> Callable[..., torch.Tensor]:
+def _base_guidance_shift(unet: Any, uncond: torch.Tensor, guidance: float,
+                         direction: str = "base") -> Callable[..., torch.Tensor]:
     """Keeps a style adapter on a guidance-distilled member guided.
 
     The base B gives the guided prediction in one pass, B(c) - B(u) ~ g (c - u) of its teacher, and
     the adapted member runs at guidance 1 as well. Its plain target, the noise, estimates the style's
     conditional prediction S_c; the guided one is S_c + (g - 1)(S_c - S_u). Taking the style's
-    guidance direction to be the base's, the target becomes noise + (g - 1) / g * (B(c) - B(u)),
-    with B the member with its adapters off (0 on rows whose context is the empty prompt)."""
+    guidance direction to be that of a one-pass guided member M, (M(c) - M(u)) / g, the target
+    becomes noise + (g - 1) / g * (M(c) - M(u)) (0 on rows whose context is the empty prompt).
+    ``direction`` "base": M is the member with its adapters off; "adapter": M is the adapted member
+    as it trains (no gradient through the target), so the direction follows the style."""
+    if direction not in ("base", "adapter"):
+        raise TrainingError(f"style guidance direction must be 'base' or 'adapter', got {direction!r}")
     scale = (guidance - 1.0) / guidance
 
     def shift(noisy: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         was_training = unet.training
         unet.eval()
-        unet.disable_adapters()
+        if direction == "base":
+            unet.disable_adapters()
         try:
             c, u = _cond_uncond(unet, noisy, t, context, uncond)
         finally:
-            unet.enable_adapters()
+            if direction == "base":
+                unet.enable_adapters()
             unet.train(was_training)
         return scale * (c - u)
 
@@ -863,16 +901,18 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
         torch.manual_seed(_stage_seed(cfg.seed, f"lora-{style}-init", 0))
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=list(cfg.lora_targets),
                                     init_lora_weights=True), adapter_name=style)
+        unet.to(run.device)
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
         for p in params:
             p.requires_grad_(True)
         names = [n for n, p in unet.named_parameters() if "lora_" in n]
         state_fn = lambda u=unet, ns=tuple(names): {n: p.detach() for n, p in u.named_parameters() if n in ns}  # noqa: E731
         latents = all_latents[style]
-        shift = _base_guidance_shift(unet, uncond[0].float(), cfg.small_guidance) if cfg.small_guidance else None
+        shift = (_base_guidance_shift(unet, uncond[0].float().to(run.device), cfg.small_guidance,
+                                      cfg.style_guidance_direction) if cfg.small_guidance else None)
         _train_denoiser(cfg, out, progress, run, f"style-{style}", unet, cfg.style_train, latents,
                         torch.arange(len(latents)), text, uncond[0], params, names, state_fn, target_shift=shift)
-        write_adapter_file(path, get_peft_model_state_dict(unet, adapter_name=style), member="small",
+        write_adapter_file(path, {k: v.cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=style).items()}, member="small",
                            rank=cfg.lora_rank, alpha=float(cfg.lora_rank), targets=cfg.lora_targets, style=style)
 
 
@@ -1040,13 +1080,14 @@ def _check_out(cfg: ReferenceConfig, out: Path, resume: bool) -> None:
 def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = False,
                     stages: Sequence[str] = STAGES, export_to: str | Path | None = None,
                     stop_after: int | None = None, quiet: bool = False,
-                    from_family: str | Path | None = None) -> dict[str, Any]:
+                    from_family: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
     """Run the requested stages in order (finished ones are skipped).
 
     Returns the exported manifest (empty when nothing was exported) or ``{"stopped": why}`` when
     ``stop_after`` steps of a stage ran in this invocation (a checkpoint is written first).
     ``from_family`` (a family directory, or "reference" for the shipped one) seeds the run with that
-    family's VAE and large member (`seed_from_family`) before the stages run.
+    family's VAE and large member (`seed_from_family`) before the stages run. ``device`` is where
+    the training steps run ("cuda" on a GPU machine); data and latents are encoded on the CPU.
     """
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
@@ -1054,9 +1095,10 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
         raise TrainingError(f"unknown stages {unknown}; expected some of {STAGES}")
     if stop_after is not None and stop_after < 1:
         raise TrainingError(f"stop_after must be >= 1, got {stop_after}")
+    dev = _device(device)
     _check_out(cfg, out, resume)
     torch.set_num_threads(cfg.threads)
-    run = RunOptions(resume=resume, stop_after=stop_after)
+    run = RunOptions(resume=resume, stop_after=stop_after, device=str(dev))
     manifest: dict[str, Any] = {}
     with Progress(quiet) as progress:
         if from_family is not None:
