@@ -404,3 +404,50 @@ def test_shipped_family_generates(shipped):
     (res,) = generate(shipped, [req], [parse_plan(f"large:0-2,small+{style}:2-4")])
     assert res.image.shape == (32, 32, 3)
     assert res.image.std() > 10
+
+
+def test_large_continue_trains_the_trained_large_member_again(tiny_run, tmp_path):
+    """A second phase from the saved weights (its own draws and checkpoints) replaces unet_large once."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cfg, out, _ = tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("data", "vae", "unet_large"):
+        shutil.copytree(out / name, run / name)
+    spec = TrainSpec(steps=3, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2)
+    ccfg = tiny_config(large_continue=spec, object_count_weights=(0.0, 1.0, 1.0))
+    before = load_file(str(out / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    assert train_reference(ccfg, run, stages=["large-continue"], stop_after=2, quiet=True)["stopped"]
+    train_reference(ccfg, run, stages=["large-continue"], resume=True, quiet=True)
+    after = load_file(str(run / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+    record = json.loads((run / "unet_large" / "train_record.json").read_text())
+    assert record["continued"]["steps"] == 3
+    train_reference(ccfg, run, stages=["large-continue"], quiet=True)  # done: nothing changes
+    assert torch.equal(load_file(str(run / "unet_large" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"],
+                       after["conv_in.weight"])
+    longer = tiny_config(large_continue=TrainSpec(steps=5, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2),
+                         object_count_weights=(0.0, 1.0, 1.0))
+    with pytest.raises(TrainingError, match="continued for 3 steps"):
+        train_reference(longer, run, stages=["large-continue"], resume=True, quiet=True)
+    assert ReferenceConfig.from_dict(json.loads(json.dumps(ccfg.to_dict()))) == ccfg  # round trip
+    # not configured: the stage is skipped, nothing is written
+    train_reference(cfg, tmp_path / "skip", stages=["large-continue"], quiet=True)
+    assert not (tmp_path / "skip" / "checkpoints").exists()
+
+
+def test_object_count_weights_steer_the_batches():
+    from relaydiff.models.reference import _row_weights, training_set
+
+    assert _row_weights(tiny_config()) is None  # uniform: the draws of runs made before the field
+    cfg = tiny_config(object_count_weights=(0.0, 1.0, 3.0))
+    p = _row_weights(cfg).numpy()
+    counts = np.array([len(s.objects) for s in training_set(cfg).scenes])
+    assert p.sum() == pytest.approx(1.0) and (p[counts == 1] == 0).all()
+    assert p[counts == 3][0] == pytest.approx(3 * p[counts == 2][0])
+    for bad in ((1.0, 1.0), (-1.0, 1.0, 1.0), (0.0, 0.0, 0.0)):
+        with pytest.raises(TrainingError, match="object_count_weights"):
+            tiny_config(object_count_weights=bad)

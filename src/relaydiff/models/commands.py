@@ -21,7 +21,7 @@ def register_reference(train: typer.Typer) -> None:
         out: str = typer.Option("runs/reference", help="Run directory (checkpoints, data cache, trained parts)."),
         seed: int = typer.Option(0, help="Seed: the run is a pure function of it."),
         resume: bool = typer.Option(False, "--resume", help="Continue the checkpoints found in --out."),
-        stages: str = typer.Option("data,vae,decoder,large,small,styles,export",
+        stages: str = typer.Option("data,vae,decoder,large,large-continue,small,styles,export",
                                    help="Comma-separated stages to run (finished ones are skipped)."),
         export_to: str = typer.Option("", help="Family directory to export to (default OUT/family; "
                                                 "the shipped one is src/relaydiff/assets/reference)."),

