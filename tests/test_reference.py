@@ -418,7 +418,7 @@ def test_large_continue_trains_the_trained_large_member_again(tiny_run, tmp_path
     for name in ("data", "vae", "unet_large"):
         shutil.copytree(out / name, run / name)
     spec = TrainSpec(steps=3, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2)
-    ccfg = tiny_config(large_continue=spec, object_count_weights=(0.0, 1.0, 1.0))
+    ccfg = tiny_config(large_continue=TrainSpec(**{**spec.__dict__, "object_count_weights": (0.0, 1.0, 1.0)}))
     before = load_file(str(out / "unet_large" / "diffusion_pytorch_model.safetensors"))
     assert train_reference(ccfg, run, stages=["large-continue"], stop_after=2, quiet=True)["stopped"]
     train_reference(ccfg, run, stages=["large-continue"], resume=True, quiet=True)
@@ -429,8 +429,8 @@ def test_large_continue_trains_the_trained_large_member_again(tiny_run, tmp_path
     train_reference(ccfg, run, stages=["large-continue"], quiet=True)  # done: nothing changes
     assert torch.equal(load_file(str(run / "unet_large" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"],
                        after["conv_in.weight"])
-    longer = tiny_config(large_continue=TrainSpec(steps=5, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2),
-                         object_count_weights=(0.0, 1.0, 1.0))
+    longer = tiny_config(large_continue=TrainSpec(steps=5, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2,
+                                                  object_count_weights=(0.0, 1.0, 1.0)))
     with pytest.raises(TrainingError, match="continued for 3 steps"):
         train_reference(longer, run, stages=["large-continue"], resume=True, quiet=True)
     assert ReferenceConfig.from_dict(json.loads(json.dumps(ccfg.to_dict()))) == ccfg  # round trip
@@ -442,12 +442,14 @@ def test_large_continue_trains_the_trained_large_member_again(tiny_run, tmp_path
 def test_object_count_weights_steer_the_batches():
     from relaydiff.models.reference import _row_weights, training_set
 
-    assert _row_weights(tiny_config()) is None  # uniform: the draws of runs made before the field
-    cfg = tiny_config(object_count_weights=(0.0, 1.0, 3.0))
-    p = _row_weights(cfg).numpy()
-    counts = np.array([len(s.objects) for s in training_set(cfg).scenes])
-    assert p.sum() == pytest.approx(1.0) and (p[counts == 1] == 0).all()
+    cfg = tiny_config()
+    assert _row_weights(cfg, cfg.large_train, 48) is None  # uniform: the draws of runs made before the field
+    spec = TrainSpec(steps=4, batch_size=4, lr=1e-3, object_count_weights=[0, 1, 3])
+    assert spec.object_count_weights == (0.0, 1.0, 3.0)
+    p = _row_weights(cfg, spec, 40).numpy()
+    counts = np.array([len(s.objects) for s in training_set(cfg).scenes[:40]])
+    assert len(p) == 40 and p.sum() == pytest.approx(1.0) and (p[counts == 1] == 0).all()
     assert p[counts == 3][0] == pytest.approx(3 * p[counts == 2][0])
     for bad in ((1.0, 1.0), (-1.0, 1.0, 1.0), (0.0, 0.0, 0.0)):
         with pytest.raises(TrainingError, match="object_count_weights"):
-            tiny_config(object_count_weights=bad)
+            TrainSpec(steps=4, batch_size=4, lr=1e-3, object_count_weights=bad)

@@ -102,6 +102,11 @@ class TrainSpec:
     decay_steps: int = 0
 
     def __post_init__(self) -> None:
+        self.object_count_weights = tuple(float(w) for w in self.object_count_weights)
+        w = self.object_count_weights
+        if len(w) != 3 or min(w) < 0 or not sum(w) > 0:
+            raise TrainingError(f"object_count_weights must be 3 weights >= 0 (1, 2, 3 objects) with a positive "
+                                f"sum, got {w}")
         if not 0 <= self.decay_steps <= self.steps:
             raise TrainingError(f"decay_steps must be in 0..steps ({self.steps}), got {self.decay_steps}")
         if self.decay_steps and self.cosine:
@@ -109,6 +114,9 @@ class TrainSpec:
     ema_decay: float = 0.999
     weight_decay: float = 0.01
     checkpoint_every: int = 250
+    # sampling weights of 1-, 2- and 3-object scenes in this stage's batches: multi-object prompts
+    # are where fidelity is lost (1-object ones score ~0.99), so compute can be steered to them
+    object_count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -141,9 +149,6 @@ class ReferenceConfig:
                                                                      decay_steps=1500, checkpoint_every=100))
     # a second training phase of the large member from its trained weights (stage 'large-continue')
     large_continue: TrainSpec | None = None
-    # sampling weights of 1-, 2- and 3-object scenes in the members' batches: multi-object prompts
-    # are where fidelity is lost (1-object ones score ~0.99), so compute can be steered to them
-    object_count_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     cfg_dropout: float = 0.1
     min_snr_gamma: float = 5.0
     # knowledge distillation of the small member from the trained large one (as BK-SDM does for SD):
@@ -182,10 +187,6 @@ class ReferenceConfig:
             raise TrainingError(f"small_late_t must be a timestep in 1..1000, got {self.small_late_t}")
         if self.small_guidance != 0.0 and not 1.0 < self.small_guidance <= 50.0:
             raise TrainingError(f"small_guidance must be 0 (off) or in (1, 50], got {self.small_guidance}")
-        if len(self.object_count_weights) != 3 or min(self.object_count_weights) < 0 or \
-                not sum(self.object_count_weights) > 0:
-            raise TrainingError(f"object_count_weights must be 3 weights >= 0 (1, 2, 3 objects) with a positive "
-                                f"sum, got {self.object_count_weights}")
         if self.style_guidance_direction not in ("base", "adapter"):
             raise TrainingError(f"style_guidance_direction must be 'base' or 'adapter', got "
                                 f"{self.style_guidance_direction!r}")
@@ -206,7 +207,7 @@ class ReferenceConfig:
         for key in ("large_train", "small_train", "style_train", "large_continue"):
             if d.get(key) is not None:
                 d[key] = TrainSpec(**d[key])
-        for key in ("vae_channels", "styles", "lora_targets", "object_count_weights"):
+        for key in ("vae_channels", "styles", "lora_targets"):
             if key in d:
                 d[key] = tuple(d[key])
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -857,7 +858,8 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
                           text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
                           cfg.small_distill, cfg.small_late_share if member == "small" else 0.0, cfg.small_late_t,
-                          cfg.small_guidance if member == "small" else 0.0, row_weights=_row_weights(cfg))
+                          cfg.small_guidance if member == "small" else 0.0,
+                          row_weights=_row_weights(cfg, spec, len(latents)))
     unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
     unet.to("cpu")
     unet.save_pretrained(str(final), safe_serialization=True)
@@ -867,12 +869,13 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
          "loss": Checkpoint(out, member).state().get("loss")}, indent=1))
 
 
-def _row_weights(cfg: ReferenceConfig) -> torch.Tensor | None:
-    """Probabilities of the training rows from ``object_count_weights`` (None: uniform, the old draws)."""
-    w = cfg.object_count_weights
+def _row_weights(cfg: ReferenceConfig, spec: TrainSpec, n_rows: int) -> torch.Tensor | None:
+    """Probabilities of the first ``n_rows`` training scenes (the rows of a stage's latents) from
+    ``spec.object_count_weights``; None when uniform, which keeps the draws of runs made before."""
+    w = spec.object_count_weights
     if len(set(w)) == 1:
         return None
-    counts = np.array([len(sc.objects) for sc in training_set(cfg).scenes])
+    counts = np.array([len(sc.objects) for sc in training_set(cfg).scenes[:n_rows]])
     p = np.asarray(w, dtype=np.float64)[counts - 1]
     if not p.sum() > 0:
         raise TrainingError(f"object_count_weights {w} give every training scene weight 0")
@@ -905,7 +908,7 @@ def stage_large_continue(cfg: ReferenceConfig, out: Path, progress: Progress, ru
     names = [n for n, _ in unet.named_parameters()]
     ema = _train_denoiser(cfg, out, progress, run, "large-continue", unet, spec, latents,
                           torch.arange(len(latents)), text, uncond[0], list(unet.parameters()), names,
-                          unet.state_dict, row_weights=_row_weights(cfg))
+                          unet.state_dict, row_weights=_row_weights(cfg, spec, len(latents)))
     unet.load_state_dict(ema, strict=False)
     unet.to("cpu")
     unet.save_pretrained(str(final), safe_serialization=True)
@@ -979,7 +982,8 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
         shift = (_base_guidance_shift(unet, uncond[0].float().to(run.device), cfg.small_guidance,
                                       cfg.style_guidance_direction) if cfg.small_guidance else None)
         _train_denoiser(cfg, out, progress, run, f"style-{style}", unet, cfg.style_train, latents,
-                        torch.arange(len(latents)), text, uncond[0], params, names, state_fn, target_shift=shift)
+                        torch.arange(len(latents)), text, uncond[0], params, names, state_fn, target_shift=shift,
+                        row_weights=_row_weights(cfg, cfg.style_train, len(latents)))
         write_adapter_file(path, {k: v.cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=style).items()}, member="small",
                            rank=cfg.lora_rank, alpha=float(cfg.lora_rank), targets=cfg.lora_targets, style=style)
 
