@@ -840,8 +840,6 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     if (final / "config.json").is_file():
         progress.note(f"{member}: done")
         return
-    text, uncond = _load_text(out)
-    latents = _load_latents(out)["plain"]
     torch.manual_seed(_stage_seed(cfg.seed, f"{member}-init", 0))
     unet = build_unet(member, cfg).to(run.device)
     spec = cfg.large_train if member == "large" else cfg.small_train
@@ -854,19 +852,29 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
                                 "run the 'large' stage first")
         teacher = UNet2DConditionModel.from_pretrained(str(out / "unet_large"), local_files_only=True)
         teacher.eval().requires_grad_(False).to(run.device)
-    names = [n for n, _ in unet.named_parameters()]
-    ema = _train_denoiser(cfg, out, progress, run, member, unet, spec, latents, torch.arange(len(latents)),
-                          text, uncond[0], list(unet.parameters()), names, unet.state_dict, teacher,
-                          cfg.small_distill, cfg.small_late_share if member == "small" else 0.0, cfg.small_late_t,
-                          cfg.small_guidance if member == "small" else 0.0,
-                          row_weights=_row_weights(cfg, spec, len(latents)))
-    unet.load_state_dict(ema, strict=False)  # buffers stay; every parameter comes from the EMA
-    unet.to("cpu")
+    small = member == "small"
+    unet = _fit_member(cfg, out, progress, run, member, unet, spec, teacher=teacher, distill=cfg.small_distill,
+                       late_share=cfg.small_late_share if small else 0.0, late_t=cfg.small_late_t,
+                       guidance=cfg.small_guidance if small else 0.0)
     unet.save_pretrained(str(final), safe_serialization=True)
     flops = unet_flops(unet, cfg.max_length)
     (final / "train_record.json").write_text(json.dumps(
         {"flops_per_step": flops, "params": sum(p.numel() for p in unet.parameters()),
          "loss": Checkpoint(out, member).state().get("loss")}, indent=1))
+
+
+def _fit_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions, stage: str, unet: Any,
+                spec: TrainSpec, **loss: Any) -> Any:
+    """Train a whole U-Net on the run's plain latents (``loss``: `_train_denoiser`'s teacher options);
+    returns it on the CPU with its EMA weights (buffers stay; every parameter comes from the EMA)."""
+    text, uncond = _load_text(out)
+    latents = _load_latents(out)["plain"]
+    names = [n for n, _ in unet.named_parameters()]
+    ema = _train_denoiser(cfg, out, progress, run, stage, unet, spec, latents, torch.arange(len(latents)),
+                          text, uncond[0], list(unet.parameters()), names, unet.state_dict,
+                          row_weights=_row_weights(cfg, spec, len(latents)), **loss)
+    unet.load_state_dict(ema, strict=False)
+    return unet.to("cpu")
 
 
 def _row_weights(cfg: ReferenceConfig, spec: TrainSpec, n_rows: int) -> torch.Tensor | None:
@@ -902,15 +910,8 @@ def stage_large_continue(cfg: ReferenceConfig, out: Path, progress: Progress, ru
     if "continued" in record:
         raise TrainingError(f"{final} was continued for {record['continued'].get('steps')} steps, not "
                             f"{spec.steps}: start from the first phase's weights in a new --out")
-    text, uncond = _load_text(out)
-    latents = _load_latents(out)["plain"]
     unet = UNet2DConditionModel.from_pretrained(str(final), local_files_only=True).float().to(run.device)
-    names = [n for n, _ in unet.named_parameters()]
-    ema = _train_denoiser(cfg, out, progress, run, "large-continue", unet, spec, latents,
-                          torch.arange(len(latents)), text, uncond[0], list(unet.parameters()), names,
-                          unet.state_dict, row_weights=_row_weights(cfg, spec, len(latents)))
-    unet.load_state_dict(ema, strict=False)
-    unet.to("cpu")
+    unet = _fit_member(cfg, out, progress, run, "large-continue", unet, spec)
     unet.save_pretrained(str(final), safe_serialization=True)
     record["continued"] = {"steps": spec.steps, "loss": Checkpoint(out, "large-continue").state().get("loss")}
     record.setdefault("flops_per_step", unet_flops(unet, cfg.max_length))
