@@ -327,11 +327,11 @@ def test_small_distills_from_the_run_large(tiny_run, tmp_path):
     (own / "config.json").unlink()
     train_reference(tiny_config(small_distill=1.0, small_guidance=3.0, style_guidance_direction="adapter"), own,
                     stages=["styles"], quiet=True)
-    from safetensors.torch import load_file as _load
-    base_dark, own_dark = (_load(str(r / "adapters" / "dark.safetensors")) for r in (run, own))
+    from safetensors.torch import load_file
+
+    base_dark, own_dark = (load_file(str(r / "adapters" / "dark.safetensors")) for r in (run, own))
     assert base_dark.keys() == own_dark.keys()
     assert any(not torch.equal(base_dark[k], own_dark[k]) for k in base_dark)
-    from safetensors.torch import load_file
 
     a = load_file(str(run / "unet_small" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(out / "unet_small" / "diffusion_pytorch_model.safetensors"))
