@@ -359,6 +359,46 @@ def test_seed_from_family_keeps_the_latent_space(tiny_run, tmp_path):
         train_reference(cfg, tmp_path / "bad", stages=[], from_family=tmp_path / "nowhere", quiet=True)
 
 
+def test_staging_carries_finished_parts_between_runs(tiny_run, tmp_path):
+    """A family trained over several sessions: finished parts go to a staging folder in fp16, and a
+    later run starts from them (latents re-encoded with the staged VAE) and stages what it adds."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from relaydiff.models.reference import staged_parts, write_staging
+
+    cfg, out, _ = tiny_run
+    staging = tmp_path / "staging"
+    # session 1 finished the VAE only
+    partial = tmp_path / "session1"
+    partial.mkdir()
+    shutil.copytree(out / "vae", partial / "vae")
+    shutil.copytree(out / "data", partial / "data")
+    from relaydiff.models.reference import Progress
+
+    with Progress(True) as progress:
+        assert write_staging(cfg, partial, staging, progress) == ["vae"]
+    vae = load_file(str(staging / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in vae.values())
+    # session 2 starts from the staging folder and trains the large member
+    train_reference(cfg, tmp_path / "session2", stages=["large"], staging=staging, quiet=True)
+    assert staged_parts(staging) == ["vae", "unet_large"]
+    lat = load_file(str(tmp_path / "session2" / "data" / "latents.safetensors"))
+    assert lat["plain"].shape == (cfg.n_train, 4, 8, 8)
+    before = (staging / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # session 3: the rest, then the family exports from the staged parts
+    manifest = train_reference(cfg, tmp_path / "session3", stages=["small", "styles", "export"], staging=staging,
+                               quiet=True)
+    assert manifest["files"] and staged_parts(staging) == ["vae", "unet_large", "unet_small", "adapters"]
+    assert (staging / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == before  # never rewritten
+    a = load_file(str(staging / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "session3" / "family" / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainingError, match="another config"):
+        train_reference(tiny_config(seed=5), tmp_path / "other", stages=[], staging=staging, quiet=True)
+
+
 # ---- the shipped family (tests use these weights, never retrain) ----------------------------
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,9 @@ def register_reference(train: typer.Typer) -> None:
         config: str = typer.Option("", help="JSON file overriding ReferenceConfig fields."),
         from_family: str = typer.Option("", help="Start from this trained family's VAE and large member "
                                                   "('reference': the shipped one) instead of training them."),
+        staging: str = typer.Option("", help="Staging folder of a family trained over several sessions: the run "
+                                               "starts from its parts, and newly finished parts are "
+                                               "written there in fp16 (commit them)."),
         device: str = typer.Option("cpu", help="Where the training steps run: cpu, cuda[:N] or mps. Random "
                                                "draws stay on the CPU, so a GPU run draws the same batches."),
     ) -> None:
@@ -49,7 +52,8 @@ def register_reference(train: typer.Typer) -> None:
                                              "threads": threads})
             manifest = train_reference(cfg, out, resume=resume, stages=[s.strip() for s in stages.split(",") if s],
                                        export_to=export_to or None, stop_after=stop_after or None,
-                                       from_family=from_family or None, device=device)
+                                       from_family=from_family or None, device=device,
+                                       staging=staging or None)
         except (TrainingError, OSError, json.JSONDecodeError, TypeError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2) from exc

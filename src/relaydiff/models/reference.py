@@ -669,22 +669,26 @@ def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress
     space of the copied large member is kept. Later stages (e.g. a new small member, styles) then
     run as usual on top.
     """
+    family_dir = Path(family_dir)
+    for name in ("vae", "unet_large"):
+        if not (family_dir / name / "config.json").is_file():
+            raise TrainingError(f"{family_dir / name} is not a trained {name} (no config.json)")
+    _seed_parts(cfg, out, family_dir, ("vae", "unet_large"), progress)
+
+
+def _seed_parts(cfg: ReferenceConfig, out: Path, src: Path, names: Sequence[str], progress: Progress) -> None:
+    """Copy trained parts into the run, then encode its prompts and (with the copied VAE) latents."""
     import shutil
 
     from relaydiff.models.world import World
 
-    family_dir = Path(family_dir)
-    names = ("vae", "unet_large")
-    for name in names:
-        if not (family_dir / name / "config.json").is_file():
-            raise TrainingError(f"{family_dir / name} is not a trained {name} (no config.json)")
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        if (out / name / "config.json").is_file():
+        if (out / name).exists():
             progress.note(f"seed: {name} already in {out}")
             continue
-        shutil.copytree(family_dir / name, out / name, dirs_exist_ok=True)
-        progress.note(f"seed: {name} from {family_dir}")
+        shutil.copytree(src / name, out / name)
+        progress.note(f"seed: {name} from {src}")
     stage_data(cfg, out, progress)
     if not (out / "data" / "latents.safetensors").is_file():
         from safetensors.torch import save_file
@@ -695,7 +699,86 @@ def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress
         save_file(tensors, str(out / "data" / "latents.safetensors"))
     record = out / "vae" / "decoder_record.json"
     if not record.is_file():
-        record.write_text(json.dumps({"seeded_from": str(family_dir)}, indent=1))
+        record.write_text(json.dumps({"seeded_from": str(src)}, indent=1))
+
+
+# ---- staging: a family trained over several sessions --------------------------------------------
+
+STAGED_PARTS: tuple[str, ...] = ("vae", "unet_large", "unet_small", "adapters")  # in training order
+
+
+def staged_parts(staging: Path) -> list[str]:
+    """The finished parts a staging folder holds, in training order."""
+    return [name for name in STAGED_PARTS if (Path(staging) / name).is_dir() and any((Path(staging) / name).iterdir())]
+
+
+def seed_from_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Progress) -> list[str]:
+    """Start a run from the parts that earlier sessions committed to a staging folder.
+
+    A family that takes longer to train than one working block is trained stage by stage; each
+    finished stage's fp16 weights are committed to the staging folder (`write_staging`), and the
+    next block starts from there: the parts are copied in and the latents re-encoded with the
+    staged VAE (the weights that will ship, so the members train in the shipped latent space).
+    """
+    staging = Path(staging)
+    _check_staging_config(cfg, staging)
+    parts = staged_parts(staging)
+    if parts:
+        if parts[0] != "vae":
+            raise TrainingError(f"{staging} holds {parts} but no vae: it cannot seed a run")
+        _seed_parts(cfg, out, staging, parts, progress)
+    return parts
+
+
+def _check_staging_config(cfg: ReferenceConfig, staging: Path) -> None:
+    cfg_file = staging / "config.json"
+    if cfg_file.is_file():
+        saved = _comparable(json.loads(json.dumps(ReferenceConfig.from_dict(json.loads(cfg_file.read_text())).to_dict())))
+        if saved != _comparable(json.loads(json.dumps(cfg.to_dict()))):
+            raise TrainingError(f"{staging} was trained with another config (see {cfg_file})")
+
+
+def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Progress) -> list[str]:
+    """Copy the run's finished parts to the staging folder in fp16 (configs and records as they are).
+
+    Parts already staged are left alone: a staged blob is committed once and never rewritten, so
+    the shipped family is these same files moved into the package.
+    """
+    from safetensors.torch import load_file, save_file
+
+    staging = Path(staging)
+    _check_staging_config(cfg, staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    have = staged_parts(staging)
+    written = []
+    for name in STAGED_PARTS:
+        src = out / name
+        done = (src / "config.json").is_file() if name != "adapters" else \
+            all((src / f"{s}.safetensors").is_file() for s in cfg.styles)
+        if name in have or not done:
+            continue
+        dest = staging / name
+        tmp = staging / f".{name}.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        for f in sorted(src.iterdir()):
+            if f.suffix == ".safetensors":
+                tensors = {k: (v.half() if v.is_floating_point() else v).contiguous()
+                           for k, v in load_file(str(f)).items()}
+                save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
+            elif f.suffix == ".json":
+                (tmp / f.name).write_text(f.read_text())
+        tmp.replace(dest)
+        written.append(name)
+        progress.note(f"staging: {name} written to {dest} (fp16)")
+    (staging / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (staging / "staging.json").write_text(json.dumps(
+        {"parts": staged_parts(staging), "files": {str(p.relative_to(staging)): _sha256(p)
+                                                   for p in sorted(staging.rglob("*.safetensors"))}}, indent=1))
+    return written
 
 
 # ---- the denoisers ----------------------------------------------------------------------------
@@ -1154,7 +1237,8 @@ def _check_out(cfg: ReferenceConfig, out: Path, resume: bool) -> None:
 def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = False,
                     stages: Sequence[str] = STAGES, export_to: str | Path | None = None,
                     stop_after: int | None = None, quiet: bool = False,
-                    from_family: str | Path | None = None, device: str = "cpu") -> dict[str, Any]:
+                    from_family: str | Path | None = None, device: str = "cpu",
+                    staging: str | Path | None = None) -> dict[str, Any]:
     """Run the requested stages in order (finished ones are skipped).
 
     Returns the exported manifest (empty when nothing was exported) or ``{"stopped": why}`` when
@@ -1162,6 +1246,8 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
     ``from_family`` (a family directory, or "reference" for the shipped one) seeds the run with that
     family's VAE and large member (`seed_from_family`) before the stages run. ``device`` is where
     the training steps run ("cuda" on a GPU machine); data and latents are encoded on the CPU.
+    ``staging`` (a folder in the repository) seeds the run with the parts earlier sessions staged
+    there and, when the stages ran to their end, stages the newly finished parts (fp16).
     """
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
@@ -1178,6 +1264,8 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
         if from_family is not None:
             seed_dir = SHIPPED_DIR if str(from_family) == "reference" else Path(from_family)
             seed_from_family(cfg, out, seed_dir, progress)
+        if staging is not None:
+            seed_from_staging(cfg, out, Path(staging), progress)
         try:
             for stage in STAGES:
                 if stage not in stages:
@@ -1199,4 +1287,6 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
         except StageStopped as stopped:
             progress.note(str(stopped))
             return {"stopped": str(stopped)}
+        if staging is not None:
+            write_staging(cfg, out, Path(staging), progress)
     return manifest
