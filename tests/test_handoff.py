@@ -143,7 +143,8 @@ def test_fp32_round_trip_is_bit_exact():
         assert got[name].dtype == t.dtype, name
         assert torch.equal(got[name], t), name
     assert (d.family_id, d.family_version, d.step) == (H.family_id, H.family_version, H.step)
-    assert (d.request, d.plan, d.accounting) == (H.request, H.plan, H.accounting)
+    assert (d.request, d.plan) == (H.request, H.plan)
+    assert d.accounting == {**H.accounting, "handoff_bytes": len(VALID)}  # the real byte count
     g = torch.Generator().set_state(d.generator_state)
     g0 = torch.Generator().set_state(H.generator_state)
     assert torch.equal(torch.randn(5, generator=g), torch.randn(5, generator=g0))
@@ -600,3 +601,18 @@ def test_segment_guidance_is_optional_and_checked():
         expect_error(r"plan\[1\]\['guidance'\] must be a number", with_header(plan=plan))
     plan[1]["guidance_scale"] = 2.0
     expect_error(r"extra field\(s\) \['guidance_scale'\]", with_header(plan=plan))
+
+
+def test_handoff_bytes_counts_every_crossing(tiny):
+    """accounting.handoff_bytes holds the real size: this handoff's bytes plus the chain's earlier ones."""
+    from relaydiff.engine.plan import Plan, Request
+    from relaydiff.engine.runner import from_handoff, generate, to_handoff
+
+    res = generate(tiny, [Request("a red circle", steps=6, seed=3)], [Plan.relay("large", "small", 2, 6)],
+                   stop_at=2)[0]
+    first = encode_handoff(res.handoff)
+    assert decode_handoff(first).accounting["handoff_bytes"] == len(first)
+    chain = from_handoff(tiny, decode_handoff(first))
+    assert chain.accounting.handoff_bytes == len(first)
+    second = encode_handoff(to_handoff(tiny, chain), dtype="fp16", compress=True)
+    assert decode_handoff(second).accounting["handoff_bytes"] == len(first) + len(second)

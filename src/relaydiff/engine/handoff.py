@@ -370,10 +370,25 @@ def encode_handoff(
             for name, t in sorted(tensors.items())
         ],
     }
-    data = _frame(header, payload)
+    data = _with_handoff_bytes(header, payload, h.accounting)
     if len(data) > max_bytes:
         raise HandoffError(f"encoded handoff is {len(data)} bytes; the limit is {max_bytes}")
     return data
+
+
+def _with_handoff_bytes(header: dict, payload: bytes, accounting: dict) -> bytes:
+    """Frame the handoff with ``accounting.handoff_bytes`` = the bytes of the chain's earlier handoffs
+    plus this one's own length (which includes that number: iterated to its fixed point)."""
+    prior = accounting.get("handoff_bytes", 0)
+    prior = prior if _is_int(prior) and prior >= 0 else 0
+    size = 0
+    for _ in range(8):  # the length changes only when the number gains a digit: 2-3 rounds
+        header["accounting"] = {**accounting, "handoff_bytes": prior + size}
+        data = _frame(header, payload)
+        if len(data) == size:
+            return data
+        size = len(data)
+    raise HandoffError("the handoff's byte count does not settle")  # unreachable: lengths grow by digits
 
 
 # ----------------------------------------------------------------------------------------------
