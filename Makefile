@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/relaydiff demo
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest -q -n 2 -p no:cacheprovider
 
 clean:

@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from relaydiff.sched.baselines import MoveState, available_solvers, get_solver, register_solver, solve
+from relaydiff.sched.registry import available_solvers, get_solver, register_solver, solve
+from relaydiff.system.moves import MoveState
 from relaydiff.system.problem import Decision, evaluate, objective_value, sample_instance
 from relaydiff.system.scenario import parse_scenario
 

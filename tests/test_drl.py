@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from relaydiff.sched.baselines import get_solver, random_policy
-from relaydiff.sched.drl import DEFAULT_POLICY, NumpyPolicy, PolicyError, load_policy, policy_from_sb3, solve_drl
+from relaydiff.sched.baselines import random_policy
+from relaydiff.sched.drl.policy import DEFAULT_POLICY, NumpyPolicy, PolicyError, load_policy, solve_drl
+from relaydiff.sched.drl.train import policy_from_sb3
+from relaydiff.sched.registry import get_solver
 from relaydiff.sched.exact import solve_exact
 from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig, SequentialRound, obs_size
 from relaydiff.system.problem import evaluate, sample_instance

@@ -164,12 +164,12 @@ def test_two_processes_joined_by_the_wire_format_give_the_same_image(tiny, tmp_p
     """This process runs the whole plan; two CLI processes run it split by a handoff file."""
     from PIL import Image
 
-    from relaydiff.engine.commands import save_png
+    from relaydiff.cli.engine import write_image
 
     req = Request("a red circle", steps=8, guidance=3.0, seed=1, sampler="dpmpp_2m")
     plan = parse_plan("large:0-4,small:4-8")
     x, y, h = tmp_path / "x.png", tmp_path / "y.png", tmp_path / "h.rdh"
-    save_png(_alone(tiny, req, plan).image, x)
+    write_image(_alone(tiny, req, plan).image, x)
     cli = [sys.executable, "-m", "relaydiff.cli"]
     common = ["--family", "tiny", "--prompt", req.prompt, "--steps", "8", "--plan", str(plan), "--seed", "1",
               "--sampler", "dpmpp_2m", "--guidance", "3"]

@@ -167,7 +167,8 @@ def test_dynamics_validation():
 
 def test_few_training_steps_checkpoint_and_resume(tmp_path):
     """MaskablePPO runs on the env; checkpoints are safetensors + JSON and resume continues the count."""
-    from relaydiff.sched.drl import DRLConfig, NumpyPolicy, train
+    from relaydiff.sched.drl.policy import NumpyPolicy
+    from relaydiff.sched.drl.train import DRLConfig, train
 
     cfg = DRLConfig(n_min=3, n_max=12, total_timesteps=128, n_envs=2, n_steps=32, batch_size=32, n_epochs=1,
                     checkpoint_every=64, val_rounds=2, val_sizes=(6,), bc_rounds=3, bc_epochs=1)

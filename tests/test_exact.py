@@ -60,7 +60,7 @@ def test_reports_time_limit() -> None:
 
 
 def test_larger_round_beats_heuristics() -> None:
-    from relaydiff.sched.baselines import solve
+    from relaydiff.sched.registry import solve
 
     inst = sample_instance("default", n_users=10, seed=7)
     ex = solve_exact(inst)

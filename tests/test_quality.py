@@ -156,7 +156,7 @@ def test_training_is_deterministic_and_resumes(tmp_path) -> None:
 
 
 def test_logistic_fit_recovers_a_known_curve() -> None:
-    from relaydiff.quality.bench_quality import logistic_fit
+    from relaydiff.bench.quality import logistic_fit
 
     x = np.repeat(np.arange(0, 21, 2), 3).astype(float)
     y = 0.6 / (1 + np.exp(0.8 * (x - 9.0))) + 0.3 + np.random.default_rng(0).normal(0, 0.005, len(x))
@@ -167,7 +167,7 @@ def test_logistic_fit_recovers_a_known_curve() -> None:
 
 
 def test_shared_prefix_variants_stay_valid_scenes() -> None:
-    from relaydiff.quality.bench_quality import SHARED_VARIANTS, _variant, fidelity_by_objects
+    from relaydiff.bench.quality import SHARED_VARIANTS, _variant, fidelity_by_objects
 
     world, rng = World(), np.random.default_rng(0)
     for _ in range(30):
@@ -186,7 +186,7 @@ def test_shared_prefix_variants_stay_valid_scenes() -> None:
 def test_recorded_run_matches_the_engine(tiny_family) -> None:
     from relaydiff.engine.plan import Plan, Request
     from relaydiff.engine.runner import generate
-    from relaydiff.quality.bench_quality import run_recorded
+    from relaydiff.bench.quality import run_recorded
 
     family = tiny_family
     reqs = [Request(prompt=p, steps=3, seed=i) for i, p in enumerate(("a red circle", "a blue cross"))]
@@ -203,7 +203,7 @@ def test_relay_curve_with_device_guidance(tiny_family, judge: Judge) -> None:
     """The second relay curve: the device segment without CFG runs one U-Net row a step; k = T has
     no device segment, so both curves agree there."""
     from relaydiff.engine.plan import Plan
-    from relaydiff.quality.bench_quality import QualityBenchConfig, _relay_curve, _requests
+    from relaydiff.bench.quality import QualityBenchConfig, _relay_curve, _requests
 
     cfg = QualityBenchConfig(family="tiny", steps=4, guidance=3.0, repeats=1, timing_batch=2)
     held = World(32).batch(2, seed=3, split="heldout", styles=("plain",))
@@ -218,7 +218,7 @@ def test_relay_curve_with_device_guidance(tiny_family, judge: Judge) -> None:
 
 
 def test_bench_output_is_strict_json() -> None:
-    from relaydiff.quality.bench_quality import finite
+    from relaydiff.bench.quality import finite
 
     out = finite({"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": (2, float("-inf"))}, "e": "x"})
     assert out == {"a": None, "b": [1.0, None], "c": {"d": [2, None]}, "e": "x"}
@@ -226,7 +226,7 @@ def test_bench_output_is_strict_json() -> None:
 
 
 def test_reconstruct_round_trips_through_the_family_vae(tiny_family) -> None:
-    from relaydiff.quality.bench_quality import reconstruct
+    from relaydiff.bench.quality import reconstruct
 
     family = tiny_family
     images = World().batch(3, seed=0).images

@@ -259,7 +259,7 @@ def test_quality_table_from_bench_json(tmp_path: Path) -> None:
 # ---- relaydiff profile: measured profiles feed the sampler ---------------------------------------
 def test_measured_profile_roundtrip(tiny, tmp_path: Path) -> None:
     pytest.importorskip("relaydiff.engine.profile", reason="the engine's profiler is not available")
-    from relaydiff.system.measure import measure_profile
+    from relaydiff.bench.profile import measure_profile
     from relaydiff.system.profiles import save_profile
 
     prof = measure_profile(tiny, ["small"], [1], kind="device", name="cpu-here", steps=1,

@@ -22,6 +22,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from relaydiff.sched.registry import get_solver
+from relaydiff.system.problem import sample_instance
+from relaydiff.system.scenario import Scenario
+
 OPT_SOLVERS = ("exact", "drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
 SCALE_SOLVERS = ("drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
 
@@ -63,11 +67,9 @@ def _call(solver: Callable[[Any], Any], inst: Any, cpu: list[float]) -> Any:
     return sol
 
 
-def _run_rounds(sc: Any, n: int, rounds: int, solvers: Sequence[str], seed: int, what: str,
+def _run_rounds(sc: Scenario, n: int, rounds: int, solvers: Sequence[str], seed: int, what: str,
                 on_progress: Callable[[str], None] | None) -> tuple[dict[str, list[Any]], dict[str, list[float]]]:
     """Every solver on the same ``rounds`` instances of ``n`` users (drawn from ``seed`` and ``n``)."""
-    from relaydiff.sched.baselines import get_solver
-    from relaydiff.system.problem import sample_instance
 
     rng = np.random.default_rng([seed, n])
     sols: dict[str, list[Any]] = {s: [] for s in solvers}
@@ -82,7 +84,7 @@ def _run_rounds(sc: Any, n: int, rounds: int, solvers: Sequence[str], seed: int,
 
 
 def run(
-    scenario: str = "default",
+    scenario: Scenario,
     seed: int = 0,
     opt_sizes: tuple[int, ...] = (5, 10, 20, 30),
     opt_rounds: int = 10,
@@ -93,13 +95,9 @@ def run(
     on_progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The bench: same seeded rounds for every solver."""
-    from relaydiff.sched.baselines import get_solver
-    from relaydiff.system.problem import sample_instance
-    from relaydiff.system.scenario import load_scenario
-
     if opt_rounds < 1 or scale_rounds < 1:
         raise ValueError("opt_rounds and scale_rounds must be >= 1")
-    sc = load_scenario(scenario)
+    sc = scenario
     for name in set(opt_solvers) | set(scale_solvers):
         get_solver(name)
     t_start = time.perf_counter()

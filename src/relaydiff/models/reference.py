@@ -1182,33 +1182,6 @@ def _distilled_members(cfg: ReferenceConfig) -> dict[str, float]:
     return {"small": cfg.small_guidance} if cfg.small_guidance else {}
 
 
-def evaluate_fidelity(family: Any, plans: dict[str, str], n: int = 64, seed: int = 777, steps: int = 20,
-                      guidance: float = 3.0, sampler: str = "ddim", split: str = "heldout",
-                      style: str = "plain") -> dict[str, Any]:
-    """Prompt (and style) fidelity per plan on world prompts, overall and on 2-3 object prompts."""
-    from relaydiff.engine.plan import Request, parse_plan
-    from relaydiff.engine.runner import generate
-    from relaydiff.models.world import World
-    from relaydiff.quality.metrics import prompt_fidelity, style_fidelity
-
-    batch = World(family.image_size).batch(n, seed=seed, split=split)
-    requests = [Request(prompt=p, steps=steps, guidance=guidance, seed=seed + i, sampler=sampler)
-                for i, p in enumerate(batch.prompts)]
-    multi = [i for i, sc in enumerate(batch.scenes) if len(sc.objects) >= 2]
-    report: dict[str, Any] = {}
-    for name, text in plans.items():
-        t0 = time.perf_counter()
-        results = generate(family, requests, [parse_plan(text)] * n)
-        images = np.stack([r.image for r in results])
-        fid = prompt_fidelity(images, batch.scenes)
-        fid_multi = prompt_fidelity(images[multi], [batch.scenes[i] for i in multi]) if multi else None
-        report[name] = {"plan": text, "fidelity": fid.fidelity, "exact": fid.exact, "by_kind": fid.by_kind,
-                        "fidelity_2_3_objects": fid_multi.fidelity if fid_multi else None,
-                        "style_fidelity": style_fidelity(images, [style] * n),
-                        "seconds": time.perf_counter() - t0}
-    return report
-
-
 # ---- the whole run ----------------------------------------------------------------------------
 
 def _comparable(d: dict[str, Any]) -> dict[str, Any]:

@@ -431,13 +431,3 @@ def train_judge(
             _save_checkpoint(ckpt, judge, opt, done, cfg)
     judge.eval()
     return judge
-
-
-def evaluate_judge(judge: Judge, n: int = 2000, seed: int = 12345, split: str = "heldout") -> dict:
-    """Judge accuracy on fresh renders of every style (see `relaydiff.quality.metrics.judge_accuracy`)."""
-    from relaydiff.quality.metrics import judge_accuracy
-
-    world = World(judge.config.image_size)
-    batch = world.batch(n, seed=seed, split=split, styles=STYLES)
-    return judge_accuracy(judge, batch.images, batch.scenes, batch.styles, world=world)
-

@@ -164,6 +164,13 @@ def judge_accuracy(
             "by_kind": fid.by_kind}  # fmt: skip
 
 
+def evaluate_judge(judge: Judge, n: int = 2000, seed: int = 12345, split: str = "heldout") -> dict:
+    """Judge accuracy on ``n`` fresh renders of every style (see :func:`judge_accuracy`)."""
+    world = World(judge.config.image_size)
+    batch = world.batch(n, seed=seed, split=split, styles=STYLES)
+    return judge_accuracy(judge, batch.images, batch.scenes, batch.styles, world=world)
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets [N, D] (as in FID)."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)

@@ -21,7 +21,7 @@ negative in every completion) — both are masked (``action_masks``). Users with
 gain are set local without a step; the episode ends when the edge is full or nobody can gain.
 
 Gains are kept as an (N, P+1) table: initialised from
-:meth:`relaydiff.sched.baselines.MoveState.deltas` and, when user i is admitted at split k_b,
+:meth:`relaydiff.system.moves.MoveState.deltas` and, when user i is admitted at split k_b,
 updated for every other local user j by the pairwise terms it adds,
 ``gain[j, o] -= beta' (lam_i + lam_j) min(k_o, k_b) + 2 g_i g_j``: O(N P) per step.
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
-from relaydiff.sched.baselines import MoveState
+from relaydiff.system.moves import MoveState
 from relaydiff.system.problem import RoundInstance, sample_instance
 from relaydiff.system.scenario import Scenario, load_scenario
 

@@ -45,6 +45,7 @@ from typing import Any, Callable
 import numpy as np
 
 from relaydiff.system import channel
+from relaydiff.system.bandwidth import allocate_bandwidth
 from relaydiff.system.profiles import Profile, ProfileError, load_profile
 from relaydiff.system.quality import QualityModel, load_quality
 from relaydiff.system.scenario import Scenario, load_scenario
@@ -324,10 +325,8 @@ class Solution:
 def optimal_bandwidth(instance: RoundInstance, admitted: np.ndarray) -> np.ndarray:
     """Closed-form shares b_i = g_i / sum_A g_j for the admitted users (0 elsewhere).
 
-    Minimizes sum_A c_i / b_i subject to sum b_i <= 1 (see :mod:`relaydiff.sched.convex`).
+    Minimizes sum_A c_i / b_i subject to sum b_i <= 1 (see :mod:`relaydiff.system.bandwidth`).
     """
-    from relaydiff.sched.convex import allocate_bandwidth
-
     return allocate_bandwidth(instance.bw_cost, admitted)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from relaydiff.sched.registry import get_solver
 from relaydiff.sim.scenario_env import Dynamics, ScenarioEnv
 from relaydiff.system.scenario import Scenario
 
@@ -22,15 +23,9 @@ COLUMNS = ("policy", "round", "n_users", "admitted", "rejected", "capacity", "ob
 PLOTS = {"utility": "utility_mean", "latency": "latency_mean_s", "quality": "quality_mean"}
 
 
-def _solver(name: str) -> Callable[[Any], Any]:
-    from relaydiff.sched.baselines import get_solver  # the registry (loads exact/drl on first use)
-
-    return get_solver(name)
-
-
 def run_policy(env: ScenarioEnv, name: str, seed: int, on_round: Callable[[], None] | None = None) -> list[dict[str, Any]]:
     """All rounds of the scenario decided by solver ``name``; one row per round."""
-    solver = _solver(name)
+    solver = get_solver(name)
     env.reset(seed=seed)
     rows: list[dict[str, Any]] = []
     n_max = env.dynamics.n_max
@@ -97,7 +92,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any
 
 
 def simulate(
-    scenario: Scenario | str | Path,
+    scenario: Scenario,
     policies: list[str],
     out_dir: str | Path,
     dynamics: Dynamics | None = None,
@@ -108,7 +103,7 @@ def simulate(
     if not policies:
         raise ValueError("give at least one policy")
     for name in policies:
-        _solver(name)  # unknown names fail before any work
+        get_solver(name)  # unknown names fail before any work
     env = ScenarioEnv(scenario, dynamics)
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()

@@ -1,47 +1,35 @@
-"""DRL + convex solver: a masked PPO policy picks each user's split, the closed form splits bandwidth.
+"""Training of the DRL + convex solver's policy: MaskablePPO on the round MDP, read top to bottom.
 
-The round is visited user by user (:class:`relaydiff.sim.round_env.SequentialRound`); the policy,
-trained with sb3-contrib's MaskablePPO on :class:`relaydiff.sim.round_env.OffloadRoundEnv`, maps
-each fixed-size observation to a masked argmax over {local} ∪ splits. Training starts from an
-imitation warm start (``bc_rounds`` > 0): the actor is fitted to a teacher's choices — by default
-the option the local-search solution gives the visited user — and the critic to the returns, then
-PPO fine-tunes both on the exact-objective reward; the checkpoint with the best validation score
-(objective / greedy's on fixed rounds) is kept. ``bc_rounds=0`` is pure PPO. Once every discrete choice
-is made, the downlink shares come from the convex half in closed form (b_i ∝ sqrt(c_i),
-:func:`relaydiff.sched.convex`). Optionally (``improve=True``) the local-search baseline's
-best-improvement pass (:func:`relaydiff.sched.baselines.local_search_options`: move one user, or
-swap one in for one out when the edge is full) starts from the policy's choices; both variants are
-reported separately by the bench.
-
-Inference runs in numpy from weights exported to safetensors (+ a JSON config), so a 1000-user
-round needs no torch and takes milliseconds. Training checkpoints are safetensors + JSON too (no
-pickle): the policy/value weights, the Adam state, and the step counter, which is all a resume needs.
+The policy (sb3-contrib's MaskablePPO on :class:`relaydiff.sim.round_env.OffloadRoundEnv`) starts
+from an imitation warm start (``bc_rounds`` > 0): the actor is fitted to a teacher's choices (by
+default the option the local-search solution gives the visited user) and the critic to the returns;
+then PPO fine-tunes both on the exact-objective reward. Every ``checkpoint_every`` steps the actor
+is exported to numpy (:class:`relaydiff.sched.drl.policy.NumpyPolicy`) and validated (objective /
+greedy's on fixed rounds); the best is kept. ``bc_rounds=0`` is pure PPO. Checkpoints are
+safetensors + JSON (no pickle): the policy/value weights, the Adam state and the step counter,
+which is all a resume needs. Every hyperparameter is in :class:`DRLConfig`.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from safetensors.numpy import load_file as load_np
-from safetensors.numpy import save_file as save_np
+import torch
+from sb3_contrib import MaskablePPO
+from safetensors.torch import load_file, save_file
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.vec_env import DummyVecEnv
 
-from relaydiff.sched.baselines import local_search_options
-from relaydiff.sim.round_env import SequentialRound, obs_size
-from relaydiff.sched.convex import allocate_bandwidth
-from relaydiff.system.problem import Decision, RoundInstance, Solution, evaluate
-
-POLICY_DIR = Path(__file__).parent / "policies"
-DEFAULT_POLICY = POLICY_DIR / "offload_ppo"
-POLICY_FORMAT = "relaydiff.offload-policy/1"
-
-
-class PolicyError(ValueError):
-    """A policy file is missing, malformed, or does not fit the instance."""
+from relaydiff.sched.baselines import greedy, local_search_options
+from relaydiff.sched.drl.policy import NumpyPolicy, PolicyError, solve_drl
+from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig
+from relaydiff.system.problem import RoundInstance, sample_instance
+from relaydiff.system.scenario import load_scenario
 
 
 @dataclass(frozen=True)
@@ -97,80 +85,8 @@ class DRLConfig:
         return cls(**data)
 
 
-# ---- numpy inference ---------------------------------------------------------------------------
-@dataclass
-class NumpyPolicy:
-    """The actor MLP (tanh hidden layers, linear logits) in numpy: masked argmax over options."""
-
-    weights: list[np.ndarray]
-    biases: list[np.ndarray]
-    n_splits: int
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if len(self.weights) != len(self.biases) or not self.weights:
-            raise PolicyError("policy needs one bias per weight matrix and at least one layer")
-        if self.weights[0].shape[1] != obs_size(self.n_splits):
-            raise PolicyError(f"first layer takes {self.weights[0].shape[1]} inputs, expected {obs_size(self.n_splits)} for {self.n_splits} splits")
-        if self.weights[-1].shape[0] != self.n_splits + 1:
-            raise PolicyError(f"last layer gives {self.weights[-1].shape[0]} logits, expected {self.n_splits + 1}")
-        # float64 copies, transposed for x @ W: inference is a handful of tiny matmuls
-        self._wt = [np.ascontiguousarray(w.T, dtype=np.float64) for w in self.weights]
-        self._b = [np.asarray(b, dtype=np.float64) for b in self.biases]
-
-    def logits(self, obs: np.ndarray) -> np.ndarray:
-        h = np.asarray(obs, dtype=np.float64)
-        for w, b in zip(self._wt[:-1], self._b[:-1]):
-            h = np.tanh(h @ w + b)
-        return h @ self._wt[-1] + self._b[-1]
-
-    def act(self, obs: np.ndarray, mask: np.ndarray) -> int:
-        z = self.logits(obs)
-        return int(np.argmax(np.where(mask, z, -np.inf)))
-
-    def save(self, path: str | Path) -> None:
-        """Write ``path.safetensors`` (fp32) and ``path.json``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for n, (w, b) in enumerate(zip(self.weights, self.biases)):
-            tensors[f"layer{n}.weight"] = np.ascontiguousarray(w, dtype=np.float32)
-            tensors[f"layer{n}.bias"] = np.ascontiguousarray(b, dtype=np.float32)
-        save_np(tensors, str(path.with_suffix(".safetensors")))
-        cfg = {"format": POLICY_FORMAT, "n_splits": int(self.n_splits), "n_layers": len(self.weights),
-               "activation": "tanh", "obs_size": obs_size(self.n_splits), "meta": self.meta}
-        path.with_suffix(".json").write_text(json.dumps(cfg, indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path = DEFAULT_POLICY) -> "NumpyPolicy":
-        path = Path(path)
-        if path.suffix in (".json", ".safetensors"):
-            path = path.with_suffix("")
-        jpath, tpath = path.with_suffix(".json"), path.with_suffix(".safetensors")
-        if not jpath.is_file() or not tpath.is_file():
-            raise PolicyError(f"policy {path} not found: need {jpath.name} and {tpath.name}")
-        try:
-            cfg = json.loads(jpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise PolicyError(f"policy config {jpath} is not valid JSON ({exc})") from None
-        if cfg.get("format") != POLICY_FORMAT:
-            raise PolicyError(f"policy config {jpath}: format {cfg.get('format')!r}, expected {POLICY_FORMAT!r}")
-        if cfg.get("activation") != "tanh":
-            raise PolicyError(f"policy config {jpath}: unsupported activation {cfg.get('activation')!r}")
-        t = load_np(str(tpath))
-        n = int(cfg["n_layers"])
-        try:
-            ws = [t[f"layer{j}.weight"].astype(np.float64) for j in range(n)]
-            bs = [t[f"layer{j}.bias"].astype(np.float64) for j in range(n)]
-        except KeyError as exc:
-            raise PolicyError(f"policy weights {tpath} lack tensor {exc}") from None
-        return cls(ws, bs, int(cfg["n_splits"]), cfg.get("meta", {}))
-
-
 def policy_from_sb3(model: Any, meta: dict[str, Any] | None = None) -> NumpyPolicy:
     """Export the actor of a MaskablePPO MlpPolicy (policy_net + action_net) to numpy."""
-    import torch
-
     layers = [m for m in model.policy.mlp_extractor.policy_net if isinstance(m, torch.nn.Linear)]
     layers.append(model.policy.action_net)
     acts = {type(m).__name__ for m in model.policy.mlp_extractor.policy_net if not isinstance(m, torch.nn.Linear)}
@@ -181,55 +97,12 @@ def policy_from_sb3(model: Any, meta: dict[str, Any] | None = None) -> NumpyPoli
     return NumpyPolicy(ws, bs, int(model.action_space.n) - 1, dict(meta or {}))
 
 
-# ---- the solver ------------------------------------------------------------------------------
-_CACHE: dict[str, NumpyPolicy] = {}
-
-
-def load_policy(path: str | Path | None = None) -> NumpyPolicy:
-    """The shipped policy (cached), or one from ``path``."""
-    key = str(Path(path) if path is not None else DEFAULT_POLICY)
-    if key not in _CACHE:
-        _CACHE[key] = NumpyPolicy.load(key)
-    return _CACHE[key]
-
-
-def decide(instance: RoundInstance, act: Callable[[np.ndarray, np.ndarray, SequentialRound], int], improve: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
-    """Visit the round user by user with ``act(obs, mask, round) -> option``; optional polish pass."""
-    rnd = SequentialRound(instance)
-    steps = 0
-    while not rnd.done:
-        rnd.step(act(rnd.observation(), rnd.mask(), rnd))
-        steps += 1
-    info: dict[str, Any] = {"decisions": steps, "sequential_gain": rnd.total_gain}
-    if not improve:
-        return rnd.k.copy(), info
-    opt, iters = local_search_options(instance, start=rnd.moves.opt)
-    info["improve_iterations"] = iters
-    return instance.options[opt], info
-
-
-def solve_drl(instance: RoundInstance, policy: NumpyPolicy | str | Path | None = None, improve: bool = False) -> Solution:
-    """DRL + convex: the policy's splits, then closed-form bandwidth shares; ``improve`` adds the polish pass."""
-    pol = policy if isinstance(policy, NumpyPolicy) else load_policy(policy)
-    if pol.n_splits != len(instance.splits):
-        raise PolicyError(f"policy was trained for {pol.n_splits} split points, the instance has {len(instance.splits)}")
-    t0 = time.perf_counter()
-    k, info = decide(instance, lambda obs, mask, _r: pol.act(obs, mask), improve)
-    bw = allocate_bandwidth(instance.bw_cost, k > 0)  # the convex half, closed form
-    wall = time.perf_counter() - t0
-    obj, _ = evaluate(instance, Decision(k, bw))
-    return Solution("drl+ls" if improve else "drl", Decision(k, bw), obj, wall, "ok", info)
-
-
-# ---- training --------------------------------------------------------------------------------
 def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarray]:
     """(obs, mask, teacher action, return-to-go) on rounds drawn like the training env's.
 
     The greedy teacher takes the best immediate gain; the local-search teacher gives each visited
     user its option in the local-search solution of the round (greedy where that option is masked).
     """
-    from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig
-
     env = OffloadRoundEnv(RoundEnvConfig(scenario=cfg.scenario, n_min=cfg.n_min, n_max=cfg.n_max))
     obs, masks, acts, rtg = [], [], [], []
     for r in range(rounds):
@@ -251,8 +124,6 @@ def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarr
 
 def imitate(model: Any, data: dict[str, np.ndarray], cfg: DRLConfig) -> dict[str, float]:
     """Warm start: fit the actor to the greedy choice (masked cross-entropy) and the critic to its returns."""
-    import torch
-
     pol = model.policy
     opt = torch.optim.Adam(pol.parameters(), lr=cfg.bc_learning_rate)
     x = torch.as_tensor(data["obs"])
@@ -280,9 +151,6 @@ def imitate(model: Any, data: dict[str, np.ndarray], cfg: DRLConfig) -> dict[str
 
 
 def _validation_set(cfg: DRLConfig) -> list[RoundInstance]:
-    from relaydiff.system.problem import sample_instance
-    from relaydiff.system.scenario import load_scenario
-
     scs = [load_scenario(s.strip()) for s in cfg.scenario.split(",") if s.strip()]
     rng = np.random.default_rng(10_000 + cfg.seed)
     per = max(cfg.val_rounds // (len(cfg.val_sizes) * len(scs)), 1)
@@ -291,17 +159,12 @@ def _validation_set(cfg: DRLConfig) -> list[RoundInstance]:
 
 def validate(policy: NumpyPolicy, instances: list[RoundInstance]) -> dict[str, float]:
     """Mean and min of the policy's objective / the greedy baseline's, over fixed rounds."""
-    from relaydiff.sched.baselines import greedy
-
     r = np.array([solve_drl(inst, policy).objective / greedy(inst).objective for inst in instances])
     return {"vs_greedy_mean": float(r.mean()), "vs_greedy_min": float(r.min())}
 
 
 def _save_checkpoint(model: Any, cfg: DRLConfig, ckpt_dir: Path, extra: dict[str, Any]) -> None:
     """Policy + value weights and the Adam state as safetensors, counters as JSON (no pickle)."""
-    import torch
-    from safetensors.torch import save_file
-
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     tensors = {f"policy.{k}": v.detach().cpu().contiguous() for k, v in model.policy.state_dict().items()}
     opt = model.policy.optimizer.state_dict()
@@ -318,9 +181,6 @@ def _save_checkpoint(model: Any, cfg: DRLConfig, ckpt_dir: Path, extra: dict[str
 
 
 def _load_checkpoint(model: Any, ckpt_dir: Path) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import load_file
-
     meta = json.loads((ckpt_dir / "checkpoint.json").read_text())
     tensors = load_file(str(ckpt_dir / "checkpoint.safetensors"))
     model.policy.load_state_dict({k[len("policy."):]: v for k, v in tensors.items() if k.startswith("policy.")})
@@ -350,13 +210,6 @@ def train(
     Writes ``out_dir/checkpoint.*`` (resumable), ``out_dir/best.*`` (the numpy policy with the best
     validation score) and ``out_dir/history.json``; returns the last record.
     """
-    import torch
-    from sb3_contrib import MaskablePPO
-    from stable_baselines3.common.callbacks import BaseCallback
-    from stable_baselines3.common.vec_env import DummyVecEnv
-
-    from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig
-
     torch.set_num_threads(cfg.torch_threads)
     out = Path(out_dir)
     ckpt = out / "checkpoint"
@@ -421,13 +274,3 @@ def train(
         if on_progress is not None:
             on_progress(int(model.num_timesteps), cfg.total_timesteps, rec)
     return history[-1] if history else {}
-
-
-def _register() -> None:
-    from relaydiff.sched.baselines import register_solver
-
-    register_solver("drl", lambda inst: solve_drl(inst))
-    register_solver("drl+ls", lambda inst: solve_drl(inst, improve=True))
-
-
-_register()

@@ -1,4 +1,4 @@
-"""The convex half of DRL + convex: continuous resources once the discrete choices are made.
+"""The convex half of DRL + convex: the shared downlink split in closed form, once the discrete choices are made.
 
 Given who is admitted and where each chain is cut, the only continuous resource left in the
 round model is the shared downlink: its utility cost is sum_i c_i / b_i over the admitted users

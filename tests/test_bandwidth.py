@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from relaydiff.sched.convex import allocate_bandwidth, inverse_cost_shares, inverse_cost_value
+from relaydiff.system.bandwidth import allocate_bandwidth, inverse_cost_shares, inverse_cost_value
 from relaydiff.system.problem import Decision, evaluate, sample_instance
 
 

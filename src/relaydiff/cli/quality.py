@@ -1,4 +1,4 @@
-"""Quality commands: `relaydiff train judge` and `relaydiff bench quality` (registered via relaydiff.models.commands)."""
+"""Quality commands: `relaydiff train judge` and `relaydiff bench quality`."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ from pathlib import Path
 
 import typer
 
-
-def register(bench: typer.Typer, train: typer.Typer) -> None:
-    train.command("judge")(train_judge_cmd)
-    bench.command("quality")(bench_quality_cmd)
+from relaydiff.cli.errors import check, console, fail
 
 
 def train_judge_cmd(
@@ -26,11 +23,10 @@ def train_judge_cmd(
     """Train the judge on renders of the world (train split, every style); resumes from --out."""
     from dataclasses import asdict
 
-    from rich.console import Console
+    from relaydiff.quality.judge import JudgeTrainConfig, train_judge
+    from relaydiff.quality.metrics import evaluate_judge
 
-    from relaydiff.quality.judge import JudgeTrainConfig, evaluate_judge, train_judge
-
-    console = Console(stderr=True)
+    check(steps >= 1 and eval_size >= 1, "--steps and --eval-size must be >= 1")
     cfg = JudgeTrainConfig(seed=seed, steps=steps, threads=threads, eval_size=eval_size)
 
     def log(d: dict) -> None:
@@ -39,8 +35,7 @@ def train_judge_cmd(
     try:
         judge = train_judge(cfg, out, log=log, until=until or None)
     except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     done = json.loads((out / "checkpoint.json").read_text())["step"]
     if done < cfg.steps:
         console.print(f"stopped at step {done}/{cfg.steps}; run the same command again to continue")
@@ -71,11 +66,9 @@ def bench_quality_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Quality vs speed of a family on held-out prompts: members, relay, shared prefix, personalization."""
-    from rich.console import Console
+    from relaydiff.bench.quality import QualityBenchConfig, bench_quality
 
-    from relaydiff.quality.bench_quality import QualityBenchConfig, bench_quality
-
-    console = Console(stderr=True)
+    check(steps >= 2 and n_prompts >= 1 and repeats >= 1, "--steps must be >= 2, --n-prompts and --repeats >= 1")
     cfg = QualityBenchConfig(family=family, steps=steps, n_prompts=n_prompts, sampler=sampler, guidance=guidance,
                              seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None, trace=trace,
                              device_guidance=device_guidance if device_curve else None)
@@ -87,8 +80,7 @@ def bench_quality_cmd(
     try:
         result = bench_quality(cfg, log=lambda msg: console.print(msg))
     except (ValueError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     text = json.dumps(result, allow_nan=False)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,6 +88,7 @@ def bench_quality_cmd(
     if as_json:
         print(text)
         return
+    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"relay on {result['family']['id']} (T={cfg.steps}, {result['hardware']})")
@@ -113,3 +106,8 @@ def bench_quality_cmd(
                       f"{e['speedup_single']:.2f}", *extra)
     Console().print(table)
     Console().print({k: result[k] for k in ("judge_accuracy", "best_relay", "targets")})
+
+
+def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
+    train.command("judge")(train_judge_cmd)
+    bench.command("quality")(bench_quality_cmd)

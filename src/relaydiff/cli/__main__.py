@@ -1,0 +1,5 @@
+"""`python -m relaydiff.cli ...`, the same as the `relaydiff` command."""
+
+from relaydiff.cli import main
+
+main()

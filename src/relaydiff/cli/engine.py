@@ -1,0 +1,228 @@
+"""Engine commands: generate, resume, profile, bench engine.
+
+Imports of torch and the engine happen inside the commands: ``relaydiff --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from relaydiff.cli.errors import check, console, fail, int_list
+
+PLAN_HELP = ("Segments member[+adapter][@node]:start-end joined by commas, e.g. large:0-4,small:4-8; "
+             "[g=G] after a segment sets its guidance. Default: the family's first member for all steps.")
+
+
+def write_image(image, path: Path) -> str:
+    """Write an image; the format follows the suffix (.png, .jpg, .webp ...). Returns the format's name."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(image)
+    img.save(path)
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
+
+
+def check_image_path(path: Path, option: str = "--out") -> None:
+    """An output path whose suffix names an image format PIL writes (before anything runs)."""
+    from PIL import Image
+
+    if path.suffix.lower() not in Image.registered_extensions():
+        fail(f"{option} {path}: the suffix names no image format; use .png (lossless), .jpg or .webp")
+
+
+def check_device(device: str) -> None:
+    """A torch device this build and machine have, or a clear error."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        fail(f"--device {device!r} is not a torch device (cpu, cuda, cuda:N, mps)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device}: this torch build ({torch.__version__}) or machine has no CUDA GPU")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        fail(f"--device {device}: MPS is not available on this machine")
+
+
+def generate_cmd(
+    prompt: str = typer.Option(..., help="Text prompt."),
+    family: str = typer.Option("tiny", help="'reference' (draws pictures), 'tiny' (random weights: draws noise, for "
+                                            "tests) or a family directory (docs/family.md)."),
+    steps: int = typer.Option(8, help="Denoising steps T."),
+    plan: str = typer.Option(None, help=PLAN_HELP),
+    seed: int = typer.Option(0, help="Seed of the initial noise (and of stochastic samplers)."),
+    guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (<= 1 disables it)."),
+    negative_prompt: str = typer.Option("", help="Negative prompt."),
+    sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m."),
+    out: Path = typer.Option(None, help="Write the image here; the suffix picks the format (.png lossless, .jpg ...)."),
+    stop_at: int = typer.Option(None, help="Stop after this many steps and write a handoff instead."),
+    handoff_out: Path = typer.Option(None, help="Where --stop-at writes the handoff."),
+    handoff_dtype: str = typer.Option("fp32", help="fp32 (bit-exact resume) or fp16."),
+    compress: bool = typer.Option(False, help="zstd-compress the handoff payload."),
+) -> None:
+    """Generate one image, or stop mid-chain and write a handoff for `relaydiff resume`."""
+    from relaydiff.engine.plan import Plan, PlanError, Request, parse_plan, validate_plan
+    from relaydiff.engine.samplers import SAMPLERS
+
+    if stop_at is not None and handoff_out is None:
+        fail("--stop-at needs --handoff-out")
+    if stop_at is None and out is None:
+        fail("give --out (image) or --stop-at with --handoff-out")
+    check(stop_at is None or 0 < stop_at < steps, f"--stop-at must be in 1..{steps - 1} (a step inside the chain)")
+    check(sampler in SAMPLERS, f"unknown sampler {sampler!r}; known samplers: {', '.join(SAMPLERS)}")
+    check(handoff_dtype in ("fp32", "fp16"), f"--handoff-dtype must be fp32 or fp16, got {handoff_dtype!r}")
+    if out is not None:
+        check_image_path(out)
+    try:  # arguments first: a typo must not cost a model load
+        req = Request(prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance, seed=seed,
+                      sampler=sampler)
+        parsed = validate_plan(parse_plan(plan), steps) if plan else None
+    except PlanError as exc:
+        fail(str(exc))
+
+    from relaydiff.engine.family import FamilyError, load_family
+    from relaydiff.engine.handoff import HandoffError, write_handoff
+    from relaydiff.engine.runner import generate
+
+    try:
+        fam = load_family(family)
+        pl = parsed or Plan.single(next(iter(fam.members)), steps)
+        (res,) = generate(fam, [req], [pl], stop_at=stop_at)
+        if res.handoff is not None:
+            size = write_handoff(handoff_out, res.handoff, dtype=handoff_dtype, compress=compress)
+            console.print(f"handoff at step {res.handoff.step}/{steps} -> {handoff_out} "
+                          f"({size if isinstance(size, int) else handoff_out.stat().st_size} bytes)")
+        else:
+            fmt = write_image(res.image, out)
+            console.print(f"image ({fmt}) -> {out}  unet_evals={res.accounting['unet_evals']}")
+    except (FamilyError, PlanError, HandoffError, ValueError) as exc:
+        fail(str(exc))
+
+
+def resume_cmd(
+    handoff: Path = typer.Argument(..., help="A handoff file written by `generate --stop-at`."),
+    out: Path = typer.Option(..., help="Write the finished image here; the suffix picks the format (.png lossless, .jpg ...)."),
+    family: str = typer.Option(None, help="Family to finish with: 'reference', 'tiny' or a directory (default: the "
+                                          "one the handoff names, if this machine has it)."),
+) -> None:
+    """Finish a chain from a handoff, in this process."""
+    check_image_path(out)
+
+    from relaydiff.engine.family import FamilyError, load_family
+    from relaydiff.engine.handoff import HandoffError, read_handoff
+    from relaydiff.engine.runner import resume
+
+    try:
+        h = read_handoff(handoff)
+        name = family or h.family_id
+        fam = load_family(name, seed=_tiny_seed(h.family_version) if name == "tiny" else 0)
+        res = resume(fam, h)
+        fmt = write_image(res.image, out)
+        console.print(f"resumed at step {h.step} -> {out} ({fmt})  unet_evals={res.accounting['unet_evals']}")
+    except (FamilyError, HandoffError, ValueError, OSError) as exc:
+        fail(str(exc))
+
+
+def _tiny_seed(version: str) -> int:
+    return int(version[4:]) if version.startswith("seed") and version[4:].isdigit() else 0
+
+
+def profile_cmd(
+    family: str = typer.Option("tiny", help="Family to time: 'tiny', 'reference' or a diffusers-format directory."),
+    members: str = typer.Option("", help="Comma-separated members to time (default: all of the family's)."),
+    batch_sizes: str = typer.Option("1,2,4,8", help="Comma-separated batch sizes (chains per batched step)."),
+    steps: int = typer.Option(5, help="Timed steps per batch size (median reported, after 2 warm-up steps)."),
+    kind: str = typer.Option("edge", help="'edge' (batched server) or 'device' (one user's device)."),
+    name: str = typer.Option("measured", help="Profile name written into the file."),
+    out: str = typer.Option("out/profile.json", help="Where to write the profile JSON."),
+    max_batch: int = typer.Option(0, help="Edge memory limit (largest batch); default: largest measured."),
+    step_power_w: float = typer.Option(0.0, help="Device power while denoising, W (not measurable here; 0 = omit)."),
+    radio_power_w: float = typer.Option(0.0, help="Device radio power, W (0 = omit)."),
+    device: str = typer.Option("cpu", help="torch device to run on ('cpu', 'cuda')."),
+) -> None:
+    """Measure per-step latency per member and batch size, and decode time; write a profile JSON."""
+    sizes = int_list(batch_sizes, "--batch-sizes")
+    check(bool(sizes) and all(b >= 1 for b in sizes), "--batch-sizes must be integers >= 1")
+    check(steps >= 1, "--steps must be >= 1")
+    check(kind in ("edge", "device"), f"--kind must be edge or device, got {kind!r}")
+    check_device(device)
+
+    import torch
+
+    from relaydiff.bench.profile import measure_profile
+    from relaydiff.engine.family import load_family
+    from relaydiff.system.profiles import ProfileError, save_profile
+
+    torch.manual_seed(0)
+    try:
+        fam = load_family(family, trace=True)  # time what the engine runs
+        if device != "cpu":
+            fam.to(device, torch.float16)
+        names = [m.strip() for m in members.split(",") if m.strip()] or sorted(fam.members)
+        with console.status(f"timing {', '.join(names)} at batch sizes {sizes}"):
+            prof = measure_profile(fam, names, sizes, kind=kind, name=name, steps=steps,
+                                   max_batch=max_batch or None, step_power_w=step_power_w or None,
+                                   radio_power_w=radio_power_w or None)
+        path = save_profile(prof, out)
+    except (ValueError, ProfileError, OSError) as exc:
+        fail(str(exc))
+    console.print(f"wrote {path}")
+    print(json.dumps(prof.to_dict(), indent=2))
+
+
+def bench_engine_cmd(
+    requests: int = typer.Option(16, help="Number of requests N."),
+    steps: int = typer.Option(20, help="Steps per request."),
+    max_batch: int = typer.Option(16, help="Largest batch (chains) of the executor."),
+    stagger: int = typer.Option(1, help="Executor steps between two arrivals."),
+    family: str = typer.Option("tiny", help="Family to bench."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16."),
+    relay: bool = typer.Option(False, help="Relay plans (first member to T/2, then the second) instead of one member."),
+    threads: int = typer.Option(1, help="CPU threads for torch (1 keeps shared machines comparable)."),
+    trace: bool = typer.Option(True, help="Run the U-Nets as TorchScript traces (exact, less Python per call)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Sequential (one request at a time) vs continuous batching, same machine, same run."""
+    from relaydiff.bench.engine import DTYPES, bench_engine
+
+    check(requests >= 1, "--requests must be >= 1")
+    check(steps >= 1, "--steps must be >= 1")
+    check(max_batch >= 1, "--max-batch must be >= 1")
+    check(stagger >= 0, "--stagger must be >= 0")
+    check(threads >= 1, "--threads must be >= 1")
+    check(dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_device(device)
+
+    import torch
+
+    from relaydiff.engine.family import FamilyError
+
+    torch.set_num_threads(threads)
+    try:
+        result = bench_engine(family=family, n_requests=requests, steps=steps, max_batch=max_batch, stagger=stagger,
+                              device=device, dtype=dtype, relay=relay, trace=trace)
+    except (FamilyError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="engine: sequential vs continuous batching")
+        for k in result:
+            table.add_column(k)
+        table.add_row(*[str(v) for v in result.values()])
+        Console().print(table)
+
+
+def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
+    app.command("generate")(generate_cmd)
+    app.command("resume")(resume_cmd)
+    app.command("profile")(profile_cmd)
+    bench.command("engine")(bench_engine_cmd)

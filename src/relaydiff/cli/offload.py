@@ -1,0 +1,124 @@
+"""Offloading commands: train offload (DRL + convex), simulate, bench offload."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+
+from relaydiff.cli.errors import check, console, fail, int_list
+
+
+def train_offload_cmd(
+    out: str = typer.Option("runs/offload_ppo", help="Output folder (checkpoint/, best.*, history.json)."),
+    scenario: str = typer.Option("default,congested", help="Scenario names or paths, comma-separated (each round picks one)."),
+    timesteps: int = typer.Option(250_000, help="Total environment steps (a resumed run continues to this)."),
+    seed: int = typer.Option(0, help="Seed of the PPO run and of the training rounds."),
+    n_min: int = typer.Option(3, help="Fewest users per training round."),
+    n_max: int = typer.Option(300, help="Most users per training round (log-uniform in between)."),
+    checkpoint_every: int = typer.Option(25_000, help="Steps between checkpoints and validations."),
+    bc_rounds: int = typer.Option(3000, help="Rounds of teacher imitation before PPO (0 = pure PPO)."),
+    bc_teacher: str = typer.Option("local_search", help="Imitation teacher: local_search or greedy."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint."),
+    install: bool = typer.Option(False, "--install", help="Copy the best policy over the shipped one when done."),
+) -> None:
+    """Train the DRL + convex policy (MaskablePPO on the round MDP), checkpointed and resumable."""
+    import shutil
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from relaydiff.sched.drl.policy import DEFAULT_POLICY
+    from relaydiff.sched.drl.train import DRLConfig, train as run_train
+
+    try:
+        cfg = DRLConfig(scenario=scenario, total_timesteps=timesteps, seed=seed, n_min=n_min, n_max=n_max,
+                        checkpoint_every=checkpoint_every, bc_rounds=bc_rounds, bc_teacher=bc_teacher)
+    except ValueError as exc:
+        fail(str(exc))
+    with Progress(TextColumn("[bold]train offload"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("{task.fields[val]}"), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task("train", total=timesteps, val="")
+
+        def on_progress(step: int, total: int, rec: dict) -> None:
+            if rec:
+                bar.update(task, completed=step, val=f"validation: {rec['vs_greedy_mean']:.4f} x greedy")
+            elif step % 256 == 0:
+                bar.update(task, completed=step)
+
+        try:
+            last = run_train(cfg, out, resume=resume, on_progress=on_progress)
+        except (FileExistsError, FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+    console.print(f"last validation: {last}")
+    if install:
+        for ext in (".safetensors", ".json"):
+            shutil.copyfile(f"{out}/best{ext}", DEFAULT_POLICY.with_suffix(ext))
+        console.print(f"installed {out}/best.* as {DEFAULT_POLICY}")
+
+
+def simulate_cmd(
+    scenario: str = typer.Argument(..., help="Scenario name (shipped) or YAML/JSON path."),
+    policy: list[str] = typer.Option(["drl", "greedy"], "--policy", "-p", help="Solver name; repeat for several."),
+    out: str = typer.Option("out/simulate", help="Folder for rounds.csv, summary.json and the PNG plots."),
+    rounds: int = typer.Option(60, help="Rounds to simulate."),
+    population: int = typer.Option(200, help="Users in the cell (each round draws its requests from them)."),
+    arrival_mean: float | None = typer.Option(None, help="Mean requests per round (default: the scenario's n_users)."),
+    n_max: int = typer.Option(64, help="Most requests in one round (arrivals are capped at it)."),
+    seed: int = typer.Option(0, help="Seed: the same rounds for every policy."),
+) -> None:
+    """Run policies against a multi-round scenario (arrivals, capacity, fading); write CSV/JSON/PNG."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from relaydiff.bench.simulate import simulate
+    from relaydiff.sim.scenario_env import Dynamics
+    from relaydiff.system.scenario import ScenarioError, load_scenario
+
+    try:
+        dyn = Dynamics(rounds=rounds, population=population, arrival_mean=arrival_mean, n_max=n_max)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        sc = load_scenario(scenario)
+    except ScenarioError as exc:
+        fail(f"SCENARIO: {exc}")
+    with Progress(TextColumn("[bold]simulate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("rounds", total=rounds * len(policy))
+        try:
+            summary, paths = simulate(sc, list(policy), out, dyn, seed, on_round=lambda: bar.advance(task))
+        except ValueError as exc:
+            fail(str(exc))
+    for p in paths:
+        console.print(f"wrote {p}")
+    print(json.dumps(summary["policies"], indent=2))
+
+
+def bench_offload_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON object."),
+    scenario: str = typer.Option("default", help="Scenario the rounds are drawn from."),
+    seed: int = typer.Option(0, help="Seed of the rounds."),
+    rounds: int = typer.Option(10, help="Rounds per N in the optimality part."),
+    scale_rounds: int = typer.Option(5, help="Rounds per N in the scaling part."),
+    sizes: str = typer.Option("5,10,20,30", help="N values of the optimality part (exact MILP)."),
+    scale_sizes: str = typer.Option("100,1000", help="N values of the scaling part."),
+) -> None:
+    """Optimality (vs the exact MILP) and speed of every solver: one JSON object."""
+    from relaydiff.bench.offload import run
+    from relaydiff.system.scenario import ScenarioError, load_scenario
+
+    opt, scl = tuple(int_list(sizes, "--sizes")), tuple(int_list(scale_sizes, "--scale-sizes"))
+    check(all(n >= 1 for n in opt + scl), "--sizes and --scale-sizes must be integers >= 1")
+    check(rounds >= 1 and scale_rounds >= 1, "--rounds and --scale-rounds must be >= 1")
+    try:
+        sc = load_scenario(scenario)
+    except ScenarioError as exc:
+        fail(str(exc))
+    with console.status("bench offload") as status:
+        result = run(sc, seed, opt, rounds, scl, scale_rounds,
+                     on_progress=None if as_json else (lambda msg: status.update(msg)))
+    print(json.dumps(result, indent=None if as_json else 2))
+
+
+def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
+    app.command("simulate")(simulate_cmd)
+    bench.command("offload")(bench_offload_cmd)
+    train.command("offload")(train_offload_cmd)

@@ -1,0 +1,1 @@
+"""The DRL + convex solver: ``policy`` (numpy inference, what a service loads) and ``train`` (MaskablePPO)."""
