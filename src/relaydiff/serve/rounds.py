@@ -1,0 +1,115 @@
+"""Deciding a round of live jobs with a scheduler (seed 000: admission, split, bandwidth).
+
+Jobs that arrived within one window become one :class:`~relaydiff.system.problem.RoundInstance`:
+per-user numbers come from the job (its preferences, its device class's measured profile, its
+prompt's complexity and whether it wants a personal style), the edge and the wireless cell from a
+scenario (the channel draw is seeded by the round id: the edge does not see the real radio). The
+scheduler's split k per job becomes an engine plan: k = 0 runs on the device alone, 0 < k < T is
+a relay (the large member on the edge for 0..k, the small member with the user's adapter on the
+device), k = T runs on the edge alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from relaydiff.engine.plan import Plan
+from relaydiff.system.problem import RoundInstance, _device_numbers, sample_instance
+from relaydiff.system.profiles import ProfileError, load_profile
+from relaydiff.system.quality import QualityModel, load_quality
+from relaydiff.system.scenario import Scenario, load_scenario
+
+# a prompt of this many words counts as fully complex (the reference world's longest prompts: ~16)
+COMPLEX_PROMPT_WORDS = 16
+PERSONALIZATION_WITH_ADAPTER = 0.5
+
+
+@dataclass(frozen=True)
+class RoundJob:
+    """What the scheduler needs to know about one job."""
+
+    steps: int
+    prompt: str
+    weights: tuple[float, float, float]   # quality, latency, energy (sum 1)
+    device_class: str
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class Decided:
+    plan: Plan
+    k: int
+    kind: str   # edge_only | relay | device_only
+
+
+def plan_for(k: int, steps: int, large: str, small: str, adapter: str | None) -> Decided:
+    """The engine plan of split ``k`` (see the module docstring)."""
+    if k <= 0:
+        return Decided(Plan.single(small, steps, adapter, node="device"), 0, "device_only")
+    if k >= steps:
+        return Decided(Plan.single(large, steps, node="edge"), steps, "edge_only")
+    return Decided(Plan.relay(large, small, k, steps, adapter), k, "relay")
+
+
+class RoundDecider:
+    """Turns a list of jobs into plans with one solver call per distinct step count."""
+
+    def __init__(self, scheduler: str, large: str, small: str, scenario: str | Scenario = "default",
+                 quality: QualityModel | None = None):
+        from relaydiff.sched.registry import get_solver
+
+        self.solver = get_solver(scheduler)      # ValueError listing the known names
+        self._greedy = get_solver("greedy")
+        self.fallbacks: list[str] = []           # rounds the configured solver could not decide
+        self.scheduler = scheduler
+        self.large, self.small = large, small
+        self.scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+        self.quality = quality or load_quality()
+        self.device_classes = tuple(sorted(self.scenario.devices))
+        self._devices = {c: _device_numbers(load_profile(c), self.scenario.device_member)
+                         for c in self.device_classes}
+
+    def check_device_class(self, name: str) -> None:
+        if name not in self._devices:
+            raise ProfileError(f"unknown device class {name!r}; known: {', '.join(self.device_classes)}")
+
+    def splits(self, steps: int) -> np.ndarray:
+        """As many split points as the scenario has (a trained policy expects that count), spread evenly
+        over 1..T and ending at T (edge only)."""
+        n = len(self.scenario.splits)
+        return np.unique(np.clip(np.round(np.linspace(steps / n, steps, n)), 1, steps).astype(np.int64))
+
+    def instance(self, jobs: list[RoundJob], round_id: int) -> RoundInstance:
+        """The round problem of ``jobs`` (all with the same step count)."""
+        steps = jobs[0].steps
+        base = sample_instance(self.scenario, n_users=len(jobs), seed=round_id, capacity=1.0,
+                               quality_model=self.quality)
+        dev = np.array([self._devices[j.device_class] for j in jobs], dtype=float)
+        w = np.array([j.weights for j in jobs], dtype=float)
+        complexity = np.array([min(1.0, len(j.prompt.split()) / COMPLEX_PROMPT_WORDS) for j in jobs])
+        personal = np.array([PERSONALIZATION_WITH_ADAPTER if j.adapter else 0.0 for j in jobs])
+        return dataclasses.replace(
+            base, steps=steps, splits=self.splits(steps),
+            device_step_s=dev[:, 0], device_step_j=dev[:, 1], decode_s=dev[:, 2], decode_j=dev[:, 3],
+            tx_power_w=dev[:, 4], rx_power_w=dev[:, 5],
+            quality=self.quality.table(steps, complexity, personal),
+            w_quality=w[:, 0], w_latency=w[:, 1], w_energy=w[:, 2],
+            device_class=tuple(j.device_class for j in jobs),
+            meta={**base.meta, "round_id": round_id, "source": "live jobs"})
+
+    def decide(self, jobs: list[RoundJob], round_id: int) -> list[Decided]:
+        out: list[Decided | None] = [None] * len(jobs)
+        for steps in sorted({j.steps for j in jobs}):
+            idx = [i for i, j in enumerate(jobs) if j.steps == steps]
+            instance = self.instance([jobs[i] for i in idx], round_id)
+            try:
+                solution = self.solver(instance)
+            except ValueError as exc:  # e.g. a trained policy that does not fit this step count
+                self.fallbacks.append(f"round {round_id}: {self.scheduler} failed ({exc}); greedy decided it")
+                solution = self._greedy(instance)
+            for i, k in zip(idx, np.asarray(solution.decision.k).tolist()):
+                out[i] = plan_for(int(k), steps, self.large, self.small, jobs[i].adapter)
+        return [d for d in out if d is not None]

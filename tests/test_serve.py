@@ -1,0 +1,299 @@
+"""The edge service: jobs and plans, handoffs, fallback, restart, auth, limits (tiny family, in-process
+or on 127.0.0.1; every server here starts and stops itself)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from relaydiff.engine.handoff import HandoffError, decode_handoff
+from relaydiff.engine.plan import Plan, Request
+from relaydiff.engine.runner import generate
+from relaydiff.sched.registry import register_solver
+from relaydiff.serve.app import create_app
+from relaydiff.serve.auth import TokenFileError, TokenTable
+from relaydiff.serve.client import AsyncDeviceClient, DeviceClient, ServiceError, finish_locally
+from relaydiff.serve.edge import EdgeService, EdgeSettings
+from relaydiff.serve.loopback import LoopbackServer
+from relaydiff.serve.models import JobRequest
+from relaydiff.serve.png import png_image
+from relaydiff.system.problem import timed
+
+ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
+TOKENS = TokenTable({"alice": ALICE, "bob": BOB})
+STEPS = 8
+
+
+def _fixed_split(name: str, pick) -> None:
+    """A solver that gives every user the same split: plans the tests can predict."""
+    def body(inst):
+        return np.full(inst.n_users, pick(inst), dtype=np.int64), {}
+    register_solver(name, lambda inst: timed(name, body, inst))
+
+
+_fixed_split("test_relay", lambda inst: int(inst.splits[len(inst.splits) // 2]))  # k = 5 of 8
+_fixed_split("test_edge", lambda inst: inst.steps)
+_fixed_split("test_device", lambda inst: 0)
+
+
+def auth(token: str = ALICE) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def settings(**kw) -> EdgeSettings:
+    base = dict(scheduler="test_relay", default_steps=STEPS, round_window_s=0.01, fetch_timeout_s=30.0,
+                report_timeout_s=30.0)
+    return EdgeSettings(**{**base, **kw})
+
+
+def reference_image(family, prompt: str, seed: int, plan: Plan) -> np.ndarray:
+    """The same request run in one process, uninterrupted."""
+    return generate(family, [Request(prompt, steps=STEPS, seed=seed)], [plan])[0].image
+
+
+def wait_state(client: TestClient, job_id: str, states: set[str], timeout_s: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        view = client.get(f"/v1/jobs/{job_id}", headers=auth()).json()
+        if view["state"] in states or time.monotonic() > deadline:
+            return view
+        time.sleep(0.02)
+
+
+# ---- end to end on 127.0.0.1 --------------------------------------------------------------
+
+def test_relay_over_loopback_matches_the_in_process_chain(tiny):
+    app = create_app(tiny, settings(), TOKENS)
+    with LoopbackServer(app) as server, DeviceClient(server.url, ALICE, tiny, timeout_s=30) as device:
+        out = device.run("a red circle left of a blue square", seed=7, adapter="style_a")
+        assert out.finished_by == "device"
+        assert out.job["state"] == "done" and out.job["kind"] == "relay" and out.job["handoff_step"] == 5
+        assert out.job["plan_text"] == "large@edge:0-5,small+style_a@device:5-8"
+        assert out.job["latency_ms"] == pytest.approx(out.latency_ms, rel=0.5)
+        ref = reference_image(tiny, "a red circle left of a blue square", 7, Plan.from_list(out.job["plan"]))
+        assert np.array_equal(out.image, ref)
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'relaydiff_completed_total{by="device"} 1.0' in metrics
+        assert "relaydiff_handoff_bytes_count 1.0" in metrics
+
+
+def test_jobs_in_one_window_are_one_round(tiny):
+    """Concurrent submissions (asyncio + httpx, as the bench's devices) are decided together."""
+    app = create_app(tiny, settings(scheduler="greedy", round_window_s=0.2), TOKENS)
+
+    async def submit_all(url: str) -> list[dict]:
+        async with httpx.AsyncClient(base_url=url) as http:
+            client = AsyncDeviceClient(url, ALICE, http=http, timeout_s=20)
+            replies = await asyncio.gather(*[
+                client.call("POST", "/v1/jobs", json={"prompt": f"a green star {i}", "seed": i,
+                                                      "device_class": c})
+                for i, c in enumerate(["phone-low", "phone-mid", "laptop", "phone-flagship"])])
+            return [r.json() for r in replies]
+
+    with LoopbackServer(app) as server:
+        views = asyncio.run(submit_all(server.url))
+    assert len({v["round_id"] for v in views}) == 1
+    assert len({v["job_id"] for v in views}) == 4
+
+
+def test_edge_only_job_returns_its_image(tiny):
+    with TestClient(create_app(tiny, settings(scheduler="test_edge"), TOKENS)) as client:
+        view = client.post("/v1/jobs", json={"prompt": "two yellow triangles", "seed": 3}, headers=auth()).json()
+        assert view["kind"] == "edge_only" and view["plan_text"] == "large@edge:0-8"
+        img = client.get(f"/v1/jobs/{view['job_id']}/image", params={"wait_s": 20}, headers=auth())
+        assert img.status_code == 200 and img.headers["content-type"] == "image/png"
+        ref = reference_image(tiny, "two yellow triangles", 3, Plan.single("large", STEPS, node="edge"))
+        assert np.array_equal(png_image(img.content), ref)
+        assert client.get(f"/v1/jobs/{view['job_id']}/handoff", headers=auth()).status_code == 409
+
+
+def test_device_only_job_gets_its_plan_and_seeded_noise(tiny):
+    with TestClient(create_app(tiny, settings(scheduler="test_device"), TOKENS)) as client:
+        view = client.post("/v1/jobs", json={"prompt": "a big red circle", "seed": 4, "adapter": "style_b"},
+                           headers=auth()).json()
+        assert view["kind"] == "device_only" and view["plan_text"] == "small+style_b@device:0-8"
+        data = client.get(f"/v1/jobs/{view['job_id']}/handoff", params={"wait_s": 20}, headers=auth()).content
+        assert decode_handoff(data).step == 0
+        image, _ = finish_locally(tiny, data)
+        assert np.array_equal(image, reference_image(tiny, "a big red circle", 4, Plan.from_list(view["plan"])))
+        done = client.post(f"/v1/jobs/{view['job_id']}/complete", json={"latency_ms": 12.5, "quality": 0.8},
+                           headers=auth()).json()
+        assert (done["state"], done["latency_ms"], done["quality"]) == ("done", 12.5, 0.8)
+        # the image stayed on the device
+        assert client.get(f"/v1/jobs/{view['job_id']}/image", headers=auth()).status_code == 404
+
+
+# ---- nothing accepted is lost -------------------------------------------------------------
+
+@pytest.mark.parametrize("vanish", ["never_fetches", "fetches_then_vanishes", "reports_failure"])
+def test_fallback_finishes_the_chain_on_the_edge(tiny, vanish):
+    with TestClient(create_app(tiny, settings(fetch_timeout_s=0.3, report_timeout_s=0.3), TOKENS)) as client:
+        view = client.post("/v1/jobs", json={"prompt": "a purple square above a circle", "seed": 9,
+                                             "adapter": "style_a"}, headers=auth()).json()
+        job = view["job_id"]
+        if vanish != "never_fetches":
+            assert client.get(f"/v1/jobs/{job}/handoff", params={"wait_s": 20}, headers=auth()).status_code == 200
+        if vanish == "reports_failure":
+            r = client.post(f"/v1/jobs/{job}/complete", json={"ok": False, "error": "out of memory"}, headers=auth())
+            assert r.json()["state"] in ("fallback", "done")
+        img = client.get(f"/v1/jobs/{job}/image", params={"wait_s": 20}, headers=auth())
+        assert img.status_code == 200
+        final = client.get(f"/v1/jobs/{job}", headers=auth()).json()
+        assert final["state"] == "done" and final["fallback"] is True
+        assert ("out of memory" in final["error"]) == (vanish == "reports_failure")
+        ref = reference_image(tiny, "a purple square above a circle", 9, Plan.from_list(view["plan"]))
+        assert np.array_equal(png_image(img.content), ref)  # the edge's image is the device's image
+        # a late report is refused with the reason
+        late = client.post(f"/v1/jobs/{job}/complete", json={"latency_ms": 5}, headers=auth())
+        assert late.status_code == 409 and "done" in late.json()["detail"]
+
+
+def test_restart_reruns_every_unfinished_job(tiny, tmp_path):
+    """Jobs accepted (persisted) but not run when the edge stopped run after a restart: same seed, same image."""
+    db = str(tmp_path / "jobs.sqlite")
+    first = EdgeService(tiny, settings(scheduler="test_edge", db_path=db))
+    accepted = first.admit([("alice", JobRequest(prompt=f"a small blue star {i}", seed=i)) for i in range(3)])
+    first.stop()  # never started: nothing ran
+    with TestClient(create_app(tiny, settings(scheduler="test_edge", db_path=db), TOKENS)) as client:
+        assert client.get("/readyz").json()["restarted_jobs"] == 3
+        for i, rec in enumerate(accepted):
+            img = client.get(f"/v1/jobs/{rec.id}/image", params={"wait_s": 20}, headers=auth())
+            assert img.status_code == 200, img.text
+            ref = reference_image(tiny, f"a small blue star {i}", i, Plan.from_list(rec.plan))
+            assert np.array_equal(png_image(img.content), ref)
+
+
+def test_restart_offers_the_same_handoff_again(tiny, tmp_path):
+    db = str(tmp_path / "jobs.sqlite")
+    with TestClient(create_app(tiny, settings(db_path=db), TOKENS)) as client:
+        view = client.post("/v1/jobs", json={"prompt": "a green star", "seed": 2, "idempotency_key": "k-1"},
+                           headers=auth()).json()
+        before = client.get(f"/v1/jobs/{view['job_id']}/handoff", params={"wait_s": 20}, headers=auth()).content
+    with TestClient(create_app(tiny, settings(db_path=db), TOKENS)) as client:
+        again = client.post("/v1/jobs", json={"prompt": "a green star", "seed": 2, "idempotency_key": "k-1"},
+                            headers=auth()).json()
+        assert again["job_id"] == view["job_id"]  # the same key is the same job, across restarts
+        after = client.get(f"/v1/jobs/{view['job_id']}/handoff", params={"wait_s": 20}, headers=auth()).content
+        assert decode_handoff(after).latents.equal(decode_handoff(before).latents)
+
+
+def test_cancel(tiny):
+    with TestClient(create_app(tiny, settings(), TOKENS)) as client:
+        job = client.post("/v1/jobs", json={"prompt": "a red circle", "seed": 1}, headers=auth()).json()["job_id"]
+        assert client.delete(f"/v1/jobs/{job}", headers=auth()).json()["state"] == "cancelled"
+        again = client.delete(f"/v1/jobs/{job}", headers=auth())
+        assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+        assert client.get(f"/v1/jobs/{job}/handoff", headers=auth()).status_code == 409
+        time.sleep(0.3)
+        assert client.get(f"/v1/jobs/{job}", headers=auth()).json()["state"] == "cancelled"
+
+
+# ---- malformed handoffs --------------------------------------------------------------------
+
+def test_device_rejects_a_corrupted_handoff_and_the_edge_takes_over(tiny):
+    app = create_app(tiny, settings(), TOKENS)
+
+    class Corrupting(httpx.HTTPTransport):
+        def handle_request(self, request):
+            resp = super().handle_request(request)
+            if request.url.path.endswith("/handoff") and resp.status_code == 200:
+                body = bytearray(resp.read())
+                body[-1] ^= 0xFF
+                return httpx.Response(200, content=bytes(body), headers=resp.headers)
+            return resp
+
+    with LoopbackServer(app) as server:
+        with DeviceClient(server.url, ALICE, tiny, timeout_s=30, transport=Corrupting()) as device:
+            out = device.run("a big red circle", seed=5)
+        assert out.finished_by == "edge" and out.job["fallback"] is True
+        assert "checksum mismatch" in out.job["error"]
+        ref = reference_image(tiny, "a big red circle", 5, Plan.from_list(out.job["plan"]))
+        assert np.array_equal(out.image, ref)
+
+
+def test_finish_locally_uses_the_strict_reader(tiny):
+    with pytest.raises(HandoffError, match="not a relaydiff handoff"):
+        finish_locally(tiny, b"\x80\x04pickle-bytes-here-please")
+
+
+# ---- auth and limits -----------------------------------------------------------------------
+
+def test_tokens_and_ownership(tiny):
+    with TestClient(create_app(tiny, settings(), TOKENS)) as client:
+        r = client.post("/v1/jobs", json={"prompt": "x"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer" and "missing" in r.json()["detail"]
+        assert client.post("/v1/jobs", json={"prompt": "x"}, headers=auth("wrong-token-00000000")).status_code == 401
+        job = client.post("/v1/jobs", json={"prompt": "a red circle"}, headers=auth()).json()["job_id"]
+        for method, path in [("GET", ""), ("GET", "/handoff"), ("GET", "/image"), ("DELETE", "")]:
+            r = client.request(method, f"/v1/jobs/{job}{path}", headers=auth(BOB))
+            assert r.status_code == 403 and "another client" in r.json()["detail"]
+        assert client.get("/v1/jobs/nope", headers=auth()).status_code == 404
+
+
+def test_tokens_file(tmp_path):
+    path = tmp_path / "tokens"
+    path.write_text("# clients\nalice alice-token-0123456789\n\nbob bob-token-0123456789ab\n")
+    table = TokenTable.from_file(path)
+    assert table.client(ALICE) == "alice" and table.client("nope") is None
+    path.write_text("alice short\n")
+    with pytest.raises(TokenFileError, match="at least 16 characters"):
+        TokenTable.from_file(path)
+    path.write_text("alice a b\n")
+    with pytest.raises(TokenFileError, match=r"tokens:1: expected 'client-id token'"):
+        TokenTable.from_file(path)
+
+
+def test_limits_say_what_is_wrong(tiny):
+    with TestClient(create_app(tiny, settings(rate_per_s=0.01, burst=2, max_body_bytes=2048), TOKENS)) as client:
+        r = client.post("/v1/jobs", content=b"{" + b" " * 4096 + b"}", headers={**auth(), "content-type": "application/json"})
+        assert r.status_code == 413 and "2048 bytes" in r.json()["detail"]
+        r = client.post("/v1/jobs", json={"prompt": "x" * 401}, headers=auth())
+        assert r.status_code == 422 and "prompt" in str(r.json()["detail"])
+        r = client.post("/v1/jobs", json={"prompt": "x", "adapter": "nope"}, headers=auth())
+        assert r.status_code == 422 and "unknown adapter 'nope'" in r.json()["detail"]
+        r = client.post("/v1/jobs", json={"prompt": "x", "device_class": "toaster"}, headers=auth())
+        assert r.status_code == 422 and "unknown device class 'toaster'" in r.json()["detail"]
+        r = client.post("/v1/jobs", json={"prompt": "x", "colour": "red"}, headers=auth())
+        assert r.status_code == 422 and "colour" in str(r.json()["detail"])
+        r = client.post("/v1/jobs/abc/complete", json={"ok": True}, headers=auth())
+        assert r.status_code == 422 and "latency_ms" in str(r.json()["detail"])
+        codes = [client.post("/v1/jobs", json={"prompt": "a red circle"}, headers=auth()).status_code for _ in range(3)]
+        assert codes == [202, 202, 429]
+        r = client.post("/v1/jobs", json={"prompt": "a red circle"}, headers=auth())
+        assert int(r.headers["retry-after"]) >= 1 and "rate" in r.json()["detail"]
+        assert client.post("/v1/jobs", json={"prompt": "a red circle"}, headers=auth(BOB)).status_code == 202
+    with TestClient(create_app(tiny, settings(max_queue=0), TOKENS)) as client:
+        r = client.post("/v1/jobs", json={"prompt": "a red circle"}, headers=auth())
+        assert r.status_code == 503 and "queue is full" in r.json()["detail"] and r.headers["retry-after"] == "1"
+
+
+def test_health_metrics_status(tiny):
+    with TestClient(create_app(tiny, settings(scheduler="test_edge", status_thumbnails=True), TOKENS)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.get("/readyz").json()["status"] == "ready"
+        job = client.post("/v1/jobs", json={"prompt": "a red circle"}, headers=auth()).json()["job_id"]
+        assert client.get(f"/v1/jobs/{job}/image", params={"wait_s": 20}, headers=auth()).status_code == 200
+        text = client.get("/metrics").text
+        for name in ("relaydiff_queue_depth", "relaydiff_batch_size_bucket", "relaydiff_step_seconds_bucket",
+                     'relaydiff_jobs{state="done"} 1.0', "relaydiff_rounds_total 1.0"):
+            assert name in text
+        page = client.get("/").text
+        assert job[:10] in page and "large@edge" not in page  # timeline labels, not plan text
+        assert "<svg" in page and "data:image/png;base64," in page
+        assert "a red circle" not in page  # prompts stay private
+        assert "/v1/jobs" in client.get("/openapi.json").json()["paths"]
+
+
+def test_client_errors_are_one_line(tiny):
+    with LoopbackServer(create_app(tiny, settings(), TOKENS)) as server:
+        with DeviceClient(server.url, "wrong-token-00000000", tiny, timeout_s=2) as device:
+            with pytest.raises(ServiceError, match=r"POST /v1/jobs: 401 unknown bearer token"):
+                device.submit("a red circle")
+    with DeviceClient(server.url, ALICE, tiny, timeout_s=0.3) as device:  # the server is gone
+        with pytest.raises(ServiceError, match="cannot reach the server"):
+            device.submit("a red circle")
