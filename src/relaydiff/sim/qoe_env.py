@@ -1,0 +1,288 @@
+"""RLLI's round as a Gymnasium env: shared denoising for similar prompts, QoE agents as the reward.
+
+Each episode is one round (a fresh draw; one step). The default scenario is ``congested`` (a
+narrow 2 MHz downlink carrying SDXL-size handoff latents, an H100 edge with 20-60% of its compute
+free): in the ``default`` cell the downlink is so wide that bandwidth shares barely matter. K users (``k_min``..``k_max``) each bring a
+prompt from the prompt pool, Big-Five traits (uniform in [0, 1]^5), a device and a Rayleigh-faded
+link, drawn by :func:`relaydiff.system.problem.sample_instance` from the scenario's profiles. The
+prompts are grouped by similarity (:func:`relaydiff.system.grouping.group_prompts`). The action,
+a Box in [-1, 1]^(3 k_max) (user slots beyond K are ignored), sets per slot:
+
+- ``a[0:k]``   downlink bandwidth shares b = softmax(3 a) over the K users;
+- ``a[k:2k]``  edge compute shares f = softmax(3 a);
+- ``a[2k:3k]`` shared steps: a group's s = round(T mean_{i in g} (a_i + 1) / 2) (singletons 0).
+
+System model (all on the edge's large model, as the shared-prefix curves were measured; the
+device decodes): the edge's chain-step time at the round's batch is tau = t(B) / B (the edge
+profile's batched step latency, B = min(K, max_batch)), its throughput c / tau at compute share c.
+A group's prefix runs once with the members' pooled share, then each member continues alone:
+E_i = s_g tau / (c F_g) + (T - s_g) tau / (c f_i), F_g = sum of the group's f (a fluid
+processor-sharing model; shares of finished users are not redistributed). Then the handoff latent
+goes down at b_i B r_i, and the device decodes. Latency L_i = uplink_i + E_i + down_i + decode_i;
+battery J_i = p_tx uplink_i + p_rx down_i + decode_j_i; edge energy = ``edge_power_w`` tau
+(chain-steps run). Prompt fidelity: the family's full-large fidelity (the quality table), times a
+follower's retention after s shared steps at its similarity to the leader (the measured
+shared-prefix curves). The reward is the sum of the agents' scores (1-10 each).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from safetensors.numpy import load_file
+
+from relaydiff.sim.agents import QoEAgent, SurrogateAgent
+from relaydiff.system.bandwidth import inverse_cost_shares
+from relaydiff.system.grouping import Groups, SharingCost, group_prompts, load_sharing_cost
+from relaydiff.system.problem import sample_instance
+from relaydiff.system.profiles import load_profile
+from relaydiff.system.quality import load_quality
+from relaydiff.system.scenario import Scenario, load_scenario
+
+PROMPT_POOL = Path(__file__).resolve().parent.parent / "assets" / "qoe" / "prompt_pool.json"
+SHARE_SCALE = 3.0  # softmax temperature of the share actions: shares span e^6 ~ 400x
+# The edge's power while it runs chain-steps: the board power (TDP) of the shipped edge profiles'
+# GPUs, an upper bound (the profiles carry no power measurement). NVIDIA A100 datasheet: SXM4 400 W;
+# NVIDIA H100 datasheet: PCIe 350 W (the h100-sd15 profile is an H100 PCIe).
+EDGE_POWER_W = {"a100-sd15": 400.0, "h100-sd15": 350.0}
+N_FEATURES = 12  # per user slot; see QoEEnv._observe
+
+
+class PromptPoolError(ValueError):
+    """The prompt pool files are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class PromptPool:
+    """Prompts in topic clusters with unit embeddings (built by ``relaydiff.bench.qoe_pool``)."""
+
+    prompts: tuple[str, ...]
+    topics: np.ndarray
+    embeddings: np.ndarray
+
+    @classmethod
+    def load(cls, path: str | Path = PROMPT_POOL) -> "PromptPool":
+        path = Path(path)
+        try:
+            meta = json.loads(path.read_text())
+            emb = load_file(str(path.with_suffix(".safetensors")))["embeddings"].astype(np.float64)
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise PromptPoolError(f"prompt pool {path}: cannot read ({exc})") from None
+        if len(meta.get("prompts", ())) != emb.shape[0] or len(meta.get("topics", ())) != emb.shape[0]:
+            raise PromptPoolError(f"prompt pool {path}: prompts, topics and embeddings differ in length")
+        return cls(tuple(meta["prompts"]), np.asarray(meta["topics"], dtype=int), emb)
+
+
+@dataclass
+class Round:
+    """Everything drawn for one round (the env's hidden state)."""
+
+    prompts: list[str]
+    embeddings: np.ndarray
+    traits: np.ndarray
+    groups: Groups
+    capacity: float
+    spectral_eff: np.ndarray
+    uplink_s: np.ndarray
+    decode_s: np.ndarray
+    decode_j: np.ndarray
+    tx_power_w: np.ndarray
+    rx_power_w: np.ndarray
+    base_fidelity: np.ndarray
+    tau_s: float
+
+    @property
+    def k(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class Outcome:
+    """What one decision did to one round."""
+
+    scores: np.ndarray
+    fidelity: np.ndarray
+    latency_s: np.ndarray
+    battery_j: np.ndarray
+    shared_steps: np.ndarray  # per group
+    unet_chain_steps: int
+    unet_chain_steps_unshared: int
+    edge_energy_j: float
+
+    def summary(self) -> dict[str, float]:
+        return {"qoe": float(self.scores.sum()), "qoe_mean": float(self.scores.mean()),
+                "latency_s": float(self.latency_s.mean()), "fidelity": float(self.fidelity.mean()),
+                "battery_j": float(self.battery_j.sum()), "edge_energy_j": self.edge_energy_j,
+                "energy_j": self.edge_energy_j + float(self.battery_j.sum()),
+                "unet_evals_saved": 1.0 - self.unet_chain_steps / self.unet_chain_steps_unshared}
+
+
+def softmax_shares(a: np.ndarray) -> np.ndarray:
+    z = SHARE_SCALE * np.clip(np.asarray(a, dtype=float), -1.0, 1.0)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def share_action(shares: np.ndarray) -> np.ndarray:
+    """The action entries whose softmax gives ``shares`` (clipped where a ratio exceeds e^6)."""
+    s = np.maximum(np.asarray(shares, dtype=float), 1e-300)
+    return np.clip(1.0 + np.log(s / s.max()) / SHARE_SCALE, -1.0, 1.0)
+
+
+class QoEEnv(gym.Env):
+    """One round per episode; reward = sum of the agents' QoE scores (see the module docstring)."""
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(self, k_min: int = 5, k_max: int = 20, scenario: str | Scenario = "congested",
+                 agent: QoEAgent | None = None, pool: PromptPool | None = None,
+                 sharing_cost: SharingCost | None = None, topics_per_user: float = 0.35,
+                 group_threshold: float = 0.75, max_group: int = 8, allow_sharing: bool = True,
+                 edge_power_w: float | None = None) -> None:
+        if not 1 <= k_min <= k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
+        self.k_min, self.k_max = int(k_min), int(k_max)
+        self.scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
+        self.agent = agent or SurrogateAgent()
+        self.pool = pool or PromptPool.load()
+        self.sharing_cost = sharing_cost or load_sharing_cost()
+        self.topics_per_user, self.group_threshold, self.max_group = topics_per_user, group_threshold, max_group
+        self.allow_sharing = allow_sharing
+        if edge_power_w is None and self.scenario.edge.profile not in EDGE_POWER_W:
+            raise ValueError(f"no board power known for edge profile {self.scenario.edge.profile!r}: pass edge_power_w")
+        self.edge_power_w = float(edge_power_w or EDGE_POWER_W[self.scenario.edge.profile])
+        self.steps = self.scenario.steps
+        edge = load_profile(self.scenario.edge.profile)
+        self._edge_member = edge.member(self.scenario.edge.member)
+        self._max_batch = self.scenario.edge.max_batch or edge.max_batch or self.k_max
+        self._quality = load_quality(self.scenario.quality.table)
+        self._full_fidelity = float(self._quality.large_fidelity)
+        self.observation_space = gym.spaces.Box(-10.0, 10.0, shape=(self.k_max * N_FEATURES + 2,), dtype=np.float32)
+        self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(3 * self.k_max,), dtype=np.float32)
+        self.round: Round | None = None
+
+    # ---- drawing a round ------------------------------------------------------------------
+    def draw_round(self, rng: np.random.Generator) -> Round:
+        """K users: prompts from a few topics of the pool, traits, devices and links."""
+        k = int(rng.integers(self.k_min, self.k_max + 1))
+        n_topics = max(1, int(round(self.topics_per_user * k)))
+        all_topics = np.unique(self.pool.topics)
+        chosen = rng.choice(all_topics, size=min(n_topics, all_topics.size), replace=False)
+        idx = np.array([rng.choice(np.flatnonzero(self.pool.topics == rng.choice(chosen))) for _ in range(k)])
+        emb = self.pool.embeddings[idx]
+        inst = sample_instance(self.scenario, n_users=k, seed=rng, quality_model=self._quality)
+        batch = min(k, self._max_batch)
+        return Round(
+            prompts=[self.pool.prompts[i] for i in idx], embeddings=emb, traits=rng.uniform(0.0, 1.0, (k, 5)),
+            groups=group_prompts(emb, self.group_threshold, self.max_group), capacity=inst.capacity,
+            spectral_eff=inst.spectral_eff, uplink_s=inst.uplink_s, decode_s=inst.decode_s, decode_j=inst.decode_j,
+            tx_power_w=inst.tx_power_w, rx_power_w=inst.rx_power_w,
+            base_fidelity=np.full(k, self._full_fidelity), tau_s=self._edge_member.at(batch) / batch)
+
+    def _observe(self) -> np.ndarray:
+        r = self.round
+        assert r is not None
+        g = r.groups
+        sizes = g.sizes()[g.label]
+        is_leader = np.zeros(r.k)
+        is_leader[g.leader] = 1.0
+        feats = np.column_stack([
+            np.ones(r.k),  # slot in use
+            np.log2(r.spectral_eff) / 4.0,  # link quality
+            r.decode_s,  # device speed (seconds per decode)
+            r.traits,  # O, C, E, A, N
+            (sizes - 1) / max(self.max_group - 1, 1),  # group size
+            (r.groups.similarity - 0.75) * 4.0,  # similarity to the group's leader
+            is_leader,
+            r.uplink_s * 10.0,
+        ])
+        obs = np.zeros((self.k_max, N_FEATURES))
+        obs[: r.k] = feats
+        return np.clip(np.concatenate([obs.ravel(), [r.capacity, r.k / self.k_max]]), -10, 10).astype(np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.round = self.draw_round(self.np_random)
+        return self._observe(), {"k": self.round.k, "groups": self.round.groups.n_groups}
+
+    # ---- the system model -----------------------------------------------------------------
+    def decode_action(self, action: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bandwidth shares [K], compute shares [K], shared steps per group [G])."""
+        r = self.round
+        assert r is not None
+        a = np.asarray(action, dtype=float).reshape(3, self.k_max)[:, : r.k]
+        frac = (np.clip(a[2], -1, 1) + 1.0) / 2.0
+        g = r.groups
+        s = np.array([round(self.steps * frac[g.members(j)].mean()) for j in range(g.n_groups)], dtype=int)
+        s[g.sizes() < 2] = 0
+        if not self.allow_sharing:
+            s[:] = 0
+        return softmax_shares(a[0]), softmax_shares(a[1]), s
+
+    def outcome(self, bandwidth: np.ndarray, compute: np.ndarray, shared: np.ndarray) -> Outcome:
+        """Latency, battery, fidelity and scores of a decision on the current round."""
+        r = self.round
+        assert r is not None
+        g, t_steps, sc = r.groups, self.steps, self.scenario
+        s_user = shared[g.label]
+        pooled = np.bincount(g.label, weights=compute, minlength=g.n_groups)[g.label]
+        rate = r.tau_s / r.capacity
+        edge_s = s_user * rate / pooled + (t_steps - s_user) * rate / compute
+        down_s = 8.0 * sc.payload.latent_bytes / (bandwidth * sc.wireless.bandwidth_hz * r.spectral_eff)
+        latency = r.uplink_s + edge_s + down_s + r.decode_s
+        battery = r.tx_power_w * r.uplink_s + r.rx_power_w * down_s + r.decode_j
+        follower = np.ones(r.k, dtype=bool)
+        follower[g.leader] = False
+        retain = np.where(follower, self.sharing_cost.retain(g.similarity, s_user * self.sharing_cost.steps / t_steps), 1.0)
+        fidelity = r.base_fidelity * retain
+        scores = self.agent.score_arrays(r.traits, fidelity, latency, battery) if isinstance(self.agent, SurrogateAgent) \
+            else self.agent.score(r.traits, self.perceptions(fidelity, latency, battery))
+        sizes = g.sizes()
+        chain_steps = int(np.sum(shared + sizes * (t_steps - shared)))
+        return Outcome(np.asarray(scores, dtype=float), fidelity, latency, battery, shared, chain_steps,
+                       r.k * t_steps, self.edge_power_w * r.tau_s * chain_steps)
+
+    def perceptions(self, fidelity: np.ndarray, latency: np.ndarray, battery: np.ndarray) -> list:
+        from relaydiff.sim.agents import Perception
+
+        r = self.round
+        assert r is not None
+        return [Perception(p, float(f), float(l), float(b)) for p, f, l, b in zip(r.prompts, fidelity, latency, battery)]
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        out = self.outcome(*self.decode_action(action))
+        return self._observe(), float(out.scores.sum()), True, False, out.summary()
+
+    # ---- heuristics (as actions, so they run through the same decoding) -------------------
+    def heuristic_action(self, name: str) -> np.ndarray:
+        """'equal': equal shares; 'proportional': bandwidth inversely proportional to the link's
+        spectral efficiency (equal download times), equal compute; 'sqrt': the closed-form split
+        b_i ∝ sqrt(cost_i) (:func:`relaydiff.system.bandwidth.inverse_cost_shares`) for both, with
+        each user's cost its waiting weight times its time at a unit share. No sharing in all."""
+        r = self.round
+        assert r is not None
+        if name == "equal":
+            bw, cp = np.full(r.k, 1.0 / r.k), np.full(r.k, 1.0 / r.k)
+        elif name == "proportional":
+            bw, cp = (1.0 / r.spectral_eff) / np.sum(1.0 / r.spectral_eff), np.full(r.k, 1.0 / r.k)
+        elif name == "sqrt":
+            w_wait = 0.5 + 2.0 * r.traits[:, 4]
+            bw = inverse_cost_shares(w_wait * 8.0 * self.scenario.payload.latent_bytes /
+                                     (self.scenario.wireless.bandwidth_hz * r.spectral_eff))
+            cp = inverse_cost_shares(w_wait * self.steps * r.tau_s / r.capacity)
+        else:
+            raise ValueError(f"unknown heuristic {name!r} (equal, proportional, sqrt)")
+        a = -np.ones((3, self.k_max))
+        a[0, : r.k], a[1, : r.k] = share_action(bw), share_action(cp)
+        return a.ravel().astype(np.float32)
+
+
+HEURISTICS = ("equal", "proportional", "sqrt")
+
+__all__ = ["HEURISTICS", "PROMPT_POOL", "Outcome", "PromptPool", "PromptPoolError", "QoEEnv", "Round",
+           "share_action", "softmax_shares"]

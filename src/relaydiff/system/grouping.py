@@ -1,0 +1,140 @@
+"""Shared-prefix groups from prompt embeddings, and what sharing s steps costs a follower.
+
+Grouping rule (documented, deterministic): complete-linkage agglomerative clustering on cosine
+similarity, cut at ``threshold`` — every two prompts in a group are at least ``threshold``
+similar — with groups of at most ``max_group`` members (a larger cluster is split in index
+order). A group's *leader* is its medoid (highest mean similarity to the others): the edge runs
+the first s steps once, conditioned on the leader's prompt, then every member continues with its
+own prompt. A follower's similarity is its cosine with the leader. Embeddings come in as numpy
+arrays (MiniLM runs at the edge, in ``bench``/``serve``, or comes from a precomputed pool).
+
+Sharing cost: the family's measured shared-prefix curves (``relaydiff bench quality``,
+``shared_prefix`` in ``quality.json``): per similarity bin, a follower's prompt fidelity after s
+shared steps. The measured points are noisy (about 10 requests a bin, standard error ~0.03), so
+each bin's curve is made non-increasing in s by isotonic regression (pool adjacent violators:
+sharing more of another prompt's steps cannot help) and read as the retention
+F_bin(s) / F_bin(0), interpolated linearly in s. The leader keeps its own fidelity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
+
+
+@dataclass(frozen=True)
+class Groups:
+    """A partition of K prompts: ``label[i]`` its group, ``leader[g]`` the group's leader index,
+    ``similarity[i]`` the cosine of prompt i with its leader (1 for a leader)."""
+
+    label: np.ndarray
+    leader: np.ndarray
+    similarity: np.ndarray
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.leader.size)
+
+    def members(self, g: int) -> np.ndarray:
+        return np.flatnonzero(self.label == g)
+
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.label, minlength=self.n_groups)
+
+
+def group_prompts(embeddings: np.ndarray, threshold: float = 0.75, max_group: int = 8) -> Groups:
+    """Complete-linkage groups at cosine ``threshold`` (see the module docstring)."""
+    e = np.asarray(embeddings, dtype=float)
+    if e.ndim != 2 or e.shape[0] == 0:
+        raise ValueError(f"embeddings must be a non-empty [K, d] array, got shape {e.shape}")
+    if max_group < 1:
+        raise ValueError(f"max_group must be >= 1, got {max_group}")
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    sim = np.clip(e @ e.T, -1.0, 1.0)
+    k = e.shape[0]
+    if k == 1:
+        raw = np.zeros(1, dtype=int)
+    else:
+        dist = np.clip(1.0 - sim, 0.0, 2.0)
+        np.fill_diagonal(dist, 0.0)
+        z = linkage(squareform(dist, checks=False), method="complete")
+        raw = fcluster(z, t=1.0 - threshold, criterion="distance") - 1
+    label = np.empty(k, dtype=int)
+    leaders: list[int] = []
+    for c in np.unique(raw):  # clusters in order of first appearance of their label
+        idx = np.flatnonzero(raw == c)
+        for start in range(0, idx.size, max_group):
+            part = idx[start : start + max_group]
+            label[part] = len(leaders)
+            leaders.append(int(part[np.argmax(sim[np.ix_(part, part)].mean(axis=1))]))
+    leader = np.asarray(leaders, dtype=int)
+    return Groups(label, leader, sim[np.arange(k), leader[label]])
+
+
+def _non_increasing(y: np.ndarray) -> np.ndarray:
+    """Least-squares non-increasing fit (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [mean, weight, count]
+    for v in np.asarray(y, dtype=float):
+        blocks.append([float(v), 1.0, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            b, a = blocks.pop(), blocks.pop()
+            w = a[1] + b[1]
+            blocks.append([(a[0] * a[1] + b[0] * b[1]) / w, w, a[2] + b[2]])
+    return np.concatenate([np.full(c, m) for m, _, c in blocks])
+
+
+@dataclass(frozen=True)
+class SharingCost:
+    """Retention of a follower's prompt fidelity after s shared steps, per similarity bin."""
+
+    bin_edges: np.ndarray  # [n_bins + 1] similarity edges (the measured bins)
+    shared_steps: np.ndarray  # [n_points] the measured s
+    retention: np.ndarray  # [n_bins, n_points] F_bin(s) / F_bin(0), non-increasing in s
+    steps: int  # T, the chain length the curves were measured at
+    source: str = ""
+
+    def retain(self, similarity: np.ndarray, shared: np.ndarray) -> np.ndarray:
+        """F(s) / F(0) for followers at ``similarity`` sharing ``shared`` steps (broadcasts)."""
+        sim, s = np.broadcast_arrays(np.asarray(similarity, dtype=float), np.asarray(shared, dtype=float))
+        b = np.clip(np.searchsorted(self.bin_edges, sim, side="right") - 1, 0, len(self.retention) - 1)
+        out = np.empty(sim.shape)
+        for j in range(len(self.retention)):
+            m = b == j
+            out[m] = np.interp(s[m], self.shared_steps, self.retention[j])
+        return out
+
+
+def load_sharing_cost(path: str | Path = REFERENCE_TABLE) -> SharingCost:
+    """The shared-prefix curves of a ``relaydiff bench quality --json`` file (the shipped family's
+    by default), smoothed and normalized as the module docstring says."""
+    import json
+
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QualityTableError(f"quality table {path}: cannot read ({exc})") from None
+    sp = data.get("shared_prefix") if isinstance(data, dict) else None
+    bins = sp.get("bins") if isinstance(sp, dict) else None
+    if not bins:
+        raise QualityTableError(f"{path}: no measured shared_prefix bins (run relaydiff bench quality)")
+    xs = [tuple(b.get("shared_steps", ())) for b in bins]
+    if any(x != xs[0] for x in xs) or len(xs[0]) < 2 or xs[0][0] != 0:
+        raise QualityTableError(f"{path}: shared_prefix bins need one common shared_steps grid starting at 0")
+    ret = []
+    for b in bins:
+        f = _non_increasing(np.asarray(b["fidelity"], dtype=float))
+        ret.append(f / max(f[0], 1e-12))
+    edges = [float(bins[0]["similarity"][0])] + [float(b["similarity"][1]) for b in bins]
+    steps = int((data.get("config") or {}).get("steps", xs[0][-1]))
+    return SharingCost(np.asarray(edges), np.asarray(xs[0], dtype=float), np.asarray(ret), steps,
+                       f"measured shared_prefix bins of {path} (isotonic in s)")
+
+
+__all__ = ["Groups", "SharingCost", "group_prompts", "load_sharing_cost"]

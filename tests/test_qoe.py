@@ -1,0 +1,146 @@
+"""Grouping, sharing cost, the QoE env and the surrogate agent (all numpy, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+from relaydiff.sim.agents import Perception, SurrogateAgent
+from relaydiff.sim.qoe_env import HEURISTICS, PromptPool, QoEEnv, share_action, softmax_shares
+from relaydiff.system.grouping import _non_increasing, group_prompts, load_sharing_cost
+from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_grouping_is_complete_linkage_with_medoid_leaders() -> None:
+    rng = np.random.default_rng(0)
+    centers = _unit(rng.normal(size=(3, 16)))
+    emb = _unit(np.repeat(centers, 4, axis=0) + 0.05 * rng.normal(size=(12, 16)))
+    g = group_prompts(emb, threshold=0.9)
+    assert g.n_groups == 3 and sorted(g.sizes()) == [4, 4, 4]
+    sim = emb @ emb.T
+    for j in range(g.n_groups):
+        m = g.members(j)
+        assert sim[np.ix_(m, m)].min() >= 0.9 - 1e-9  # complete linkage: every pair
+        assert g.leader[j] in m and g.similarity[g.leader[j]] == pytest.approx(1.0)
+    # a cap splits a cluster; a threshold of 1.01 leaves everyone alone
+    assert group_prompts(emb, threshold=0.9, max_group=2).sizes().max() == 2
+    assert group_prompts(emb, threshold=1.01).n_groups == 12
+    assert group_prompts(emb[:1]).n_groups == 1
+    with pytest.raises(ValueError):
+        group_prompts(np.zeros((0, 3)))
+
+
+def test_sharing_cost_comes_from_the_measured_curves() -> None:
+    cost = load_sharing_cost()
+    data = json.loads(REFERENCE_TABLE.read_text())["shared_prefix"]["bins"]
+    assert cost.retention.shape == (len(data), len(data[0]["shared_steps"]))
+    assert np.all(cost.retention[:, 0] == 1.0) and np.all(np.diff(cost.retention, axis=1) <= 1e-12)
+    # the last bin's retention at s = T is its measured (smoothed) end over its start
+    f = _non_increasing(np.asarray(data[-1]["fidelity"]))
+    assert cost.retain(0.85, 20.0) == pytest.approx(f[-1] / f[0])
+    assert cost.retain(0.85, 0.0) == 1.0
+    assert np.allclose(_non_increasing(np.array([1.0, 2.0, 0.5])), [1.5, 1.5, 0.5])
+
+
+def test_sharing_cost_rejects_a_table_without_shared_prefix(tmp_path) -> None:
+    p = tmp_path / "q.json"
+    p.write_text(json.dumps({"relay": []}))
+    with pytest.raises(QualityTableError, match="shared_prefix"):
+        load_sharing_cost(p)
+
+
+def test_share_actions_round_trip() -> None:
+    s = np.array([0.5, 0.3, 0.2])
+    assert np.allclose(softmax_shares(share_action(s)), s)
+
+
+def test_qoe_env_passes_check_env_and_is_deterministic() -> None:
+    env = QoEEnv(k_min=5, k_max=8)
+    check_env(env, skip_render_check=True)
+    a = np.random.default_rng(0).uniform(-1, 1, env.action_space.shape).astype(np.float32)
+    o1, _ = env.reset(seed=4)
+    r1 = env.step(a)[1]
+    other = QoEEnv(k_min=5, k_max=8)
+    o2, _ = other.reset(seed=4)
+    assert np.array_equal(o1, o2) and other.step(a)[1] == r1
+    assert not np.array_equal(o1, env.reset(seed=5)[0])
+
+
+def test_sharing_saves_edge_work_and_costs_followers_fidelity() -> None:
+    env = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2)
+    env.reset(seed=1)
+    g = env.round.groups
+    assert g.sizes().max() >= 2
+    bw, cp, _ = env.decode_action(env.heuristic_action("sqrt"))
+    none = env.outcome(bw, cp, np.zeros(g.n_groups, dtype=int))
+    full = env.outcome(bw, cp, np.where(g.sizes() > 1, env.steps, 0))
+    assert none.unet_chain_steps == none.unet_chain_steps_unshared == 12 * env.steps
+    saved = int(np.sum((g.sizes() - 1) * env.steps))
+    assert full.unet_chain_steps == none.unet_chain_steps - saved
+    assert full.edge_energy_j < none.edge_energy_j
+    followers = np.setdiff1d(np.arange(12), g.leader)
+    shared_followers = followers[g.sizes()[g.label[followers]] > 1]
+    assert np.all(full.fidelity[shared_followers] < none.fidelity[shared_followers])
+    assert np.allclose(full.fidelity[g.leader], none.fidelity[g.leader])
+    # pooled prefix compute: every member of a shared group finishes earlier
+    assert np.all(full.latency_s[shared_followers] < none.latency_s[shared_followers])
+    # with sharing disabled the action's shared steps are ignored
+    off = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2, allow_sharing=False)
+    off.reset(seed=1)
+    assert off.step(np.ones(off.action_space.shape, np.float32))[4]["unet_evals_saved"] == 0.0
+
+
+def test_heuristics_run_and_sqrt_follows_the_closed_form() -> None:
+    env = QoEEnv(k_min=6, k_max=10)
+    env.reset(seed=2)
+    for h in HEURISTICS:
+        _, r, *_ = env.step(env.heuristic_action(h))
+        assert 6 <= r <= 100
+    bw, cp, s = env.decode_action(env.heuristic_action("proportional"))
+    assert np.allclose(bw * env.round.spectral_eff, (bw * env.round.spectral_eff)[0])  # equal download times
+    assert np.all(s == 0)
+    with pytest.raises(ValueError, match="unknown heuristic"):
+        env.heuristic_action("best")
+
+
+def test_prompt_pool_ships_topics_with_unit_embeddings() -> None:
+    pool = PromptPool.load()
+    assert len(pool.prompts) == pool.embeddings.shape[0] == pool.topics.size
+    assert np.allclose(np.linalg.norm(pool.embeddings, axis=1), 1.0, atol=2e-3)
+    sim = pool.embeddings @ pool.embeddings.T
+    same = pool.topics[:, None] == pool.topics[None, :]
+    assert sim[same & ~np.eye(len(sim), dtype=bool)].mean() > sim[~same].mean() + 0.05
+
+
+def test_surrogate_agent_mapping() -> None:
+    agent = SurrogateAgent(seed=0)
+    calm = np.array([[0.5, 0.5, 0.5, 0.5, 0.0]])
+    anxious = np.array([[0.5, 0.5, 0.5, 0.5, 1.0]])
+    fast, slow = Perception("a cat", 0.8, 2.0, 5.0), Perception("a cat", 0.8, 20.0, 5.0)
+    # neuroticism: waiting hurts more
+    drop_calm = agent.score(calm, [fast])[0] - agent.score(calm, [slow])[0]
+    drop_anx = agent.score(anxious, [fast])[0] - agent.score(anxious, [slow])[0]
+    assert drop_anx > drop_calm > 0
+    # conscientiousness: fidelity matters more
+    sloppy, careful = np.array([[0.5, 0.0, 0.5, 0.5, 0.5]]), np.array([[0.5, 1.0, 0.5, 0.5, 0.5]])
+    good, bad = Perception("x", 0.95, 5.0, 5.0), Perception("x", 0.5, 5.0, 5.0)
+    assert (agent.score(careful, [good]) - agent.score(careful, [bad]))[0] > (agent.score(sloppy, [good]) - agent.score(sloppy, [bad]))[0]
+    # openness: style counts only when a style was asked for
+    styled = Perception("x", 0.8, 5.0, 5.0, style_fidelity=0.1)
+    open_ = np.array([[1.0, 0.5, 0.5, 0.5, 0.5]])
+    assert agent.score(open_, [styled])[0] < agent.score(open_, [Perception("x", 0.8, 5.0, 5.0)])[0]
+    # scores in [1, 10], seeded and stable per user
+    t = np.random.default_rng(0).uniform(size=(5, 5))
+    ps = [fast] * 5
+    s = agent.score(t, ps)
+    assert np.all((s >= 1) & (s <= 10)) and np.array_equal(s, SurrogateAgent(seed=0).score(t, ps))
+    assert not np.array_equal(s, SurrogateAgent(seed=1).score(t, ps))
+    with pytest.raises(ValueError, match="traits"):
+        agent.score(np.ones((2, 4)), ps[:2])
