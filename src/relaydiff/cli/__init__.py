@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from relaydiff.cli import demo, engine, offload, quality, reference
+from relaydiff.cli import demo, engine, offload, quality, reference, serve
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
 bench_app = typer.Typer(no_args_is_help=True, help="Measurements that print one JSON object.")
@@ -25,7 +25,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")
 
 # Every command group, in the order `relaydiff --help` lists their commands.
-GROUPS = (demo, engine, offload, reference, quality)
+GROUPS = (demo, engine, offload, reference, quality, serve)
 for _group in GROUPS:
     _group.register(app, bench_app, train_app)
 

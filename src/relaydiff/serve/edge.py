@@ -183,13 +183,15 @@ class EdgeService:
 
     def report(self, job: JobRecord, report: CompletionReport) -> JobRecord:
         with self._cv:
-            state = self.store.get(job.id).state  # type: ignore[union-attr]
-            if state not in ("awaiting_device", "on_device"):
+            rec = self.store.get(job.id)
+            state = rec.state  # type: ignore[union-attr]
+            if rec.terminal or (not report.ok and state not in ("awaiting_device", "on_device")):  # type: ignore[union-attr]
                 raise JobConflict(f"job {job.id} is {state}; only a job handed to a device takes a report")
             self._deadlines.pop(job.id, None)
-            if report.ok:
+            if report.ok:  # the device has the image, whatever the edge was doing (a restart, a fallback)
                 self.store.update(job.id, state="done", latency_ms=report.latency_ms, quality=report.quality)
                 self._handoffs.pop(job.id, None)
+                self._cancelled.add(job.id)  # an edge chain still running for it stops
                 self._unfinished -= 1
                 self.metrics.completed.labels(by="device").inc()
             else:

@@ -1,0 +1,263 @@
+"""`relaydiff bench serve`: the edge service under load and faults, on loopback, self-contained.
+
+The edge runs as its own process (``python -m relaydiff.cli serve edge`` on 127.0.0.1, a fresh
+SQLite store, 1 torch thread); C device clients (asyncio + httpx, in this process) submit jobs for
+S seconds, each finishing its relay or device-only chains locally (one thread: the devices share
+this process's core). A fraction F of devices vanish right after taking their handoff; halfway
+the edge is killed (SIGKILL) and restarted on the same port and store. Afterwards every accepted
+job must end done: finished by its device, by the edge, or by the edge's fallback.
+
+Two calibrations run first, one request at a time, interleaved and paired: the same request over
+HTTP (end to end) and in this process through the engine (edge part, handoff encode/decode,
+device part); ``http_overhead`` = 1 - engine / HTTP latency (mean of pairs), and
+``sequential_images_per_s`` = 1 / the engine's mean latency (a one-job-at-a-time server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from relaydiff.serve.client import AsyncDeviceClient, ServiceError, finish_locally, job_payload
+
+PROMPTS = ("a red circle left of a blue square", "a green star", "two yellow triangles", "a purple square above a circle",
+           "a small blue star", "a big red circle below a green triangle", "an orange square", "three pink circles")
+DEVICE_CLASSES = ("phone-flagship", "phone-mid", "phone-low", "laptop")
+
+
+@dataclass
+class _Tally:
+    submitted: dict[str, dict[str, Any]] = field(default_factory=dict)   # job id -> view
+    owner: dict[str, str] = field(default_factory=dict)                 # job id -> its client's token
+    done: set[str] = field(default_factory=set)
+    vanished: set[str] = field(default_factory=set)
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EdgeProcess:
+    """``relaydiff serve edge`` as a child process on 127.0.0.1 (killable: the restart fault)."""
+
+    def __init__(self, family: str, workdir: Path, token: str, scheduler: str, *, fetch_timeout_s: float,
+                 report_timeout_s: float, max_queue: int, steps: int | None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tokens = workdir / "tokens"
+        self.tokens.write_text("".join(f"device{i} {token}{i:04d}\n" for i in range(256)))
+        self.args = [sys.executable, "-m", "relaydiff.cli", "serve", "edge", "--family", family, "--host", "127.0.0.1",
+                     "--port", str(self.port), "--tokens", str(self.tokens), "--db", str(workdir / "jobs.sqlite"),
+                     "--scheduler", scheduler, "--fetch-timeout", str(fetch_timeout_s), "--report-timeout",
+                     str(report_timeout_s), "--max-queue", str(max_queue), "--rate", "1000", "--burst", "1000",
+                     "--threads", "1"] + (["--steps", str(steps)] if steps else [])
+        self.log = workdir / "edge.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the edge exited with {self.proc.returncode}; see {self.log}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the edge did not become ready in {timeout_s:g} s; see {self.log}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+async def _device_loop(i: int, url: str, token: str, family: Any, pool: ThreadPoolExecutor, tally: _Tally,
+                       stop_at: float, dropout: float, rng: np.random.Generator, steps: int | None) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(30.0, connect=5.0)) as http:
+        client = AsyncDeviceClient(url, token, http=http, timeout_s=180.0)
+        n = 0
+        loop = asyncio.get_running_loop()
+        while time.monotonic() < stop_at:
+            n += 1
+            body = job_payload(PROMPTS[int(rng.integers(len(PROMPTS)))], int(rng.integers(2**31)), steps,
+                               None, DEVICE_CLASSES[int(rng.integers(len(DEVICE_CLASSES)))],
+                               None, f"d{i}-{n}")
+            t0 = time.perf_counter()
+            try:
+                view = (await client.call("POST", "/v1/jobs", json=body)).json()
+                job = view["job_id"]
+                tally.submitted[job] = view
+                tally.owner[job] = token
+                if view["kind"] == "edge_only":
+                    await client.call("GET", f"/v1/jobs/{job}/image", retry_409=True, params={"wait_s": 10})
+                else:
+                    data = (await client.call("GET", f"/v1/jobs/{job}/handoff", retry_409=True,
+                                              params={"wait_s": 10})).content
+                    if rng.random() < dropout:      # the device vanishes with its handoff
+                        tally.vanished.add(job)
+                        continue
+                    await loop.run_in_executor(pool, finish_locally, family, data)
+                    latency = (time.perf_counter() - t0) * 1e3
+                    await client.call("POST", f"/v1/jobs/{job}/complete", json={"latency_ms": latency})
+                tally.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+                tally.done.add(job)
+            except ServiceError as exc:
+                tally.errors.append(str(exc)[:200])
+
+
+async def _confirm_done(url: str, owner: dict[str, str], timeout_s: float) -> tuple[set[str], int]:
+    """Which accepted jobs the edge reports done (waiting for fallbacks), each asked by its own client,
+    and how many of them the edge finished as a fallback."""
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0, connect=5.0)) as http:
+        clients = {t: AsyncDeviceClient(url, t, http=http, timeout_s=timeout_s) for t in set(owner.values())}
+
+        async def one(job: str) -> dict[str, Any] | None:
+            try:
+                return (await clients[owner[job]].call("GET", f"/v1/jobs/{job}", params={"wait_s": 30})).json()
+            except ServiceError:
+                return None
+
+        views = await asyncio.gather(*[one(j) for j in sorted(owner)])
+    done = {v["job_id"] for v in views if v and v["state"] == "done"}
+    return done, sum(1 for v in views if v and v["fallback"])
+
+
+def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:
+    """Paired, interleaved: each request over HTTP and in-process, order alternating."""
+    from relaydiff.engine.handoff import decode_handoff, encode_handoff
+    from relaydiff.engine.plan import Plan, Request
+    from relaydiff.engine.runner import generate, resume
+    from relaydiff.serve.client import DeviceClient
+
+    rng = np.random.default_rng(seed)
+    http_ms, engine_ms = [], []
+    with DeviceClient(url, token, family, timeout_s=120) as device:
+        for r in range(n):
+            prompt, s = PROMPTS[r % len(PROMPTS)], int(rng.integers(2**31))
+            cls = DEVICE_CLASSES[r % len(DEVICE_CLASSES)]
+
+            def over_http() -> tuple[float, dict]:
+                out = device.run(prompt, s, device_class=cls, steps=steps, idempotency_key=f"cal-{seed}-{r}")
+                return out.latency_ms, out.job
+
+            def in_process(job: dict) -> float:
+                fields = ("prompt", "negative_prompt", "guidance", "seed", "sampler")
+                req = Request.from_dict({k: job["request"][k] for k in fields} | {"steps": job["plan"][-1]["end"]})
+                plan = Plan.from_list(job["plan"])
+                t0 = time.perf_counter()
+                if job["kind"] == "edge_only":
+                    generate(family, [req], [plan])
+                else:
+                    res = generate(family, [req], [plan], stop_at=job["handoff_step"])[0]
+                    wire = encode_handoff(res.handoff, dtype="fp32", compress=True)
+                    resume(family, decode_handoff(wire))
+                return (time.perf_counter() - t0) * 1e3
+
+            if r % 2 == 0:
+                h, job = over_http()
+                e = in_process(job)
+            else:  # the engine first needs the plan: decide it over HTTP once, time the pair in reverse
+                _, job = over_http()
+                e = in_process(job)
+                h, _ = over_http()
+            http_ms.append(h)
+            engine_ms.append(e)
+    h, e = np.array(http_ms), np.array(engine_ms)
+    share = 1.0 - e / h
+    return {"http_ms_mean": float(h.mean()), "engine_ms_mean": float(e.mean()),
+            "http_overhead": float(share.mean()), "http_overhead_sd": float(share.std(ddof=1)) if n > 1 else 0.0,
+            "sequential_images_per_s": float(1e3 / e.mean()), "pairs": n}
+
+
+def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
+                    scheduler: str = "greedy", seed: int = 0, steps: int | None = None, restart: bool = True,
+                    calibration_pairs: int = 6, log=print) -> dict[str, Any]:
+    import torch
+
+    from relaydiff.engine.family import load_family
+
+    torch.set_num_threads(1)
+    family = load_family(family_name)
+    token = "bench-token-0123456789-"
+    report_timeout = 5.0
+    with tempfile.TemporaryDirectory(prefix="relaydiff-bench-serve-") as tmp:
+        edge = EdgeProcess(family_name, Path(tmp), token, scheduler, fetch_timeout_s=20.0,
+                           report_timeout_s=report_timeout, max_queue=max(256, 4 * clients), steps=steps)
+        t_start = time.perf_counter()
+        edge.start()
+        log(f"edge ready on {edge.url} in {time.perf_counter() - t_start:.1f} s")
+        try:
+            calib = _calibrate(edge.url, f"{token}0000", family, calibration_pairs, steps, seed)
+            log(f"calibration: {calib}")
+            tally = _Tally()
+            restarts = 0
+
+            async def load() -> None:
+                nonlocal restarts
+                stop_at = time.monotonic() + duration_s
+                pool = ThreadPoolExecutor(1, thread_name_prefix="devices")
+                tasks = [asyncio.create_task(_device_loop(i, edge.url, f"{token}{i:04d}", family, pool, tally,
+                                                          stop_at, dropout, np.random.default_rng([seed, i]), steps))
+                         for i in range(clients)]
+                if restart:
+                    await asyncio.sleep(duration_s / 2)
+                    log(f"killing the edge at {duration_s / 2:.0f} s ({len(tally.submitted)} jobs so far)")
+                    edge.kill()
+                    await asyncio.to_thread(edge.start)
+                    restarts += 1
+                await asyncio.gather(*tasks)
+                pool.shutdown()
+
+            t0 = time.perf_counter()
+            asyncio.run(load())
+            load_s = time.perf_counter() - t0
+            confirmed, fallbacks = asyncio.run(_confirm_done(edge.url, tally.owner, 300.0))
+        finally:
+            edge.stop()
+    completed = confirmed
+    lat = np.array(tally.latencies_ms) if tally.latencies_ms else np.array([np.nan])
+    images_per_s = len(tally.done) / load_s
+    return {
+        "submitted": len(tally.submitted), "completed": len(completed), "lost": len(set(tally.submitted) - completed),
+        "fallbacks": fallbacks, "vanished_devices": len(tally.vanished), "restarts": restarts,
+        "p50_ms": float(np.nanpercentile(lat, 50)), "p99_ms": float(np.nanpercentile(lat, 99)),
+        "images_per_s": images_per_s, "sequential_images_per_s": calib["sequential_images_per_s"],
+        "throughput_vs_sequential": images_per_s / calib["sequential_images_per_s"],
+        "http_overhead": calib["http_overhead"], "calibration": calib,
+        "client_errors": len(tally.errors), "client_error_samples": tally.errors[:3],
+        "config": {"family": family_name, "clients": clients, "duration_s": duration_s, "dropout": dropout,
+                   "scheduler": scheduler, "seed": seed, "steps": steps, "report_timeout_s": report_timeout},
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only, shared host; "
+                    "edge 1 torch thread in its own process, devices 1 thread in the bench process",
+    }

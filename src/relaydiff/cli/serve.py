@@ -1,0 +1,137 @@
+"""Service commands: `relaydiff serve edge`, `relaydiff device run`, `relaydiff bench serve`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import typer
+
+from relaydiff.cli.errors import check, console, fail
+
+serve_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The edge server (FastAPI + uvicorn).")
+device_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="A device client of an edge server.")
+
+
+def serve_edge_cmd(
+    family: str = typer.Option("reference", help="'reference', 'tiny' or a family directory."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    tokens: Path = typer.Option(..., help="Tokens file: one 'client-id token' pair a line."),
+    scheduler: str = typer.Option("greedy", help="Round solver: greedy, exact, drl, drl+ls, local_search, ..."),
+    scenario: str = typer.Option("default", help="Scenario of the edge and wireless cell the scheduler models."),
+    db: Path = typer.Option(Path("relaydiff-jobs.sqlite"), help="SQLite store of accepted jobs (re-run on restart)."),
+    steps: int = typer.Option(None, help="Default denoising steps of a job (default: the family's)."),
+    max_batch: int = typer.Option(16, help="Chains per batched U-Net call."),
+    max_queue: int = typer.Option(256, help="Unfinished jobs before new ones get 503."),
+    rate: float = typer.Option(20.0, help="Job submissions per second per client (429 above)."),
+    burst: int = typer.Option(40, help="Burst of submissions per client."),
+    round_window: float = typer.Option(0.02, help="Seconds of arrivals decided together as one round."),
+    fetch_timeout: float = typer.Option(10.0, help="Seconds a device has to fetch its handoff (then fallback)."),
+    report_timeout: float = typer.Option(30.0, help="Seconds a device has to report after fetching (then fallback)."),
+    status_thumbnails: bool = typer.Option(False, help="Show finished images on the public status page."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
+) -> None:
+    """Run the edge server: jobs are decided in rounds, edge segments batched, devices finish the rest."""
+    check(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
+    check(steps is None or steps >= 1, "--steps must be >= 1")
+    check(max_batch >= 1 and max_queue >= 1 and burst >= 1 and rate > 0, "--max-batch, --max-queue, --burst and --rate "
+          "must be positive")
+    check(fetch_timeout > 0 and report_timeout > 0 and round_window >= 0, "timeouts must be > 0, --round-window >= 0")
+    check(threads >= 0, "--threads must be >= 0")
+    import torch
+    import uvicorn
+
+    from relaydiff.engine.family import FamilyError, load_family
+    from relaydiff.serve.app import create_app
+    from relaydiff.serve.auth import TokenFileError, TokenTable
+    from relaydiff.serve.edge import EdgeSettings
+    from relaydiff.system.profiles import ProfileError
+    from relaydiff.system.scenario import ScenarioError
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        table = TokenTable.from_file(tokens)
+        fam = load_family(family)
+        settings = EdgeSettings(scheduler=scheduler, scenario=scenario, db_path=str(db), default_steps=steps,
+                                round_window_s=round_window, max_batch=max_batch, max_queue=max_queue,
+                                rate_per_s=rate, burst=burst, fetch_timeout_s=fetch_timeout,
+                                report_timeout_s=report_timeout, status_thumbnails=status_thumbnails)
+        app = create_app(fam, settings, table)
+    except (TokenFileError, FamilyError, ScenarioError, ProfileError, ValueError, OSError) as exc:
+        fail(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    console.print(f"edge: family {fam.id}@{fam.version}, scheduler {scheduler}, store {db}; http://{host}:{port}/docs")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def device_run_cmd(
+    server: str = typer.Option(..., help="The edge server's URL, e.g. http://127.0.0.1:8000."),
+    token: str = typer.Option(..., help="This client's bearer token."),
+    prompt: str = typer.Option(..., help="What to draw."),
+    seed: int = typer.Option(0, help="Seed of the chain's noise."),
+    out: Path = typer.Option(Path("out/device.png"), help="Where to save the image (PNG)."),
+    family: str = typer.Option("reference", help="The family this device holds (the server's)."),
+    member: str = typer.Option(None, help="The member this device runs (default: the plan's)."),
+    adapter: str = typer.Option(None, help="This user's style adapter."),
+    device_class: str = typer.Option("phone-mid", help="This device's profile (what the scheduler assumes)."),
+    steps: int = typer.Option(None, help="Denoising steps (default: the server's)."),
+    timeout: float = typer.Option(120.0, help="Seconds any one wait may take."),
+) -> None:
+    """Submit a job, fetch the handoff, finish the chain here, report, save the image."""
+    check(timeout > 0, "--timeout must be > 0")
+    from relaydiff.engine.family import FamilyError, load_family
+    from relaydiff.engine.handoff import HandoffError
+    from relaydiff.serve.client import DeviceClient, ServiceError
+
+    try:
+        fam = load_family(family)
+        with DeviceClient(server, token, fam, timeout_s=timeout) as client:
+            result = client.run(prompt, seed, member=member, adapter=adapter, device_class=device_class, steps=steps)
+    except (ServiceError, FamilyError, HandoffError, ValueError) as exc:
+        fail(str(exc))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(result.png)
+    job = result.job
+    console.print(f"job {job['job_id']}: {job['kind']} plan {job['plan_text']}, finished by the {result.finished_by}"
+                  f"{' (fallback)' if job['fallback'] else ''} in {result.latency_ms:.0f} ms -> {out}")
+
+
+def bench_serve_cmd(
+    clients: int = typer.Option(8, help="Concurrent device clients."),
+    duration: float = typer.Option(30.0, help="Seconds of load."),
+    dropout: float = typer.Option(0.1, help="Share of devices that vanish after taking their handoff."),
+    family: str = typer.Option("tiny", help="'tiny', 'reference' or a family directory."),
+    scheduler: str = typer.Option("greedy", help="The edge's round solver."),
+    steps: int = typer.Option(None, help="Denoising steps of every job (default: the family's)."),
+    restart: bool = typer.Option(True, help="Kill and restart the edge halfway."),
+    pairs: int = typer.Option(6, help="Paired HTTP / in-process requests of the overhead calibration."),
+    seed: int = typer.Option(0, help="Seed of the clients' prompts, seeds and dropouts."),
+    out: Path = typer.Option(None, help="Also write the JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
+    check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
+    check(0.0 <= dropout <= 1.0, f"--dropout must be in [0, 1], got {dropout}")
+    from relaydiff.bench.serve import run_serve_bench
+
+    log = (lambda *a: None) if as_json else console.print
+    try:
+        report = run_serve_bench(family, clients, duration, dropout, scheduler, seed, steps, restart, pairs, log=log)
+    except RuntimeError as exc:
+        fail(str(exc))
+    text = json.dumps(report, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
+
+
+def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
+    serve_app.command("edge")(serve_edge_cmd)
+    device_app.command("run")(device_run_cmd)
+    app.add_typer(serve_app, name="serve")
+    app.add_typer(device_app, name="device")
+    bench.command("serve")(bench_serve_cmd)
