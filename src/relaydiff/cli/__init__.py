@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import typer
 
-from relaydiff.cli import demo, engine, offload, quality, reference, serve
+from relaydiff.cli import bandit, demo, engine, offload, quality, reference, serve
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
-bench_app = typer.Typer(no_args_is_help=True, help="Measurements that print one JSON object.")
-train_app = typer.Typer(no_args_is_help=True, help="Training jobs (checkpointed, resumable).")
+# Help is plain text (rich_markup_mode=None): the plan grammar member[+adapter][@node]:start-end
+# keeps its brackets, which rich markup would take for tags and drop.
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=__doc__.splitlines()[0])
+bench_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Measurements that print one JSON object.")
+train_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Training jobs (checkpointed, resumable).")
 app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")
 
 # Every command group, in the order `relaydiff --help` lists their commands.
-GROUPS = (demo, engine, offload, reference, quality, serve)
+GROUPS = (demo, engine, offload, reference, quality, bandit, serve)
 for _group in GROUPS:
     _group.register(app, bench_app, train_app)
 

@@ -1,0 +1,121 @@
+"""Relay bandit commands: `relaydiff bench bandit` and `relaydiff bandit live`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from relaydiff.cli.errors import check, console, fail
+
+bandit_app = typer.Typer(no_args_is_help=True, help="The relay contextual bandit (RISE): live runs on the engine.")
+
+
+def bench_bandit_cmd(
+    scenarios: str = typer.Option("stationary,complexity_shift,network_degradation,load_spike",
+                                  help="Relay scenarios (scenarios/relay/ names or YAML paths), comma-separated; "
+                                       "the first is the stream of the top-level figures."),
+    seeds: int = typer.Option(3, help="Seeds per scenario (means over seeds)."),
+    requests: int = typer.Option(0, help="Requests per stream (0: each scenario's own; phases scale along)."),
+    alpha: float = typer.Option(0.1, help="LinUCB's (and MABWiser LinUCB's) exploration alpha."),
+    l2: float = typer.Option(0.1, help="Ridge l2 of every linear policy and the peers."),
+    peers: bool = typer.Option(True, help="Run MABWiser's LinUCB and LinTS (needs the 'bench' extra)."),
+    plots: Path = typer.Option(None, help="Write the PNG plots into this folder."),
+    out: Path = typer.Option(None, help="Also write the JSON here."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Relay bandits vs MABWiser, baselines and the oracle on simulated request streams (defaults: < 10 min on 2 cores)."""
+    from relaydiff.system.relay_scenario import load_relay_scenario
+    from relaydiff.system.scenario import ScenarioError
+
+    check(seeds >= 1 and requests >= 0, "--seeds must be >= 1 and --requests >= 0")
+    check(alpha >= 0 and l2 > 0, "--alpha must be >= 0 and --l2 > 0")
+    names = tuple(s.strip() for s in scenarios.split(",") if s.strip())
+    check(bool(names), "--scenarios needs at least one scenario")
+    try:
+        for name in names:
+            load_relay_scenario(name)
+    except ScenarioError as exc:
+        fail(str(exc))
+    if peers:
+        try:
+            import mabwiser  # noqa: F401
+        except ImportError:
+            fail("--peers needs mabwiser: pip install 'relaydiff[bench]' (or pass --no-peers)")
+    import numpy as np
+    import torch
+
+    from relaydiff.bench.bandit import BanditBenchConfig, bench_bandit
+    from relaydiff.engine.profile import hardware
+    from relaydiff.serve.bandit_prompts import calibration_featurizer, prompt_pool
+
+    torch.set_num_threads(1)
+    cfg = BanditBenchConfig(scenarios=names, seeds=seeds, requests=requests or None, alpha=alpha, l2=l2, peers=peers)
+    featurizer = calibration_featurizer(0)
+    pool = prompt_pool(featurizer, cfg.pool_per_class, seed=0)
+    result = bench_bandit(cfg, pool, say=lambda s: console.print(s, highlight=False), plot_dir=plots)
+    result = {"requests": result.pop("requests"), "seeds": result.pop("seeds"),
+              "hardware": f"{hardware()}; shared host, niced", **result}
+    text = json.dumps(result, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        print(text)
+    else:
+        for name, a in result["algorithms"].items():
+            console.print(f"{name:24s} reward {a['reward_mean']:.4f}  x oracle {a['reward_ratio_to_oracle']:.3f}  "
+                          f"regret {a['regret']:8.2f}  decide {a['decide_us_median']:7.1f} us", highlight=False)
+        console.print(f"targets: {result['targets']}")
+
+
+def bandit_live_cmd(
+    family: str = typer.Option("reference", help="Model family ('reference' or a family directory)."),
+    requests: int = typer.Option(60, help="Requests in the live stream."),
+    scenario: str = typer.Option("stationary", help="Relay scenario the users come from."),
+    rate: float = typer.Option(0.0, help="Arrivals per second (0: the scenario's)."),
+    algorithm: str = typer.Option("linucb", help="linucb | lints | egreedy | swlinucb."),
+    warm_requests: int = typer.Option(3000, help="Simulated requests to train on before going live (0: cold)."),
+    state: Path = typer.Option(None, help="Start from this saved bandit state (.json/.safetensors) instead."),
+    save_state: Path = typer.Option(None, help="Save the bandit's state here after the live run."),
+    compare_fixed: bool = typer.Option(True, help="Also serve the same stream with every fixed arm."),
+    seed: int = typer.Option(0, help="Seed of the stream (users, prompts, noise)."),
+    report: Path = typer.Option(Path("runs/bandit_live"), help="Folder for bandit_live.json and bandit_live.png."),
+    threads: int = typer.Option(1, help="torch threads (the machine is shared)."),
+) -> None:
+    """Serve a request stream through the real engine with the relay bandit choosing each request's plan."""
+    from relaydiff.engine.family import FamilyError
+    from relaydiff.sched.bandit import BanditError
+    from relaydiff.serve.bandit_live import LiveConfig, run_live
+    from relaydiff.system.scenario import ScenarioError
+
+    check(requests >= 1 and warm_requests >= 0 and rate >= 0, "--requests must be >= 1, --warm-requests and --rate >= 0")
+    check(algorithm in ("linucb", "lints", "egreedy", "swlinucb"), f"--algorithm: unknown {algorithm!r}")
+    cfg = LiveConfig(family=family, requests=requests, seed=seed, scenario=scenario, arrival_rate_hz=rate or None,
+                     algorithm=algorithm, warm_requests=warm_requests, state=str(state) if state else None,
+                     compare_fixed=compare_fixed, threads=threads, save_state=str(save_state) if save_state else None)
+    try:
+        out = run_live(cfg, say=lambda s: console.print(s, highlight=False), report_dir=report)
+    except (BanditError, ScenarioError, FamilyError, ValueError) as exc:
+        fail(str(exc))
+    pol = out["policies"]
+    bandit = next(iter(pol))
+    console.print(f"per-arm counts ({bandit}): " + ", ".join(f"{k} {v}" for k, v in pol[bandit]["arm_counts"].items()
+                                                           if v), highlight=False)
+    for name, p in pol.items():
+        vs = p.get("bandit_minus_this")
+        extra = f"  (bandit - this: {vs['mean']:+.4f} +- {vs['se']:.4f} se)" if vs and vs["se"] is not None else ""
+        console.print(f"{name:24s} mean utility {p['mean_utility']:.4f}  quality {p['mean_quality']:.3f}  "
+                      f"latency {p['mean_latency_s']:.2f} s{extra}", highlight=False)
+    if cfg.compare_fixed:
+        console.print(f"bandit beats every fixed arm: {out['bandit_beats_every_fixed_arm']}")
+    console.print(f"report: {', '.join(out.get('report', []))}")
+    if out.get("saved_state"):
+        console.print(f"bandit state: {out['saved_state']} (+ .safetensors)")
+
+
+def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
+    bench.command("bandit")(bench_bandit_cmd)
+    bandit_app.command("live")(bandit_live_cmd)
+    app.add_typer(bandit_app, name="bandit")

@@ -1,0 +1,314 @@
+"""`relaydiff bandit live`: the relay bandit choosing each request's configuration on the real engine.
+
+One request stream (users, links, preferences, prompts, arrival times: a seed of a relay scenario,
+:class:`relaydiff.sim.relay_stream.RelayStream`) is served through the engine, on a virtual clock
+driven by measured compute:
+
+- edge: the large member's steps of every chain go through the continuous-batching executor on
+  this machine (node ``edge``); each batched call advances the clock by its measured wall time,
+  and requests that arrive meanwhile join the next call. The context's edge features use an edge
+  profile measured on this machine at the start of the run (batches 1..max_batch).
+- network: the prompt up and the handoff latent down at the user's link rate (the system model).
+- device: the small member (with the user's style adapter when they have one) runs the remaining
+  steps here; its measured time is scaled by the device profile's step latency over this machine's
+  measured small-member step (both with guidance), and the profile's decode time is added.
+- reward: the judge reads the decoded image (prompt fidelity against the prompt's scene; for styled
+  users also whether it shows their style) and the latency is the one above; utility as in the
+  simulator. The bandit learns from each reward when its request finishes.
+
+The policy starts from a run on the simulator (``warm_requests`` requests of the same scenario,
+another seed; the loop engine -> profile -> simulator -> policy -> engine) unless a saved state is
+given. Every fixed arm then serves the same stream (same users, prompts and noise seeds), so the
+comparison is paired.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from relaydiff.sched.bandit import Bandit, FixedArm, load_bandit, make_bandit
+from relaydiff.serve.bandit_prompts import calibration_featurizer, prompt_pool, sample_prompts
+from relaydiff.sim.relay_stream import CONTEXT_FEATURES, PromptPool, RelayStream
+from relaydiff.system.profiles import load_profile
+from relaydiff.system.relay_scenario import load_relay_scenario
+
+
+@dataclass
+class LiveConfig:
+    family: str = "reference"
+    requests: int = 60
+    seed: int = 0
+    scenario: str = "stationary"
+    arrival_rate_hz: float | None = None  # None: the scenario's
+    algorithm: str = "linucb"
+    alpha: float = 0.1
+    l2: float = 0.1
+    warm_requests: int = 3000  # simulator requests before going live (0: start cold)
+    state: str | None = None  # a saved bandit state instead of the warm start
+    save_state: str | None = None  # where to save the bandit after the live run
+    compare_fixed: bool = True
+    max_batch: int = 16
+    threads: int = 1
+
+
+@dataclass
+class LiveRun:
+    """One policy over the live stream: per request arm, reward, quality and latency."""
+
+    name: str
+    arms: list[int]
+    rewards: list[float]
+    quality: list[float]
+    latency_s: list[float]
+
+
+def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: float, folder: Path) -> Path:
+    """This machine as the edge: the member's batched step latency, written as a profile file."""
+    from relaydiff.engine.profile import hardware, measure_step_latency
+
+    sizes = sorted({1, 2, 4, 8, max_batch} & set(range(1, max_batch + 1)))
+    lat = measure_step_latency(family, member, sizes, steps=4, guidance=guidance, warmup=1)
+    prof = {"format": "relaydiff.profile/1", "kind": "edge", "name": "this-machine", "hardware": hardware(),
+            "max_batch": max_batch,
+            "members": {member: {"step_latency_s": {str(b): t for b, t in lat.items()},
+                                 "source": "measured by relaydiff bandit live (engine executor, median)"}}}
+    path = folder / "edge_this_machine.json"
+    path.write_text(json.dumps(prof, indent=1))
+    return path
+
+
+def _device_scale(family: Any, stream: RelayStream, member: str, guidance: float) -> tuple[np.ndarray, float]:
+    """Per request: device profile step latency / this machine's measured step of ``member``."""
+    from relaydiff.engine.profile import measure_step_latency
+
+    here = measure_step_latency(family, member, [1], steps=8, guidance=guidance, warmup=2)[1]
+    return stream.device_step_s / here, here
+
+
+def train_in_simulator(bandit: Bandit, stream: RelayStream) -> float:
+    """Run ``bandit`` over a simulated stream, learning as it goes; returns its mean reward."""
+    return float(stream.run(lambda x, e: bandit.decide(x), bandit.update).rewards.mean())
+
+
+class LiveStream:
+    """The engine side of a live run: family, judge, prompts and the stream's users."""
+
+    def __init__(self, cfg: LiveConfig, family: Any, judge: Any, stream: RelayStream, prompts: list[str],
+                 scenes: list[Any], scale: np.ndarray, guidance: float):
+        self.cfg, self.family, self.judge, self.stream = cfg, family, judge, stream
+        self.prompts, self.scenes, self.scale, self.guidance = prompts, scenes, scale, guidance
+        styles = sorted(family.adapters)
+        self.style = [styles[i % len(styles)] if stream.rho[i] > 0 and styles else None
+                      for i in range(stream.scenario.requests)]
+
+    def serve(self, name: str, decide: Callable[[np.ndarray], int], learn: Callable[[int, np.ndarray, float], None] | None,
+              say: Callable[[str], None] = lambda s: None) -> LiveRun:
+        """Serve every request of the stream with ``decide`` on the engine (see the module docstring)."""
+        from relaydiff.engine.chain import new_chain
+        from relaydiff.engine.executor import Executor
+        from relaydiff.engine.plan import Plan, Request
+        from relaydiff.quality.metrics import prompt_fidelity
+
+        st, fam, n = self.stream, self.family, self.stream.scenario.requests
+        steps = st.scenario.steps
+        edge = Executor(fam, node="edge", max_batch=self.cfg.max_batch)
+        run = LiveRun(name, [0] * n, [0.0] * n, [0.0] * n, [0.0] * n)
+        arrival, k_of, req_of = st.arrival_s, {}, {}
+        pending: list[tuple[float, int, np.ndarray]] = []
+        contexts: dict[int, np.ndarray] = {}
+        clock, i = 0.0, 0
+
+        def finish(idx: int, chain: Any, edge_done: float | None) -> None:
+            a = run.arms[idx]
+            arm = st.arms[a]
+            t0 = time.perf_counter()
+            if not chain.done:
+                dev = Executor(fam, node="device", max_batch=1)
+                dev.submit(chain)
+                dev.run()
+            device_s = (time.perf_counter() - t0) * self.scale[idx] + st.decode_s[idx]
+            image = fam.decode(chain.latents)
+            pf = prompt_fidelity(image, [self.scenes[st.prompt_index[idx]]], self.judge).per_image[0]
+            q = float(pf)
+            if st.rho[idx] > 0:
+                sf = float(self.judge.read(image)[0].style == self.style[idx]) if self.style[idx] else 0.0
+                q = (1 - st.rho[idx]) * q + st.rho[idx] * sf
+            latency = device_s if arm.k == 0 else st.up_s[idx] + (edge_done - arrival[idx]) + st.link_s[idx] + device_s
+            reward = float(st._reward(idx, np.asarray(q), np.asarray(latency)))
+            run.quality[idx], run.latency_s[idx], run.rewards[idx] = q, float(latency), reward
+            heapq.heappush(pending, (arrival[idx] + latency, idx, contexts.pop(idx)))
+
+        while i < n or not edge.idle:
+            if edge.idle and i < n:
+                clock = max(clock, arrival[i])
+            while i < n and arrival[i] <= clock:
+                while pending and pending[0][0] <= arrival[i]:
+                    _, j, x = heapq.heappop(pending)
+                    if learn is not None:
+                        learn(run.arms[j], x, run.rewards[j])
+                rem = [k_of[c.id] - c.step for c in edge.active]
+                x = st.context(i, rem)
+                a = int(decide(x))
+                arm = st.arms[a]
+                run.arms[i], contexts[i] = a, x
+                plan = Plan.relay("large", "small", arm.k, steps, adapter=self.style[i],
+                                  device_guidance=arm.device_guidance)
+                req = Request(prompt=self.prompts[st.prompt_index[i]], steps=steps, guidance=self.guidance,
+                              seed=self.cfg.seed * 1_000_003 + i)
+                chain = new_chain(fam, req, plan)
+                if arm.k > 0:
+                    k_of[chain.id], req_of[chain.id] = arm.k, i
+                    edge.submit(chain)
+                else:
+                    finish(i, chain, None)
+                i += 1
+            if not edge.idle:
+                t0 = time.perf_counter()
+                edge.step()
+                clock += time.perf_counter() - t0
+                for c in edge.drain():
+                    finish(req_of.pop(c.id), c, clock)
+        while pending:
+            _, j, x = heapq.heappop(pending)
+            if learn is not None:
+                learn(run.arms[j], x, run.rewards[j])
+        return run
+
+
+def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: str | Path | None = None) -> dict[str, Any]:
+    """Warm-start (or load) the bandit, serve the stream live with it and with every fixed arm."""
+    import torch
+
+    from relaydiff.engine.family import load_family
+    from relaydiff.engine.profile import hardware
+    from relaydiff.quality.judge import load_judge
+
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    scenario = load_relay_scenario(cfg.scenario)
+    updates: dict[str, Any] = {"requests": cfg.requests, "phases": ()}
+    if cfg.arrival_rate_hz is not None:
+        updates["arrival_rate_hz"] = cfg.arrival_rate_hz
+    family = load_family(cfg.family, trace=True)
+    judge = load_judge()
+    table = json.loads(Path(_table_path(scenario.quality_table)).read_text())
+    guidance = float(table.get("config", {}).get("guidance", 3.0))
+    with tempfile.TemporaryDirectory() as tmp:
+        edge_profile = _measured_edge_profile(family, "large", cfg.max_batch, guidance, Path(tmp))
+        edge_measured = load_profile(edge_profile)
+        scenario = scenario.model_copy(update={**updates, "edge": scenario.edge.model_copy(
+            update={"profile": str(edge_profile), "member": "large", "max_batch": cfg.max_batch})})
+        say(f"edge = this machine ({hardware()}): large-member step {edge_measured.member('large').at(1) * 1e3:.1f} ms "
+            f"at batch 1, {edge_measured.member('large').at(cfg.max_batch) * 1e3:.1f} ms at {cfg.max_batch} (measured now)")
+        featurizer = calibration_featurizer(cfg.seed)
+        per_class = max(4, -(-cfg.requests // 3))
+        prompts, scenes = sample_prompts(per_class, seed=cfg.seed + 777)
+        pool = PromptPool(features=featurizer(prompts), n_objects=np.array([len(s.objects) for s in scenes]))
+        stream = RelayStream(scenario, pool, seed=cfg.seed)
+        names = stream.arm_names
+        if cfg.state:
+            bandit = load_bandit(cfg.state)
+            if bandit.arms != names or bandit.dim != len(CONTEXT_FEATURES):
+                raise ValueError(f"bandit state {cfg.state}: arms {bandit.arms} / dim {bandit.dim} do not match this "
+                                 f"stream's arms {names} / {len(CONTEXT_FEATURES)} features")
+            say(f"policy: {bandit.kind} loaded from {cfg.state} ({bandit.t} updates)")
+        else:
+            bandit = make_bandit(cfg.algorithm, names, len(CONTEXT_FEATURES), seed=cfg.seed,
+                                 feature_names=CONTEXT_FEATURES,
+                                 **({"alpha": cfg.alpha} if cfg.algorithm in ("linucb", "swlinucb") else {}),
+                                 **({"l2": cfg.l2} if cfg.algorithm in ("linucb", "lints", "egreedy", "swlinucb") else {}))
+            if cfg.warm_requests > 0:
+                warm = scenario.model_copy(update={"requests": cfg.warm_requests})
+                warm_stream = RelayStream(warm, prompt_pool(featurizer, 100, seed=cfg.seed + 1), seed=cfg.seed + 1)
+                mean = train_in_simulator(bandit, warm_stream)
+                say(f"policy: {bandit.kind} trained on {cfg.warm_requests} simulated requests of '{cfg.scenario}' "
+                    f"(this machine's edge profile; mean reward {mean:.3f})")
+        scale, here = _device_scale(family, stream, "small", guidance)
+    say(f"device latency = measured small-member time here x (device profile step / {here * 1e3:.2f} ms measured "
+        f"here): x{scale.min():.0f}..x{scale.max():.0f} by device class; plus the profile's decode time")
+    live = LiveStream(cfg, family, judge, stream, prompts, scenes, scale, guidance)
+    runs = [live.serve(f"bandit_{bandit.kind}", bandit.decide, bandit.update)]
+    say(f"{runs[0].name}: mean utility {np.mean(runs[0].rewards):.4f}")
+    saved = str(bandit.save(cfg.save_state)) if cfg.save_state else None
+    if cfg.compare_fixed:
+        for a, name in enumerate(names):
+            fixed = FixedArm(names, len(CONTEXT_FEATURES), arm=a)
+            runs.append(live.serve(f"fixed_{name}", fixed.decide, None))
+            say(f"{runs[-1].name}: mean utility {np.mean(runs[-1].rewards):.4f}")
+    out = _summary(cfg, runs, names, stream, scale, here, edge_measured, t_start)
+    out["saved_state"] = saved
+    if report_dir is not None:
+        out["report"] = _report(out, runs, names, Path(report_dir))
+    return out
+
+
+def _table_path(table: str) -> Path:
+    from relaydiff.system.quality import REFERENCE_TABLE
+
+    return REFERENCE_TABLE if table == "auto" else Path(table)
+
+
+def _summary(cfg, runs, names, stream, scale, here, edge_measured, t_start) -> dict[str, Any]:
+    from relaydiff.engine.profile import hardware
+
+    bandit = runs[0]
+    policies = {}
+    for r in runs:
+        counts = np.bincount(r.arms, minlength=len(names))
+        policies[r.name] = {"mean_utility": float(np.mean(r.rewards)), "mean_quality": float(np.mean(r.quality)),
+                            "mean_latency_s": float(np.mean(r.latency_s)),
+                            "arm_counts": {names[a]: int(c) for a, c in enumerate(counts)}}
+        if r is not bandit:
+            diff = np.asarray(bandit.rewards) - np.asarray(r.rewards)
+            policies[r.name]["bandit_minus_this"] = {
+                "mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None}
+    fixed = {k: v["mean_utility"] for k, v in policies.items() if k.startswith("fixed_")}
+    return {"config": asdict(cfg), "hardware": hardware(), "requests": cfg.requests,
+            "edge": {"profile": "measured on this machine at the start of the run",
+                     "step_latency_s": dict(zip(map(str, edge_measured.member("large").batch_sizes),
+                                                edge_measured.member("large").step_latency_s))},
+            "device_scaling": {"this_machine_small_step_s": here,
+                               "scale_by_request": {"min": float(scale.min()), "max": float(scale.max())},
+                               "note": "device compute measured here x (device profile small step / this machine's)"},
+            "policies": policies,
+            "bandit_beats_every_fixed_arm": bool(fixed) and policies[bandit.name]["mean_utility"] > max(fixed.values()),
+            "wall_s": time.perf_counter() - t_start}
+
+
+def _report(out: dict[str, Any], runs: list[LiveRun], names: tuple[str, ...], folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bandit_live.json").write_text(json.dumps(
+        {**out, "per_request": {r.name: {"arms": r.arms, "rewards": r.rewards, "quality": r.quality,
+                                         "latency_s": r.latency_s} for r in runs}}, indent=1) + "\n")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.0, 3.4), dpi=80)
+    means = [np.mean(r.rewards) for r in runs]
+    ax1.barh([r.name for r in runs], means, color=["C3"] + ["C0"] * (len(runs) - 1))
+    ax1.set_xlabel("mean utility (live)")
+    ax1.tick_params(labelsize=7)
+    arms = np.asarray(runs[0].arms)
+    ax2.scatter(np.arange(len(arms)), arms, s=8, c=np.asarray(runs[0].rewards), cmap="viridis")
+    ax2.set_yticks(range(len(names)), names, fontsize=7)
+    ax2.set_xlabel("request")
+    ax2.set_title(f"{runs[0].name}: arm per request (colour: utility)", fontsize=8)
+    fig.tight_layout()
+    png = folder / "bandit_live.png"
+    fig.savefig(png)
+    plt.close(fig)
+    return [str(folder / "bandit_live.json"), str(png)]
+
+
+__all__ = ["LiveConfig", "LiveRun", "LiveStream", "run_live", "train_in_simulator"]

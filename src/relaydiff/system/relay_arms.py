@@ -1,0 +1,165 @@
+"""Relay configurations (the bandit's arms), each priced from measurements only.
+
+An arm is one way to serve a request of T steps: the large member on the edge for steps 0..k,
+then the small member on the user's device for k..T (with the user's style adapter when they have
+one), the device segment with the request's guidance or without classifier-free guidance
+(``device_guidance = 1``). k = T is edge-only, k = 0 device-only.
+
+Where each number comes from (nothing is invented):
+
+- prompt fidelity per prompt complexity: the family's measured quality table (``relaydiff bench
+  quality --json``): ``relay[k].by_objects`` (1, 2, 3-object prompts) at the request's guidance,
+  ``relay_device_guidance.relay[k].by_objects`` without device guidance. The per-image spread is
+  the table's standard error times sqrt(n_prompts).
+- style fidelity of a user's adapter: ``personalization.styles[*].style_fidelity`` at k, averaged
+  over the measured styles. It is measured with the device segment at the request's guidance; arms
+  without device guidance use the same curve (the table has no style curve without guidance: said
+  in ``RelayArm.style_source``).
+- step costs: the edge and device profiles (:mod:`relaydiff.system.profiles`). A device segment
+  without guidance runs one U-Net row a step instead of two; its cost factor is the table's measured
+  single-request wall-time ratio of the device-only chain without and with guidance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
+
+COMPLEXITY_CLASSES = ("1", "2", "3")  # objects in the prompt: the table's by_objects keys
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    """A relay configuration to price: handoff step k and the device segment's guidance (None: the request's)."""
+
+    k: int
+    device_guidance: float | None = None
+
+    def name(self, steps: int) -> str:
+        """``edge_only``, ``device_only``, ``relay_k8``; ``_g1`` when the device runs without guidance."""
+        base = "edge_only" if self.k == steps else "device_only" if self.k == 0 else f"relay_k{self.k}"
+        if self.device_guidance is None or self.k == steps:
+            return base
+        return f"{base}_g{self.device_guidance:g}"
+
+
+@dataclass(frozen=True)
+class RelayArm:
+    """One arm with its measured quality and cost inputs."""
+
+    name: str
+    k: int
+    steps: int
+    device_guidance: float | None
+    fidelity: tuple[float, ...]  # mean prompt fidelity per complexity class (COMPLEXITY_CLASSES)
+    fidelity_std: float  # per-image standard deviation of prompt fidelity
+    style_fidelity: float  # mean style fidelity of a user's adapter at this k
+    device_row_factor: float  # device step cost relative to a step with guidance (1, or the measured ratio)
+    source: str
+    style_source: str
+
+    @property
+    def edge_steps(self) -> int:
+        return self.k
+
+    @property
+    def device_steps(self) -> int:
+        return self.steps - self.k
+
+
+DEFAULT_ARMS = (
+    ArmSpec(20), ArmSpec(0), ArmSpec(0, 1.0), ArmSpec(8), ArmSpec(14),
+    ArmSpec(6, 1.0), ArmSpec(10, 1.0), ArmSpec(14, 1.0),
+)
+
+
+def _read_table(path: str | Path) -> tuple[dict[str, Any], Path]:
+    path = REFERENCE_TABLE if path == "auto" else Path(path)
+    if not path.is_file():
+        raise QualityTableError(f"quality table {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise QualityTableError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise QualityTableError(f"{path}: expected a JSON object (relaydiff bench quality --json)")
+    return data, path
+
+
+def _points(entry: Any, field: str, path: Path) -> dict[int, dict[str, Any]]:
+    if not isinstance(entry, list) or not entry or not all(isinstance(p, dict) and "k" in p for p in entry):
+        raise QualityTableError(f"{path}: '{field}' must be a list of per-k points (relaydiff bench quality --json)")
+    return {int(p["k"]): p for p in entry}
+
+
+def _fidelity(point: dict[str, Any], field: str, path: Path) -> tuple[tuple[float, ...], float]:
+    by = point.get("by_objects")
+    if not isinstance(by, dict) or any(c not in by for c in COMPLEXITY_CLASSES):
+        raise QualityTableError(f"{path}: '{field}' at k={point['k']} lacks by_objects for "
+                                f"{', '.join(COMPLEXITY_CLASSES)} objects")
+    se = point.get("fidelity_se")
+    if se is None:
+        raise QualityTableError(f"{path}: '{field}' at k={point['k']} lacks fidelity_se")
+    return tuple(float(by[c]) for c in COMPLEXITY_CLASSES), float(se)
+
+
+def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path = "auto") -> list[RelayArm]:
+    """The arms ``specs`` priced from a quality table; a clear error names any curve the table lacks."""
+    data, path = _read_table(table)
+    cfg = data.get("config") if isinstance(data.get("config"), dict) else {}
+    steps, n_prompts = cfg.get("steps"), cfg.get("n_prompts")
+    if not isinstance(steps, int) or not isinstance(n_prompts, int) or n_prompts < 2:
+        raise QualityTableError(f"{path}: 'config' needs integer 'steps' and 'n_prompts'")
+    relay = _points(data.get("relay"), "relay", path)
+    pers = data.get("personalization")
+    if not isinstance(pers, dict) or not isinstance(pers.get("styles"), dict) or "split_points" not in pers:
+        raise QualityTableError(f"{path}: 'personalization' with split_points and styles is needed for the style curve")
+    curves = [s.get("style_fidelity") for s in pers["styles"].values() if isinstance(s, dict)]
+    if not curves or any(not isinstance(c, list) or len(c) != len(pers["split_points"]) for c in curves):
+        raise QualityTableError(f"{path}: 'personalization' needs one style_fidelity list per style")
+    style_curve = dict(zip((int(k) for k in pers["split_points"]), np.mean(np.asarray(curves, float), axis=0)))
+    dg = data.get("relay_device_guidance")
+    no_cfg = _points(dg.get("relay"), "relay_device_guidance.relay", path) if isinstance(dg, dict) else {}
+    arms = []
+    for spec in specs:
+        if not 0 <= spec.k <= steps:
+            raise QualityTableError(f"arm k={spec.k}: handoff step outside 0..{steps}")
+        guided = spec.device_guidance is not None and spec.k < steps
+        if guided:
+            if not no_cfg or float(dg.get("guidance", -1)) != float(spec.device_guidance):
+                raise QualityTableError(f"{path}: no 'relay_device_guidance' curve at device guidance "
+                                        f"{spec.device_guidance:g} (arm k={spec.k})")
+            points, field = no_cfg, "relay_device_guidance.relay"
+        else:
+            points, field = relay, "relay"
+        if spec.k not in points:
+            raise QualityTableError(f"{path}: '{field}' has no point at k={spec.k} (has {sorted(points)})")
+        fid, se = _fidelity(points[spec.k], field, path)
+        if guided:
+            base = relay.get(0, {}).get("wall_s_single")
+            mine = no_cfg.get(0, {}).get("wall_s_single")
+            if not base or not mine:
+                raise QualityTableError(f"{path}: device-only wall_s_single at both guidances is needed for the "
+                                        "cost of a device segment without guidance")
+            row_factor = float(mine) / float(base)
+        else:
+            row_factor = 1.0
+        near = min(style_curve, key=lambda s: abs(s - spec.k))
+        style_src = f"personalization k={near}" + (" (measured with device guidance; none without)" if guided else "")
+        arms.append(RelayArm(
+            name=spec.name(steps), k=spec.k, steps=steps, device_guidance=spec.device_guidance if guided else None,
+            fidelity=fid, fidelity_std=se * float(np.sqrt(n_prompts)), style_fidelity=float(style_curve[near]),
+            device_row_factor=row_factor, source=f"{path}: {field}[k={spec.k}]", style_source=style_src))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise QualityTableError(f"arms: repeated configuration in {names}")
+    return arms
+
+
+__all__ = ["COMPLEXITY_CLASSES", "DEFAULT_ARMS", "ArmSpec", "RelayArm", "load_relay_arms"]

@@ -1,0 +1,311 @@
+"""The relay bandit: algorithms (sched.bandit), arms and workloads (system.relay_*), the stream (sim.relay_stream)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from relaydiff.sched.bandit import POLICIES, BanditError, LinUCB, SlidingWindowLinUCB, load_bandit, make_bandit
+from relaydiff.sim.relay_stream import CONTEXT_FEATURES, PromptPool, RelayStream, StreamError
+from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
+from relaydiff.system.relay_arms import DEFAULT_ARMS, ArmSpec, load_relay_arms
+from relaydiff.system.relay_scenario import (
+    available_relay_scenarios,
+    load_relay_scenario,
+    parse_relay_scenario,
+)
+from relaydiff.system.scenario import ScenarioError
+
+ARMS = ("a", "b", "c")
+
+
+def _pool(seed: int = 0, n: int = 90) -> PromptPool:
+    rng = np.random.default_rng(seed)
+    nobj = np.repeat([1, 2, 3], n // 3)
+    feats = np.c_[(8 + 4 * nobj) / 32 + rng.normal(0, 0.05, n), nobj - 2 + rng.normal(0, 0.5, n), rng.normal(0, 1, (n, 2))]
+    return PromptPool(feats, nobj)
+
+
+def _linear_stream(seed: int, n: int, d: int = 4):
+    """Contexts and rewards of a linear bandit with 3 arms and noise."""
+    rng = np.random.default_rng(seed)
+    theta = rng.normal(0, 0.3, (len(ARMS), d))
+    xs = np.c_[np.ones(n), rng.normal(0, 1, (n, d - 1))]
+    return xs, theta, rng
+
+
+# ---- algorithms -------------------------------------------------------------------------------
+
+def test_linucb_statistics_equal_ridge_regression():
+    xs, theta, rng = _linear_stream(0, 200)
+    bandit = LinUCB(ARMS, 4, alpha=0.5, l2=0.7)
+    data = {a: ([], []) for a in range(3)}
+    for x in xs:
+        a = bandit.decide(x)
+        r = float(np.clip(theta[a] @ x + rng.normal(0, 0.1), -3, 1))
+        bandit.update(a, x, r)
+        data[a][0].append(x)
+        data[a][1].append(r)
+    for a, (X, y) in data.items():
+        X, y = np.array(X).reshape(-1, 4), np.array(y)
+        gram = 0.7 * np.eye(4) + X.T @ X
+        np.testing.assert_allclose(bandit.a_inv[a], np.linalg.inv(gram), atol=1e-9)
+        np.testing.assert_allclose(bandit.theta[a], np.linalg.solve(gram, X.T @ y), atol=1e-9)
+
+
+def test_sliding_window_keeps_only_the_last_window():
+    xs, theta, rng = _linear_stream(1, 170)
+    bandit = SlidingWindowLinUCB(ARMS, 4, window=50, l2=1.0)
+    hist = []
+    for x in xs:
+        a = bandit.decide(x)
+        r = float(np.clip(theta[a] @ x, -3, 1))
+        bandit.update(a, x, r)
+        hist.append((a, x, r))
+    for a in range(3):
+        last = [(x, r) for b, x, r in hist[-50:] if b == a]
+        X = np.array([x for x, _ in last]).reshape(-1, 4)
+        y = np.array([r for _, r in last])
+        gram = np.eye(4) + X.T @ X
+        np.testing.assert_allclose(bandit.a_inv[a], np.linalg.inv(gram), atol=1e-8)
+        np.testing.assert_allclose(bandit.theta[a], np.linalg.solve(gram, X.T @ y), atol=1e-8)
+        assert bandit.counts[a] == len(last)
+
+
+@pytest.mark.parametrize("kind", ["linucb", "lints", "egreedy", "swlinucb"])
+def test_linear_policies_learn_the_best_arm(kind):
+    xs, theta, rng = _linear_stream(2, 600)
+    bandit = make_bandit(kind, ARMS, 4, seed=0)
+    picks_best = []
+    for x in xs:
+        a = bandit.decide(x)
+        bandit.update(a, x, float(np.clip(theta[a] @ x + rng.normal(0, 0.1), -3, 1)))
+        picks_best.append(a == int(np.argmax(theta @ x)))
+    assert np.mean(picks_best[-150:]) > 0.85, np.mean(picks_best[-150:])
+
+
+def test_ucb1_random_fixed_and_oracle():
+    ucb = make_bandit("ucb1", ARMS, 2, c=0.1)
+    means = np.array([0.1, 0.5, 0.2])
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        a = ucb.decide(np.zeros(2))
+        ucb.update(a, np.zeros(2), float(np.clip(means[a] + rng.normal(0, 0.1), -3, 1)))
+    assert np.argmax(ucb.counts) == 1
+    fixed = make_bandit("fixed", ARMS, 2, arm="c")
+    assert fixed.decide(np.zeros(2)) == 2
+    oracle = make_bandit("oracle", ARMS, 2)
+    assert oracle.decide_expected([0.0, 0.3, 0.2]) == 1
+    with pytest.raises(BanditError, match="expected"):
+        oracle.decide_expected([0.0, float("nan"), 0.2])
+    picks = [make_bandit("random", ARMS, 2, seed=3).decide(np.zeros(2)) for _ in range(3)]
+    assert picks == [make_bandit("random", ARMS, 2, seed=3).decide(np.zeros(2)) for _ in range(3)]
+
+
+@pytest.mark.parametrize("kind", sorted(set(POLICIES) - {"oracle"}))
+def test_bad_input_names_the_field_and_keeps_the_state(kind, tmp_path):
+    names = [f"f{i}" for i in range(3)]
+    bandit = make_bandit(kind, ARMS, 3, feature_names=names, seed=1)
+    for i in range(5):
+        bandit.update(i % 3, np.array([1.0, 0.5 * i, -0.2]), 0.1 * i)
+    before = {k: v.copy() for k, v in bandit.arrays().items()}
+    t_before = bandit.t
+    bad = [
+        (lambda: bandit.decide([1.0, float("nan"), 0.0]), r"context\[1\] \(f1\)"),
+        (lambda: bandit.decide([1.0, 2.0]), "context: expected 3 features"),
+        (lambda: bandit.update(0, [1.0, np.inf, 0.0], 0.1), r"context\[1\] \(f1\)"),
+        (lambda: bandit.update(7, [1.0, 0.0, 0.0], 0.1), "arm: unknown arm 7"),
+        (lambda: bandit.update("zz", [1.0, 0.0, 0.0], 0.1), "arm: unknown arm 'zz'"),
+        (lambda: bandit.update(0, [1.0, 0.0, 0.0], 1.5), r"reward: 1.5 is outside its range \[-3, 1\]"),
+        (lambda: bandit.update(0, [1.0, 0.0, 0.0], float("nan")), "reward: nan"),
+        (lambda: bandit.update(0, [1.0, 0.0, 0.0], "x"), "reward: not a number"),
+    ]
+    for call, message in bad:
+        with pytest.raises(BanditError, match=message):
+            call()
+    after = bandit.arrays()
+    assert bandit.t == t_before
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+
+
+@pytest.mark.parametrize("kind", sorted(set(POLICIES) - {"oracle"}))
+def test_state_round_trip_continues_identically(kind, tmp_path):
+    rng = np.random.default_rng(0)
+    bandit = make_bandit(kind, ARMS, 3, seed=5, feature_names=("x", "y", "z"))
+    for _ in range(40):
+        x = rng.normal(0, 1, 3)
+        bandit.update(bandit.decide(x), x, float(rng.uniform(-1, 1)))
+    path = bandit.save(tmp_path / "state")
+    assert path.suffix == ".json" and (tmp_path / "state.safetensors").is_file()
+    loaded = load_bandit(tmp_path / "state.json")
+    assert (loaded.kind, loaded.arms, loaded.t, loaded.feature_names) == (bandit.kind, bandit.arms, bandit.t,
+                                                                         bandit.feature_names)
+    for _ in range(30):
+        x = rng.normal(0, 1, 3)
+        a, b = bandit.decide(x), loaded.decide(x)
+        assert a == b
+        r = float(rng.uniform(-1, 1))
+        bandit.update(a, x, r)
+        loaded.update(b, x, r)
+
+
+def test_state_load_errors(tmp_path):
+    bandit = make_bandit("linucb", ARMS, 3)
+    bandit.save(tmp_path / "s")
+    with pytest.raises(BanditError, match="does not exist"):
+        load_bandit(tmp_path / "missing")
+    meta = json.loads((tmp_path / "s.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**meta, "dim": 4}))
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "s.safetensors").read_bytes())
+    with pytest.raises(BanditError, match="array 'a_inv' must have shape"):
+        load_bandit(tmp_path / "bad")
+    (tmp_path / "bad.json").write_text(json.dumps({**meta, "format": "pickle"}))
+    with pytest.raises(BanditError, match="'format'"):
+        load_bandit(tmp_path / "bad")
+    (tmp_path / "bad.json").write_text(json.dumps(meta))
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(BanditError, match="not a readable safetensors"):
+        load_bandit(tmp_path / "bad")
+
+
+# ---- arms and workloads -----------------------------------------------------------------------
+
+def test_arms_come_from_the_measured_table():
+    table = json.loads(REFERENCE_TABLE.read_text())
+    arms = {a.name: a for a in load_relay_arms()}
+    assert len(arms) == len(DEFAULT_ARMS)
+    relay = {p["k"]: p for p in table["relay"]}
+    no_cfg = {p["k"]: p for p in table["relay_device_guidance"]["relay"]}
+    assert arms["edge_only"].fidelity == tuple(relay[20]["by_objects"][c] for c in "123")
+    assert arms["relay_k8"].fidelity == tuple(relay[8]["by_objects"][c] for c in "123")
+    assert arms["relay_k10_g1"].fidelity == tuple(no_cfg[10]["by_objects"][c] for c in "123")
+    assert arms["device_only_g1"].device_row_factor == pytest.approx(
+        no_cfg[0]["wall_s_single"] / relay[0]["wall_s_single"])
+    assert arms["edge_only"].style_fidelity == 0.0 and arms["device_only"].style_fidelity > 0.5
+
+
+def test_arms_from_a_table_without_the_needed_curves(tmp_path):
+    table = json.loads(REFERENCE_TABLE.read_text())
+    del table["relay_device_guidance"]
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    with pytest.raises(QualityTableError, match="relay_device_guidance"):
+        load_relay_arms((ArmSpec(6, 1.0),), tmp_path / "t.json")
+    load_relay_arms((ArmSpec(8),), tmp_path / "t.json")  # arms with guidance still price
+    del table["relay"][8]["by_objects"]
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    with pytest.raises(QualityTableError, match="by_objects"):
+        load_relay_arms((ArmSpec(8),), tmp_path / "t.json")
+    with pytest.raises(QualityTableError, match="no point at k=7"):
+        load_relay_arms((ArmSpec(7, 1.0),))
+
+
+def test_relay_scenarios_validate():
+    assert {"stationary", "complexity_shift", "network_degradation", "load_spike"} <= set(available_relay_scenarios())
+    for name in available_relay_scenarios():
+        load_relay_scenario(name)
+    spike = load_relay_scenario("load_spike")
+    assert spike.phase_at(0)["arrival_rate_hz"] == 2.0 and spike.phase_at(1200)["arrival_rate_hz"] == 5.0
+    with pytest.raises(ScenarioError, match=r"phases\.0\.start"):
+        parse_relay_scenario({"requests": 100, "phases": [{"start": 0, "name": "x"}]})
+    with pytest.raises(ScenarioError, match="complexity_mix"):
+        parse_relay_scenario({"complexity_mix": {"4": 1.0}})
+    with pytest.raises(ScenarioError, match="past the stream"):
+        parse_relay_scenario({"requests": 100, "phases": [{"start": 100, "name": "x"}]})
+    with pytest.raises(ScenarioError, match="bogus"):
+        parse_relay_scenario({"bogus": 1})
+
+
+# ---- the stream ---------------------------------------------------------------------------------
+
+def _stream(seed=0, **updates):
+    sc = load_relay_scenario("stationary").model_copy(update={"requests": 200, **updates})
+    return RelayStream(sc, _pool(), seed=seed)
+
+
+def test_stream_is_deterministic_and_shares_draws_across_policies():
+    a, b = _stream(3), _stream(3)
+    np.testing.assert_array_equal(a.arrival_s, b.arrival_s)
+    np.testing.assert_array_equal(a.quality, b.quality)
+    fixed = [a.run(lambda x, e, k=k: k).quality for k in range(2)]
+    i = np.arange(a.scenario.requests)
+    np.testing.assert_array_equal(fixed[0], a.quality[i, 0])
+    np.testing.assert_array_equal(fixed[1], a.quality[i, 1])
+    assert len(a.context(0, [])) == len(CONTEXT_FEATURES)
+
+
+def test_edge_load_depends_on_earlier_choices():
+    st = _stream(0, arrival_rate_hz=5.0)
+    names = st.arm_names
+    edge = st.run(lambda x, e: names.index("edge_only"))
+    relay = st.run(lambda x, e: names.index("relay_k6_g1"))
+    # edge-only for everyone overloads one edge (3.2 requests/s at full batches): latency keeps growing
+    assert edge.latency_s[-20:].mean() > 3 * edge.latency_s[:20].mean()
+    assert relay.latency_s[-20:].mean() < 2 * relay.latency_s[:20].mean()
+
+
+def test_oracle_what_if_matches_a_lone_request():
+    st = _stream(0, arrival_rate_hz=0.01)  # requests far apart: nobody shares the edge
+    seen = {}
+
+    def decide(x, expected):
+        seen[len(seen)] = expected()
+        return len(seen) % len(st.arms)
+
+    res = st.run(decide)
+    for i in range(10):
+        a = res.arms[i]
+        np.testing.assert_allclose(seen[i][a], st._reward(i, st.expected_q[i, a], res.latency_s[i]), rtol=1e-9)
+
+
+def test_finish_times_match_a_step_by_step_queue():
+    st = _stream(0)
+    cap = st.max_batch
+    rem = [3, 20, 5] + [7] * (cap - 1)
+    times = st._finish_times(rem, 1.0, 6)
+    queue, t, done = [[r, False] for r in rem] + [[6, True]], 1.0, []
+    while any(me for _, me in queue):
+        b = min(len(queue), cap)
+        t += st.edge_step_s[b - 1]
+        for c in queue[:b]:
+            c[0] -= 1
+            if c[1]:
+                done.append(t)
+        queue = [c for c in queue if c[0] > 0]
+    np.testing.assert_allclose(times, done)
+
+
+def test_prompt_pool_errors():
+    with pytest.raises(StreamError, match="features"):
+        PromptPool(np.zeros((3, 2)), np.array([1, 2, 3]))
+    with pytest.raises(StreamError, match="no prompt with 3 objects"):
+        PromptPool(np.zeros((2, 4)), np.array([1, 2]))
+
+
+def test_mabwiser_linucb_decides_like_ours():
+    pytest.importorskip("mabwiser")
+    from relaydiff.bench.bandit import MabwiserPeer, requests_to_recover, run_policy
+
+    # l2 = 1: MABWiser 2.7.4 starts an arm's A^-1 as a copy of A (= l2 I), the inverse only when l2 = 1
+    st = _stream(1, requests=80)
+    d = len(CONTEXT_FEATURES)
+    ours = run_policy(st, make_bandit("linucb", st.arm_names, d, alpha=0.1, l2=1.0)).result
+    peer = run_policy(st, MabwiserPeer(len(st.arm_names), "linucb", 0.1, 1.0, seed=0)).result
+    np.testing.assert_array_equal(ours.arms, peer.arms)
+    alg, orc = np.r_[np.zeros(50), np.full(60, 0.96)], np.ones(110)
+    assert requests_to_recover(alg, orc, 50, window=10) == 10
+    assert requests_to_recover(np.zeros(110), orc, 50, window=10) is None
+
+
+def test_bench_bandit_cli_rejects_an_unknown_scenario():
+    from typer.testing import CliRunner
+
+    from relaydiff.cli import app
+
+    res = CliRunner().invoke(app, ["bench", "bandit", "--scenarios", "nope", "--no-peers"])
+    assert res.exit_code == 2
+    assert "relay scenario nope not found" in res.output and "Traceback" not in res.output
+    assert Path(__file__).exists()
