@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import typer
 
-from relaydiff.cli import bandit, demo, engine, offload, quality, reference, serve
+from relaydiff.cli import bandit, demo, engine, offload, qoe, quality, reference, serve
 
 # Help is plain text (rich_markup_mode=None): the plan grammar member[+adapter][@node]:start-end
 # keeps its brackets, which rich markup would take for tags and drop.
@@ -27,7 +27,7 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(train_app, name="train")
 
 # Every command group, in the order `relaydiff --help` lists their commands.
-GROUPS = (demo, engine, offload, reference, quality, bandit, serve)
+GROUPS = (demo, engine, offload, reference, quality, bandit, serve, qoe)
 for _group in GROUPS:
     _group.register(app, bench_app, train_app)
 

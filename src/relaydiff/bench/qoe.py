@@ -1,0 +1,272 @@
+"""``relaydiff bench qoe``: G-DDPG against DDPG on the QoE round, checked on water-filling first.
+
+What it measures (one JSON object; plots in ``out``):
+
+- ``waterfill``: each actor trained on GDMOPT's power-allocation task, its mean sum rate over
+  fixed evaluation draws as a ratio to the water-filling optimum (and the equal split's);
+- ``algorithms``: per algorithm, the mean total QoE of a round (sum of the surrogate agents'
+  1-10 scores) over ``eval_rounds`` fixed rounds, averaged over seeds (``qoe_mean``; ``qoe_std``
+  the spread over seeds), and ``decide_ms`` (median of single decisions, 1 thread). Our DDPG and
+  G-DDPG (same skeleton, only the actor differs), Stable-Baselines3's DDPG, TD3 and SAC as library
+  references (same env and step budget, their default hyperparameters), and the heuristics;
+- ``gddpg_vs_ddpg``: G-DDPG's relative QoE gain over our DDPG, the mean over seeds of the paired
+  (same seed, same evaluation rounds) ratios minus 1, with a bootstrap 95% CI over seeds;
+- ``sharing``: the trained G-DDPG policies with sharing against the same policies with the shared
+  steps forced to 0, on the same rounds: edge U-Net evaluations saved, relative QoE loss (negative:
+  sharing raised QoE) and energy saved (edge + devices).
+
+Every training run is seeded; evaluation rounds are the same for every algorithm.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from relaydiff.sched.rl.ddpg import Policy, RLConfig, evaluate, train
+from relaydiff.sched.rl.gddpg import train_gddpg
+from relaydiff.sim.qoe_env import HEURISTICS, QoEEnv
+from relaydiff.sim.waterfill_env import WaterFillingEnv
+
+EVAL_SEED = 10_000  # evaluation rounds are env.reset(seed=EVAL_SEED + j), for every algorithm
+SB3_REFERENCES = ("sb3_ddpg", "sb3_td3", "sb3_sac")
+
+
+@dataclass(frozen=True)
+class QoEBenchConfig:
+    seeds: int = 5
+    steps: int = 3000  # environment steps per RL training run (QoE)
+    waterfill_steps: int = 3000
+    eval_rounds: int = 64
+    eval_every: int = 500
+    k_min: int = 5
+    k_max: int = 20
+    scenario: str = "congested"
+    sb3: bool = True  # train the Stable-Baselines3 references (one run each, seed 0)
+    workers: int = 2  # training processes (each 1 torch thread)
+    batch_size: int = 256
+    out: str = "out/bench_qoe"
+
+    def __post_init__(self) -> None:
+        if self.seeds < 2:
+            raise ValueError("seeds must be >= 2 (the CI is over seeds)")
+        if min(self.steps, self.waterfill_steps, self.eval_rounds, self.eval_every, self.workers) < 1:
+            raise ValueError("steps, waterfill_steps, eval_rounds, eval_every and workers must be >= 1")
+        if not 1 <= self.k_min <= self.k_max:
+            raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+
+
+def _rl_config(cfg: QoEBenchConfig, seed: int, steps: int) -> RLConfig:
+    return RLConfig(seed=seed, total_steps=steps, learning_starts=min(500, steps // 5), batch_size=cfg.batch_size,
+                    eval_every=cfg.eval_every, eval_episodes=min(cfg.eval_rounds, 32))
+
+
+def _env_factory(cfg: QoEBenchConfig, **kw: Any) -> Callable[[int], QoEEnv]:
+    return lambda seed: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario, **kw)
+
+
+def decide_ms(fn: Callable[[np.ndarray], np.ndarray], observations: list[np.ndarray], repeats: int = 3) -> float:
+    """Median milliseconds of one decision (after one warm-up pass)."""
+    for o in observations[:8]:
+        fn(o)
+    times = []
+    for _ in range(repeats):
+        for o in observations:
+            t0 = time.perf_counter()
+            fn(o)
+            times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def _rollout(policy_fn: Callable[[np.ndarray], np.ndarray], env: QoEEnv, rounds: int) -> dict[str, Any]:
+    """Per-round summaries on the fixed evaluation rounds, plus (similarity, shared steps) pairs."""
+    rows, pairs = [], []
+    for j in range(rounds):
+        obs, _ = env.reset(seed=EVAL_SEED + j)
+        action = policy_fn(obs)
+        _, _, _, _, info = env.step(action)
+        rows.append(info)
+        g = env.round.groups
+        _, _, shared = env.decode_action(action)
+        for gi in range(g.n_groups):
+            m = [i for i in g.members(gi) if i != g.leader[gi]]
+            if m:
+                pairs.append((float(np.mean(g.similarity[m])), int(shared[gi])))
+    keys = rows[0].keys()
+    return {"per_round": {k: [float(r[k]) for r in rows] for k in keys}, "pairs": pairs}
+
+
+def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
+    """One training run (a worker process): returns its curve, evaluations and timing."""
+    name, cfg, seed = args
+    import torch
+
+    torch.set_num_threads(1)
+    if name.startswith("waterfill_"):
+        kind = name.removeprefix("waterfill_")
+        fn = train if kind == "ddpg" else train_gddpg
+        res = fn(lambda s: WaterFillingEnv(seed=0), replace(_rl_config(cfg, seed, cfg.waterfill_steps), eval_episodes=cfg.eval_rounds),
+                 info_keys=("ratio_to_optimum",), eval_seed=EVAL_SEED)
+        return {"name": name, "seed": seed, "ratio": res.curve[-1]["ratio_to_optimum"], "wall_s": res.wall_s}
+    make = _env_factory(cfg)
+    env, env_off = make(0), _env_factory(cfg, allow_sharing=False)(0)
+    obs_pool = [env.reset(seed=EVAL_SEED + j)[0] for j in range(min(cfg.eval_rounds, 32))]
+    if name in ("ddpg", "gddpg"):
+        fn = train if name == "ddpg" else train_gddpg
+        res = fn(make, _rl_config(cfg, seed, cfg.steps), info_keys=("unet_evals_saved",), eval_seed=EVAL_SEED)
+        policy: Policy = res.policy
+        policy.reseed(EVAL_SEED)
+        out = {"curve": res.curve, "wall_s": res.wall_s, "eval": _rollout(policy.decide, env, cfg.eval_rounds)}
+        if name == "gddpg":
+            policy.reseed(EVAL_SEED)
+            out["eval_no_sharing"] = _rollout(policy.decide, env_off, cfg.eval_rounds)
+        out["decide_ms"] = decide_ms(policy.decide, obs_pool)
+        return {"name": name, "seed": seed, **out}
+    # Stable-Baselines3 references: default hyperparameters, the same step budget
+    import stable_baselines3 as sb3
+
+    algo = {"sb3_ddpg": sb3.DDPG, "sb3_td3": sb3.TD3, "sb3_sac": sb3.SAC}[name]
+    t0 = time.perf_counter()
+    model = algo("MlpPolicy", make(seed), seed=seed, verbose=0, device="cpu",
+                 learning_starts=min(500, cfg.steps // 5))
+    model.learn(total_timesteps=cfg.steps)
+
+    def fn_sb3(o: np.ndarray) -> np.ndarray:
+        return model.predict(o, deterministic=True)[0]
+
+    return {"name": name, "seed": seed, "wall_s": time.perf_counter() - t0,
+            "eval": _rollout(fn_sb3, env, cfg.eval_rounds), "decide_ms": decide_ms(fn_sb3, obs_pool)}
+
+
+def _bootstrap_ci(x: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> list[float]:
+    idx = rng.integers(0, len(x), size=(n, len(x)))
+    means = x[idx].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run everything the module docstring lists; returns the JSON-ready report."""
+    from relaydiff.engine.profile import hardware_info
+
+    t0 = time.perf_counter()
+    say = log or (lambda m: None)
+    jobs: list[tuple[str, QoEBenchConfig, int]] = [("waterfill_ddpg", cfg, 0), ("waterfill_gddpg", cfg, 0)]
+    jobs += [(n, cfg, s) for s in range(cfg.seeds) for n in ("gddpg", "ddpg")]
+    if cfg.sb3:
+        jobs += [(n, cfg, 0) for n in SB3_REFERENCES]
+    results: list[dict[str, Any]] = []
+    if cfg.workers == 1:
+        for j in jobs:
+            results.append(_train_one(j))
+            say(f"{j[0]} seed {j[2]} done")
+    else:
+        with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
+            for r in pool.map(_train_one, jobs):
+                results.append(r)
+                say(f"{r['name']} seed {r['seed']} done ({r.get('wall_s', 0):.0f} s)")
+
+    by = {(r["name"], r["seed"]): r for r in results}
+    seeds = list(range(cfg.seeds))
+    algorithms: dict[str, dict[str, float]] = {}
+    for name in ("gddpg", "ddpg") + (SB3_REFERENCES if cfg.sb3 else ()):
+        runs = [by[(name, s)] for s in (seeds if name in ("gddpg", "ddpg") else [0])]
+        per_seed = np.array([np.mean(r["eval"]["per_round"]["qoe"]) for r in runs])
+        algorithms[name] = {"qoe_mean": float(per_seed.mean()), "qoe_std": float(per_seed.std(ddof=1)) if len(runs) > 1 else 0.0,
+                            "decide_ms": float(np.median([r["decide_ms"] for r in runs])), "seeds": len(runs),
+                            "unet_evals_saved": float(np.mean([np.mean(r["eval"]["per_round"]["unet_evals_saved"]) for r in runs])),
+                            "train_wall_s": float(np.mean([r["wall_s"] for r in runs]))}
+    env = _env_factory(cfg)(0)
+    obs_pool = [env.reset(seed=EVAL_SEED + j)[0] for j in range(min(cfg.eval_rounds, 32))]
+    for h in HEURISTICS:
+        def fn_h(o: np.ndarray, h: str = h) -> np.ndarray:
+            return env.heuristic_action(h)
+
+        ev = _rollout(fn_h, env, cfg.eval_rounds)
+        env.reset(seed=EVAL_SEED)
+        algorithms[h] = {"qoe_mean": float(np.mean(ev["per_round"]["qoe"])), "qoe_std": 0.0,
+                         "decide_ms": decide_ms(fn_h, obs_pool[:1] * 32), "seeds": 0, "unet_evals_saved": 0.0}
+
+    g = np.array([np.mean(by[("gddpg", s)]["eval"]["per_round"]["qoe"]) for s in seeds])
+    d = np.array([np.mean(by[("ddpg", s)]["eval"]["per_round"]["qoe"]) for s in seeds])
+    ratios = g / d - 1.0
+    rng = np.random.default_rng(0)
+    with_s = [by[("gddpg", s)]["eval"]["per_round"] for s in seeds]
+    without = [by[("gddpg", s)]["eval_no_sharing"]["per_round"] for s in seeds]
+    q_with, q_without = np.mean([np.mean(r["qoe"]) for r in with_s]), np.mean([np.mean(r["qoe"]) for r in without])
+    e_with, e_without = np.mean([np.mean(r["energy_j"]) for r in with_s]), np.mean([np.mean(r["energy_j"]) for r in without])
+    report: dict[str, Any] = {
+        "seeds": cfg.seeds,
+        "hardware": hardware_info(),
+        "config": asdict(cfg),
+        "algorithms": algorithms,
+        "gddpg_vs_ddpg": {"gain": float(ratios.mean()), "ci95": _bootstrap_ci(ratios, rng),
+                          "per_seed": [float(x) for x in ratios]},
+        "waterfill": {"ddpg": by[("waterfill_ddpg", 0)]["ratio"], "gddpg": by[("waterfill_gddpg", 0)]["ratio"],
+                      "equal": _equal_split_ratio(cfg.eval_rounds)},
+        "sharing": {"unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in with_s])),
+                    "qoe_loss": float(1.0 - q_with / q_without), "energy_saved": float(1.0 - e_with / e_without),
+                    "qoe_with": float(q_with), "qoe_without": float(q_without)},
+    }
+    report["targets"] = {
+        "waterfill_gddpg>=0.98": report["waterfill"]["gddpg"] >= 0.98,
+        "gddpg_gain>=0.15_ci_above_0": report["gddpg_vs_ddpg"]["gain"] >= 0.15 and report["gddpg_vs_ddpg"]["ci95"][0] > 0,
+        "sharing_saves>=0.30_at_qoe_loss<=0.01": report["sharing"]["unet_evals_saved"] >= 0.30 and report["sharing"]["qoe_loss"] <= 0.01,
+        "gddpg_decide_ms<2": algorithms["gddpg"]["decide_ms"] < 2.0,
+    }
+    report["plots"] = _plots(cfg, by, seeds)
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+def _equal_split_ratio(rounds: int) -> float:
+    env = WaterFillingEnv(seed=0)
+    ratios = []
+    for j in range(rounds):
+        env.reset(seed=EVAL_SEED + j)
+        ratios.append(env.step(-np.ones(env.n_channels, np.float32))[4]["ratio_to_optimum"])
+    return float(np.mean(ratios))
+
+
+def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int]) -> list[str]:
+    """QoE vs training steps (mean and min-max band over seeds) and chosen shared steps vs similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label in (("gddpg", "G-DDPG"), ("ddpg", "DDPG")):
+        curves = [by[(name, s)]["curve"] for s in seeds]
+        x = np.array([p["step"] for p in curves[0]])
+        y = np.array([[p["return"] for p in c] for c in curves])
+        ax.plot(x, y.mean(0), label=label)
+        ax.fill_between(x, y.min(0), y.max(0), alpha=0.25)
+    ax.set_xlabel("training steps (rounds)")
+    ax.set_ylabel("total QoE of a round (sum of 1-10 scores)")
+    ax.legend()
+    ax.set_title(f"QoE vs training, mean and range over {len(seeds)} seeds")
+    fig.tight_layout()
+    p1 = out / "qoe_vs_steps.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pairs = np.array([pr for s in seeds for pr in by[("gddpg", s)]["eval"]["pairs"]] or [(np.nan, np.nan)])
+    ax.scatter(pairs[:, 0], pairs[:, 1], s=8, alpha=0.5)
+    ax.set_xlabel("group similarity (followers' mean cosine with the leader)")
+    ax.set_ylabel("shared steps chosen by G-DDPG")
+    fig.tight_layout()
+    p2 = out / "shared_steps_vs_similarity.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [str(p1), str(p2)]
+
+
+__all__ = ["QoEBenchConfig", "bench_qoe", "decide_ms"]

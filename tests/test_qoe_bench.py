@@ -1,0 +1,42 @@
+"""bench qoe's pieces that run in seconds, and its command line's error path."""
+
+from __future__ import annotations
+
+import numpy as np
+from typer.testing import CliRunner
+
+from relaydiff.bench.qoe import EVAL_SEED, QoEBenchConfig, _bootstrap_ci, _equal_split_ratio, _rollout, decide_ms
+from relaydiff.cli import app
+from relaydiff.sim.qoe_env import QoEEnv
+
+
+def test_rollout_is_paired_over_fixed_rounds() -> None:
+    env = QoEEnv(k_min=4, k_max=6)
+    a = _rollout(lambda o: env.heuristic_action("equal"), env, 3)
+    b = _rollout(lambda o: env.heuristic_action("equal"), QoEEnv(k_min=4, k_max=6), 3)
+    assert a["per_round"]["qoe"] == b["per_round"]["qoe"] and len(a["per_round"]["qoe"]) == 3
+    env.reset(seed=EVAL_SEED)
+    full = _rollout(lambda o: np.ones(env.action_space.shape, np.float32), env, 3)
+    assert all(s == env.steps for _, s in full["pairs"])  # every shared group at s = T
+    assert np.mean(full["per_round"]["unet_evals_saved"]) > 0
+
+
+def test_bootstrap_ci_and_timing_helpers() -> None:
+    lo, hi = _bootstrap_ci(np.array([0.1, 0.2, 0.3, 0.4]), np.random.default_rng(0))
+    assert 0.1 <= lo < 0.25 < hi <= 0.4
+    assert decide_ms(lambda o: o * 2, [np.zeros(3)] * 10) >= 0
+    assert 0.5 < _equal_split_ratio(8) < 1.0
+
+
+def test_bench_qoe_rejects_bad_options() -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "qoe", "--seeds", "1"])
+    assert r.exit_code == 2 and "seeds must be >= 2" in r.output
+    r = runner.invoke(app, ["bench", "qoe", "--scenario", "no-such-scenario"])
+    assert r.exit_code == 2 and "not found" in r.output
+    try:
+        QoEBenchConfig(k_min=5, k_max=3)
+    except ValueError as exc:
+        assert "k_min" in str(exc)
+    else:
+        raise AssertionError("k_min > k_max accepted")
