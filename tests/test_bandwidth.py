@@ -8,6 +8,9 @@ from scipy.optimize import minimize
 
 from relaydiff.system.bandwidth import allocate_bandwidth, inverse_cost_shares, inverse_cost_value
 from relaydiff.system.problem import Decision, evaluate, sample_instance
+from relaydiff.system.scenario import load_scenario
+
+DEFAULT = load_scenario("default")  # resolved once, as the CLI does
 
 
 def _slsqp(c: np.ndarray, budget: float, floor: float) -> float:
@@ -67,7 +70,7 @@ def test_zero_costs_and_bad_input() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_round_bandwidth_is_optimal(seed: int) -> None:
     """In a round, the closed-form shares beat any other feasible shares (random perturbations)."""
-    inst = sample_instance("default", n_users=8, seed=seed)
+    inst = sample_instance(DEFAULT, n_users=8, seed=seed)
     k = np.where(np.arange(8) % 3 == 0, 0, inst.splits[-1])
     best, bd = evaluate(inst, Decision(k))
     assert bd.bandwidth.sum() == pytest.approx(1.0)

@@ -10,14 +10,16 @@ import pytest
 from relaydiff.sched.registry import available_solvers, get_solver, register_solver, solve
 from relaydiff.system.moves import MoveState
 from relaydiff.system.problem import Decision, evaluate, objective_value, sample_instance
-from relaydiff.system.scenario import parse_scenario
+from relaydiff.system.scenario import load_scenario, parse_scenario
+
+DEFAULT = load_scenario("default")  # resolved once, as the CLI does
 
 NAMES = ("all_local", "all_edge", "random", "greedy", "local_search")
 
 
 @pytest.mark.parametrize("seed", range(5))
 def test_move_deltas_are_exact(seed: int) -> None:
-    inst = sample_instance("default", n_users=15, seed=seed)
+    inst = sample_instance(DEFAULT, n_users=15, seed=seed)
     rng = np.random.default_rng(seed)
     st = MoveState(inst, rng.integers(0, len(inst.options), size=15))
     for _ in range(60):
@@ -43,7 +45,7 @@ def test_solutions_are_feasible_and_scored_by_evaluate(name: str) -> None:
 
 
 def test_heuristics_order() -> None:
-    inst = sample_instance("default", n_users=20, seed=11)
+    inst = sample_instance(DEFAULT, n_users=20, seed=11)
     obj = {n: solve(n, inst).objective for n in NAMES}
     assert obj["local_search"] >= obj["greedy"] - 1e-12
     assert obj["greedy"] > obj["all_local"]
@@ -51,12 +53,12 @@ def test_heuristics_order() -> None:
 
 
 def test_random_is_deterministic() -> None:
-    inst = sample_instance("default", n_users=30, seed=1)
+    inst = sample_instance(DEFAULT, n_users=30, seed=1)
     assert np.array_equal(solve("random", inst).decision.k, solve("random", inst).decision.k)
 
 
 def test_all_edge_uses_one_split() -> None:
-    inst = sample_instance("default", n_users=8, seed=2)
+    inst = sample_instance(DEFAULT, n_users=8, seed=2)
     k = solve("all_edge", inst).decision.k
     assert np.all(k == inst.splits[len(inst.splits) // 2])
 

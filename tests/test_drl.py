@@ -10,10 +10,13 @@ import pytest
 from relaydiff.sched.baselines import random_policy
 from relaydiff.sched.drl.policy import DEFAULT_POLICY, NumpyPolicy, PolicyError, load_policy, solve_drl
 from relaydiff.sched.drl.train import policy_from_sb3
-from relaydiff.sched.registry import get_solver
 from relaydiff.sched.exact import solve_exact
+from relaydiff.sched.registry import get_solver
 from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig, SequentialRound, obs_size
 from relaydiff.system.problem import evaluate, sample_instance
+from relaydiff.system.scenario import load_scenario
+
+DEFAULT = load_scenario("default")  # resolved once, as the CLI does
 
 
 def test_shipped_policy_loads_and_is_small():
@@ -28,7 +31,7 @@ def test_shipped_policy_loads_and_is_small():
 def test_policy_beats_random_and_nears_the_optimum():
     ratios, vs_random = [], []
     for seed in range(6):
-        inst = sample_instance("default", n_users=8, seed=100 + seed)
+        inst = sample_instance(DEFAULT, n_users=8, seed=100 + seed)
         sol = solve_drl(inst)
         obj, br = evaluate(inst, sol.decision)
         assert obj == pytest.approx(sol.objective)
@@ -41,7 +44,7 @@ def test_policy_beats_random_and_nears_the_optimum():
 
 
 def test_polish_never_hurts_and_registry_names():
-    inst = sample_instance("default", n_users=40, seed=9)
+    inst = sample_instance(DEFAULT, n_users=40, seed=9)
     plain, polished = get_solver("drl")(inst), get_solver("drl+ls")(inst)
     assert polished.objective >= plain.objective - 1e-12
     assert (plain.decision.k > 0).sum() <= inst.max_batch
@@ -58,8 +61,8 @@ def test_numpy_export_matches_torch_policy(tmp_path):
     for p in model.policy.action_net.parameters():  # make the logits far from uniform
         torch.nn.init.normal_(p, std=1.0)
     pol = policy_from_sb3(model)
-    pol.save(tmp_path / "p")
-    pol = NumpyPolicy.load(tmp_path / "p.json")
+    pol.save_pretrained(tmp_path / "p")
+    pol = NumpyPolicy.from_pretrained(tmp_path / "p.json")
     obs, _ = env.reset(seed=1)
     while True:
         mask = env.action_masks()
@@ -72,13 +75,13 @@ def test_numpy_export_matches_torch_policy(tmp_path):
 
 def test_policy_file_errors(tmp_path):
     with pytest.raises(PolicyError, match="not found"):
-        NumpyPolicy.load(tmp_path / "missing")
+        NumpyPolicy.from_pretrained(tmp_path / "missing")
     pol = load_policy()
-    pol.save(tmp_path / "p")
+    pol.save_pretrained(tmp_path / "p")
     cfg = json.loads((tmp_path / "p.json").read_text())
     (tmp_path / "p.json").write_text(json.dumps({**cfg, "format": "other"}))
     with pytest.raises(PolicyError, match="format"):
-        NumpyPolicy.load(tmp_path / "p")
+        NumpyPolicy.from_pretrained(tmp_path / "p")
     with pytest.raises(PolicyError, match="inputs"):
         NumpyPolicy(pol.weights, pol.biases, n_splits=4)
 
@@ -86,14 +89,14 @@ def test_policy_file_errors(tmp_path):
 def test_policy_rejects_other_split_count():
     from dataclasses import replace
 
-    inst = sample_instance("default", n_users=6, seed=0)
+    inst = sample_instance(DEFAULT, n_users=6, seed=0)
     other = replace(inst, splits=np.array([5, 10, 20]))
     with pytest.raises(PolicyError, match="split points"):
         solve_drl(other)
 
 
 def test_large_round_runs():
-    inst = sample_instance("default", n_users=1000, seed=0)
+    inst = sample_instance(DEFAULT, n_users=1000, seed=0)
     sol = solve_drl(inst)
     assert (sol.decision.k > 0).sum() <= inst.max_batch
     assert sol.info["decisions"] <= inst.n_users

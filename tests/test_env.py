@@ -13,6 +13,9 @@ from relaydiff.sched.baselines import greedy
 from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig, SequentialRound
 from relaydiff.sim.scenario_env import Dynamics, ScenarioEnv
 from relaydiff.system.problem import Decision, evaluate, objective_value, sample_instance
+from relaydiff.system.scenario import load_scenario
+
+DEFAULT = load_scenario("default")  # resolved once, as the CLI does
 
 
 def _play(rnd: SequentialRound, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray, float]]:
@@ -37,7 +40,7 @@ def test_scenario_env_passes_env_checker():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_gains_are_exact_objective_changes(seed):
-    inst = sample_instance("default", n_users=24, seed=seed)
+    inst = sample_instance(DEFAULT, n_users=24, seed=seed)
     rnd = SequentialRound(inst)
     rng = np.random.default_rng(seed)
     base = objective_value(inst, np.zeros(inst.n_users, dtype=np.int64))
@@ -55,7 +58,7 @@ def test_gains_are_exact_objective_changes(seed):
 
 
 def test_masks_are_capacity_and_dominance():
-    inst = sample_instance("default", n_users=40, seed=3)  # more users than the edge holds
+    inst = sample_instance(DEFAULT, n_users=40, seed=3)  # more users than the edge holds
     assert inst.n_users > inst.max_batch
     rnd = SequentialRound(inst)
     rng = np.random.default_rng(0)
@@ -74,7 +77,7 @@ def test_masks_are_capacity_and_dominance():
 
 def test_dominated_options_never_help():
     """A masked (negative-gain) option stays worse than local in every completion (tiny brute force)."""
-    inst = sample_instance("default", n_users=6, seed=11)
+    inst = sample_instance(DEFAULT, n_users=6, seed=11)
     rnd = SequentialRound(inst)
     first = rnd.user
     rnd.step(rnd.greedy_option())
@@ -96,7 +99,7 @@ def test_dominated_options_never_help():
 
 def test_argmax_policy_is_global_greedy():
     for seed in range(3):
-        inst = sample_instance("default", n_users=30, seed=seed)
+        inst = sample_instance(DEFAULT, n_users=30, seed=seed)
         rnd = SequentialRound(inst)
         while not rnd.done:
             rnd.step(rnd.greedy_option())
@@ -189,5 +192,5 @@ def test_few_training_steps_checkpoint_and_resume(tmp_path):
     assert json.loads((tmp_path / "checkpoint" / "checkpoint.json").read_text())["num_timesteps"] == 192
     with pytest.raises(ValueError, match="n_max"):
         train(DRLConfig(**{**longer.__dict__, "n_max": 13, "total_timesteps": 256}), tmp_path, resume=True)
-    pol = NumpyPolicy.load(tmp_path / "best")
+    pol = NumpyPolicy.from_pretrained(tmp_path / "best")
     assert pol.n_splits == 5

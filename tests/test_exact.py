@@ -9,7 +9,9 @@ import pytest
 
 from relaydiff.sched.exact import ExactConfig, solve_exact
 from relaydiff.system.problem import objective_value, sample_instance
-from relaydiff.system.scenario import parse_scenario
+from relaydiff.system.scenario import load_scenario, parse_scenario
+
+DEFAULT = load_scenario("default")  # resolved once, as the CLI does
 
 
 def _brute(inst) -> float:
@@ -53,7 +55,7 @@ def test_matches_brute_force_when_bandwidth_dominates(seed: int) -> None:
 
 
 def test_reports_time_limit() -> None:
-    inst = sample_instance("default", n_users=12, seed=0)
+    inst = sample_instance(DEFAULT, n_users=12, seed=0)
     sol = solve_exact(inst, ExactConfig(time_limit_s=1e-6))
     assert sol.status == "time_limit"
     assert np.isfinite(sol.objective)  # falls back to a feasible decision
@@ -62,7 +64,7 @@ def test_reports_time_limit() -> None:
 def test_larger_round_beats_heuristics() -> None:
     from relaydiff.sched.registry import solve
 
-    inst = sample_instance("default", n_users=10, seed=7)
+    inst = sample_instance(DEFAULT, n_users=10, seed=7)
     ex = solve_exact(inst)
     assert ex.status == "optimal"
     for name in ("all_local", "all_edge", "random", "greedy", "local_search"):

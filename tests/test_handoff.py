@@ -339,7 +339,7 @@ def test_plan_must_cover_the_steps():
 def test_step_out_of_range():
     expect_error(r"step 8 is out of range: a handoff needs 0 <= step < steps \(8\)", with_header(step=8))
     expect_error("step -1 is out of range", with_header(step=-1))
-    with pytest.raises(HandoffError, match="request\\['steps'\\] must be in 1..100000, got 0"):
+    with pytest.raises(HandoffError, match="request\\['steps'\\] must be in 1..1000, got 0"):
         validate_handoff(Handoff(**{**vars(H), "request": {**H.request, "steps": 0}}))
 
 

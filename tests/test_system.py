@@ -21,6 +21,8 @@ from relaydiff.system.profiles import ProfileError, available_profiles, load_pro
 from relaydiff.system.quality import QualityModel, QualityTableError, load_quality
 from relaydiff.system.scenario import ScenarioError, available_scenarios, load_scenario, parse_scenario
 
+DEFAULT = load_scenario("default")  # resolved once, as the CLI does
+
 
 # ---- scenarios ---------------------------------------------------------------------------------
 def test_shipped_scenarios_load() -> None:
@@ -74,9 +76,9 @@ def test_unknown_profile_in_scenario() -> None:
 
 # ---- sampling and evaluate ----------------------------------------------------------------------
 def test_sampling_is_deterministic() -> None:
-    a = sample_instance("default", n_users=20, seed=4)
-    b = sample_instance("default", n_users=20, seed=4)
-    c = sample_instance("default", n_users=20, seed=5)
+    a = sample_instance(DEFAULT, n_users=20, seed=4)
+    b = sample_instance(DEFAULT, n_users=20, seed=4)
+    c = sample_instance(DEFAULT, n_users=20, seed=5)
     assert a.to_dict() == b.to_dict()
     assert a.to_dict() != c.to_dict()
 
@@ -107,7 +109,7 @@ def _reference_evaluate(inst: RoundInstance, k: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_evaluate_matches_reference(seed: int) -> None:
-    inst = sample_instance("default", n_users=9, seed=seed)
+    inst = sample_instance(DEFAULT, n_users=9, seed=seed)
     k = np.random.default_rng(seed).choice(inst.options, size=9)
     obj, bd = evaluate(inst, Decision(k))
     ref = _reference_evaluate(inst, k)
@@ -119,7 +121,7 @@ def test_evaluate_matches_reference(seed: int) -> None:
 
 
 def test_all_local_reference_values() -> None:
-    inst = sample_instance("default", n_users=6, seed=1)
+    inst = sample_instance(DEFAULT, n_users=6, seed=1)
     obj, bd = evaluate(inst, np.zeros(6, dtype=int))
     assert bd.latency_s == pytest.approx(inst.ref_latency_s)
     assert bd.energy_j == pytest.approx(inst.ref_energy_j)
@@ -142,7 +144,7 @@ def test_infeasible_decisions_are_rejected() -> None:
 
 
 def test_instance_validation_and_json_roundtrip(tmp_path: Path) -> None:
-    inst = sample_instance("default", n_users=5, seed=2)
+    inst = sample_instance(DEFAULT, n_users=5, seed=2)
     inst.save(tmp_path / "r.json")
     back = RoundInstance.load(tmp_path / "r.json")
     k = np.array([0, 4, 8, 20, 12])
@@ -159,7 +161,7 @@ def test_instance_validation_and_json_roundtrip(tmp_path: Path) -> None:
 
 def test_batch_interaction_grows_with_batch() -> None:
     """Adding co-batched users slows an admitted user's edge phase (the quadratic term)."""
-    inst = sample_instance("default", n_users=6, seed=3)
+    inst = sample_instance(DEFAULT, n_users=6, seed=3)
     alone = evaluate(inst, np.array([8, 0, 0, 0, 0, 0]))[1].edge_s[0]
     shared = evaluate(inst, np.array([8, 20, 20, 4, 0, 0]))[1].edge_s[0]
     expect = (inst.edge_alpha_s * 8 + inst.edge_beta_s * (8 + 8 + 8 + 4)) / inst.capacity
@@ -252,7 +254,7 @@ def test_quality_table_from_bench_json(tmp_path: Path) -> None:
     path.write_text("{}")
     with pytest.raises(QualityTableError, match="relay"):
         load_quality(path)
-    with pytest.raises(QualityTableError, match="does not exist"):
+    with pytest.raises(QualityTableError, match="not found"):
         load_quality(tmp_path / "none.json")
 
 

@@ -14,45 +14,19 @@ Objectives are sums of user utilities, positive by construction (:mod:`relaydiff
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
 
+from relaydiff.engine.profile import hardware_info
 from relaydiff.sched.registry import get_solver
 from relaydiff.system.problem import sample_instance
 from relaydiff.system.scenario import Scenario
 
 OPT_SOLVERS = ("exact", "drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
 SCALE_SOLVERS = ("drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
-
-
-def hardware() -> dict[str, Any]:
-    """What the timings were taken on (this machine is shared: the load average is recorded)."""
-    import scipy
-
-    cpu = platform.processor() or ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = "none"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
-            "numpy": np.__version__, "scipy": scipy.__version__,
-            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
 def _stats(values: list[float]) -> tuple[float, float]:
@@ -134,7 +108,7 @@ def run(
 
     out: dict[str, Any] = {"scenario": sc.name, "seed": seed, "optimality": optimality, "scaling": scaling}
     out["targets"] = _targets(optimality, scaling)
-    out["hardware"] = hardware()
+    out["hardware"] = hardware_info()
     out["wall_s"] = time.perf_counter() - t_start
     out["notes"] = ("ratio = objective / exact optimum (best objective found where the MILP was not proven optimal); "
                     "ms = decision wall time per round, median; drl = MaskablePPO policy in numpy + closed-form bandwidth; "

@@ -91,6 +91,7 @@ def generate_cmd(
     try:
         fam = load_family(family)
         pl = parsed or Plan.single(next(iter(fam.members)), steps)
+        _warn_if_truncated(fam, [prompt, negative_prompt])
         (res,) = generate(fam, [req], [pl], stop_at=stop_at)
         if res.handoff is not None:
             size = write_handoff(handoff_out, res.handoff, dtype=handoff_dtype, compress=compress)
@@ -103,6 +104,16 @@ def generate_cmd(
         fail(str(exc))
 
 
+def _warn_if_truncated(family, prompts: list[str]) -> None:
+    """Say so when a prompt is longer than the text encoder reads (the rest would be cut silently)."""
+    window = family.text_encoder.max_length
+    for text in prompts:
+        n = family.text_encoder.token_count(text) if text else 0
+        if n > window:
+            console.print(f"[yellow]warning:[/] a prompt has {n} tokens; the text encoder reads the first {window}, "
+                          "the rest is ignored")
+
+
 def resume_cmd(
     handoff: Path = typer.Argument(..., help="A handoff file written by `generate --stop-at`."),
     out: Path = typer.Option(..., help="Write the finished image here; the suffix picks the format (.png lossless, .jpg ...)."),
@@ -112,14 +123,13 @@ def resume_cmd(
     """Finish a chain from a handoff, in this process."""
     check_image_path(out)
 
-    from relaydiff.engine.family import FamilyError, load_family
+    from relaydiff.engine.family import FamilyError
     from relaydiff.engine.handoff import HandoffError, read_handoff
     from relaydiff.engine.runner import resume
 
     try:
         h = read_handoff(handoff)
-        name = family or h.family_id
-        fam = load_family(name, seed=_tiny_seed(h.family_version) if name == "tiny" else 0)
+        fam = _family_for_handoff(h.family_id, h.family_version, family)
         res = resume(fam, h)
         fmt = write_image(res.image, out)
         console.print(f"resumed at step {h.step} -> {out} ({fmt})  unet_evals={res.accounting['unet_evals']}")
@@ -127,8 +137,23 @@ def resume_cmd(
         fail(str(exc))
 
 
-def _tiny_seed(version: str) -> int:
-    return int(version[4:]) if version.startswith("seed") and version[4:].isdigit() else 0
+def _family_for_handoff(family_id: str, version: str, given: str | None):
+    """The family a handoff continues on: ``given`` (--family), else the one it names.
+
+    A handoff names its family by id and version (a directory family: the folder's name and a
+    fingerprint of its members' configs), never by a path, so a directory family is found only
+    where a folder of that name is at hand; otherwise the message says to pass --family.
+    """
+    from pathlib import Path
+
+    from relaydiff.engine.family import FamilyError, load_family
+
+    name = given or family_id
+    if name not in ("tiny", "reference") and not Path(name).is_dir():
+        raise FamilyError(f"the handoff was made with the directory family {family_id!r} (version {version}), "
+                          f"which is not in this folder: pass --family DIR")
+    seed = int(version[4:]) if name == "tiny" and version.startswith("seed") and version[4:].isdigit() else 0
+    return load_family(name, seed=seed)
 
 
 def profile_cmd(

@@ -17,7 +17,7 @@ console = Console(stderr=True)
 
 def fail(message: str) -> NoReturn:
     """End the command with one line, ``error: message``, and exit status 2."""
-    console.print(f"[bold red]error:[/] {escape(str(message))}")
+    console.print(f"[bold red]error:[/] {escape(str(message))}", soft_wrap=True)
     raise typer.Exit(2)
 
 

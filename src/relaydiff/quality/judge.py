@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from relaydiff.models.world import BACKGROUNDS, COLORS, SHAPES, SIZES, STYLES, Obj, Scene, World
+from relaydiff.shipped import read_json
 
 NONE = "none"  # background/style class of images that are not world images
 JUDGE_DIR = Path(__file__).resolve().parent.parent / "assets" / "judge"
@@ -217,7 +218,7 @@ class Judge(nn.Module):
         cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not cfg_path.is_file() or not weights.is_file():
             raise FileNotFoundError(f"no judge in {directory} (need {CONFIG_NAME} and {WEIGHTS_NAME})")
-        meta = json.loads(cfg_path.read_text())
+        meta = read_json(cfg_path, "judge config", ValueError)
         digest = hashlib.sha256(weights.read_bytes()).hexdigest()
         if meta.get("sha256") not in (None, digest):
             raise ValueError(f"judge weights in {directory} do not match the sha256 in {CONFIG_NAME}")

@@ -421,7 +421,7 @@ def _device_numbers(profile: Profile, member: str) -> tuple[float, float, float,
 
 
 def sample_instance(
-    scenario: Scenario | str | Path,
+    scenario: Scenario,
     n_users: int | None = None,
     seed: int | np.random.Generator = 0,
     capacity: float | None = None,
@@ -431,10 +431,11 @@ def sample_instance(
 
     Users get a device class (the scenario's mix), a distance (uniform in area), Rayleigh fading
     on both links, preference weights (Dirichlet), personalization and prompt complexity; the edge
-    gets a compute share c (uniform on ``edge.capacity`` unless ``capacity`` is given).
+    gets a compute share c (uniform on ``edge.capacity`` unless ``capacity`` is given). The
+    scenario is resolved once by the caller (:func:`relaydiff.system.scenario.load_scenario`).
     """
     if not isinstance(scenario, Scenario):
-        scenario = load_scenario(scenario)
+        raise TypeError(f"sample_instance takes a Scenario (load_scenario(name) first), got {type(scenario).__name__}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     n = scenario.n_users if n_users is None else int(n_users)
     if n < 1:

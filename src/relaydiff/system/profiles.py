@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from relaydiff.shipped import read_json, resolve, shipped_names
+
 PROFILE_FORMAT = "relaydiff.profile/1"
 PROFILES_DIR = Path(__file__).parent / "profiles"
 
@@ -178,7 +180,7 @@ def parse_profile(data: Any, where: str = "<profile>") -> Profile:
 
 def available_profiles() -> list[str]:
     """Names of the shipped default profiles."""
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+    return shipped_names(PROFILES_DIR, ".json")
 
 
 _CACHE: dict[tuple[str, int], Profile] = {}
@@ -189,18 +191,10 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
     Parsed profiles are cached per file and modification time; treat them as read-only.
     """
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = PROFILES_DIR / f"{name_or_path}.json"
-    if not path.is_file():
-        raise ProfileError(f"profile {name_or_path!s} not found (shipped: {', '.join(available_profiles())})")
+    path = resolve(name_or_path, PROFILES_DIR, ".json", "profile", ProfileError)
     key = (str(path), path.stat().st_mtime_ns)
     if key not in _CACHE:  # sampling a round reads several profiles: parse each file once
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{path}: not valid JSON ({exc})") from exc
-        _CACHE[key] = parse_profile(data, str(path))
+        _CACHE[key] = parse_profile(read_json(path, "profile", ProfileError), str(path))
     return _CACHE[key]
 
 

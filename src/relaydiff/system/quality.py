@@ -22,12 +22,13 @@ handoff step k) replaces them: by default the reference family's table when it i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from relaydiff.shipped import read_json
 
 
 class QualityTableError(ValueError):
@@ -161,12 +162,7 @@ def load_quality(path: str | Path | None = "auto", **overrides: Any) -> QualityM
     if path is None or path == "fitted":
         return QualityModel(**overrides)
     path = Path(path)
-    if not path.is_file():
-        raise QualityTableError(f"quality table {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QualityTableError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path, "quality table", QualityTableError)
     if not isinstance(data, dict) or "relay" not in data:
         raise QualityTableError(f"{path}: expected a JSON object with a 'relay' entry (relaydiff bench quality --json)")
     cfg = data.get("config")

@@ -7,12 +7,13 @@ unknown or bad fields raise :class:`ScenarioError` naming the field. Units are i
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from relaydiff.shipped import read_json, resolve, shipped_names
 
 SCENARIOS_DIR = Path(__file__).parent / "scenarios"
 
@@ -160,19 +161,18 @@ def parse_scenario(data: Any, where: str = "<scenario>") -> Scenario:
 
 def available_scenarios() -> list[str]:
     """Names of the shipped scenarios."""
-    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.yaml"))
+    return shipped_names(SCENARIOS_DIR, ".yaml")
 
 
-def load_scenario(name_or_path: str | Path) -> Scenario:
-    """A shipped scenario by name, or a YAML/JSON file by path."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = SCENARIOS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ScenarioError(f"scenario {name_or_path!s} not found (shipped: {', '.join(available_scenarios())})")
-    text = path.read_text()
+def load_scenario(name_or_path: str | Path | Scenario) -> Scenario:
+    """A shipped scenario by name, or a YAML/JSON file by path (a :class:`Scenario` is returned as is)."""
+    if isinstance(name_or_path, Scenario):
+        return name_or_path
+    path = resolve(name_or_path, SCENARIOS_DIR, ".yaml", "scenario", ScenarioError)
+    if path.suffix == ".json":
+        return parse_scenario(read_json(path, "scenario", ScenarioError), str(path))
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ScenarioError(f"invalid scenario {path}: cannot parse ({exc})") from None
     return parse_scenario(data, str(path))

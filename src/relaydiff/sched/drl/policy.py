@@ -23,6 +23,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
 from relaydiff.sched.baselines import local_search_options
+from relaydiff.shipped import read_json
 from relaydiff.sim.round_env import SequentialRound, obs_size
 from relaydiff.system.bandwidth import allocate_bandwidth
 from relaydiff.system.problem import Decision, RoundInstance, Solution, evaluate
@@ -66,8 +67,8 @@ class NumpyPolicy:
         z = self.logits(obs)
         return int(np.argmax(np.where(mask, z, -np.inf)))
 
-    def save(self, path: str | Path) -> None:
-        """Write ``path.safetensors`` (fp32) and ``path.json``."""
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``path.safetensors`` (fp32) and ``path.json`` (what :meth:`from_pretrained` reads)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -80,17 +81,14 @@ class NumpyPolicy:
         path.with_suffix(".json").write_text(json.dumps(cfg, indent=2))
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_POLICY) -> "NumpyPolicy":
+    def from_pretrained(cls, path: str | Path = DEFAULT_POLICY) -> "NumpyPolicy":
         path = Path(path)
         if path.suffix in (".json", ".safetensors"):
             path = path.with_suffix("")
         jpath, tpath = path.with_suffix(".json"), path.with_suffix(".safetensors")
         if not jpath.is_file() or not tpath.is_file():
             raise PolicyError(f"policy {path} not found: need {jpath.name} and {tpath.name}")
-        try:
-            cfg = json.loads(jpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise PolicyError(f"policy config {jpath} is not valid JSON ({exc})") from None
+        cfg = read_json(jpath, "policy config", PolicyError)
         if cfg.get("format") != POLICY_FORMAT:
             raise PolicyError(f"policy config {jpath}: format {cfg.get('format')!r}, expected {POLICY_FORMAT!r}")
         if cfg.get("activation") != "tanh":
@@ -113,7 +111,7 @@ def load_policy(path: str | Path | None = None) -> NumpyPolicy:
     """The shipped policy (cached), or one from ``path``."""
     key = str(Path(path) if path is not None else DEFAULT_POLICY)
     if key not in _CACHE:
-        _CACHE[key] = NumpyPolicy.load(key)
+        _CACHE[key] = NumpyPolicy.from_pretrained(key)
     return _CACHE[key]
 
 

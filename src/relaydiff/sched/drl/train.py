@@ -245,7 +245,7 @@ def train(
         history.append(rec)
         best_score = rec["vs_greedy_mean"]
         policy.meta = {"trained_timesteps": 0, "config": asdict(cfg), "validation": rec}
-        policy.save(out / "best")
+        policy.save_pretrained(out / "best")
         if on_progress is not None:
             on_progress(0, cfg.total_timesteps, rec)
     venv.seed(cfg.seed + model.num_timesteps)  # a resumed run draws fresh, still seeded, rounds
@@ -268,7 +268,7 @@ def train(
         if score["vs_greedy_mean"] > best_score:
             best_score = score["vs_greedy_mean"]
             policy.meta = {"trained_timesteps": int(model.num_timesteps), "config": asdict(cfg), "validation": score}
-            policy.save(out / "best")
+            policy.save_pretrained(out / "best")
         _save_checkpoint(model, cfg, ckpt, {"history": history, "best_score": best_score})
         (out / "history.json").write_text(json.dumps(history, indent=2))
         if on_progress is not None:
