@@ -15,7 +15,8 @@ What it measures (one JSON object; plots in ``out``):
   steps forced to 0, on the same rounds: edge U-Net evaluations saved, relative QoE loss (negative:
   sharing raised QoE) and energy saved (edge + devices).
 
-Every training run is seeded; evaluation rounds are the same for every algorithm.
+Every training run is seeded; evaluation rounds are the same for every algorithm. The trained
+DDPG and G-DDPG actors are saved under ``out/policies/`` (safetensors + JSON, ``load_policy``).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
             policy.reseed(EVAL_SEED)
             out["eval_no_sharing"] = _rollout(policy.decide, env_off, cfg.eval_rounds)
         out["decide_ms"] = decide_ms(policy.decide, obs_pool)
+        out["policy"] = str(policy.save(Path(cfg.out) / "policies" / f"{name}_seed{seed}"))
         return {"name": name, "seed": seed, **out}
     # Stable-Baselines3 references: default hyperparameters, the same step budget
     import stable_baselines3 as sb3
@@ -219,6 +221,7 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
         "sharing_saves>=0.30_at_qoe_loss<=0.01": report["sharing"]["unet_evals_saved"] >= 0.30 and report["sharing"]["qoe_loss"] <= 0.01,
         "gddpg_decide_ms<2": algorithms["gddpg"]["decide_ms"] < 2.0,
     }
+    report["policies"] = sorted(by[(n, s)]["policy"] for n in ("gddpg", "ddpg") for s in seeds)
     report["plots"] = _plots(cfg, by, seeds)
     report["wall_s"] = time.perf_counter() - t0
     return report
