@@ -297,3 +297,43 @@ def test_client_errors_are_one_line(tiny):
     with DeviceClient(server.url, ALICE, tiny, timeout_s=0.3) as device:  # the server is gone
         with pytest.raises(ServiceError, match="cannot reach the server"):
             device.submit("a red circle")
+
+
+def test_reference_family_relay_over_loopback():
+    """The shipped reference family, one relay job through the server and a device client."""
+    from relaydiff.engine.family import load_family, reference_dir
+
+    if not (reference_dir() / "family.json").is_file():
+        pytest.skip("the reference family is not shipped in this installation")
+    family = load_family("reference")
+    steps = 6
+    app = create_app(family, settings(default_steps=steps), TOKENS)
+    with LoopbackServer(app) as server, DeviceClient(server.url, ALICE, family, timeout_s=60) as device:
+        out = device.run("a red circle left of a blue square", seed=11, adapter="dark")
+    assert out.finished_by == "device" and out.job["kind"] == "relay"
+    k = out.job["handoff_step"]
+    assert 0 < k < steps and out.job["plan_text"] == f"large@edge:0-{k},small+dark@device:{k}-{steps}"
+    ref = generate(family, [Request("a red circle left of a blue square", steps=steps, seed=11)],
+                   [Plan.from_list(out.job["plan"])])[0].image
+    assert np.array_equal(out.image, ref)
+
+
+def test_round_decider_plans_every_job():
+    """One solver call per step count; every split maps to a plan that covers the job's steps."""
+    from relaydiff.engine.plan import validate_plan
+    from relaydiff.serve.rounds import RoundDecider, RoundJob, plan_for
+
+    assert str(plan_for(0, 8, "large", "small", "a").plan) == "small+a@device:0-8"
+    assert str(plan_for(3, 8, "large", "small", None).plan) == "large@edge:0-3,small@device:3-8"
+    assert str(plan_for(8, 8, "large", "small", "a").plan) == "large@edge:0-8"
+    decider = RoundDecider("greedy", "large", "small")
+    jobs = [RoundJob(steps, "a red circle left of a blue square", (0.4, 0.4, 0.2), cls, adapter)
+            for steps in (8, 20) for cls, adapter in (("phone-low", None), ("laptop", "a"), ("phone-mid", None))]
+    decided = decider.decide(jobs, round_id=3)
+    assert len(decided) == len(jobs)
+    for job, d in zip(jobs, decided):
+        validate_plan(d.plan, job.steps)
+        assert d.k in (0, *decider.splits(job.steps).tolist())
+    assert decider.decide(jobs, round_id=3) == decided  # deterministic by round id
+    with pytest.raises(ValueError, match="unknown device class 'toaster'"):
+        decider.check_device_class("toaster")

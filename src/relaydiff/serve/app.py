@@ -10,6 +10,7 @@ with Retry-After.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from contextlib import asynccontextmanager
@@ -23,17 +24,18 @@ from relaydiff.engine.plan import Plan
 from relaydiff.serve.auth import RateLimiter, TokenTable
 from relaydiff.serve.edge import EdgeService, EdgeSettings, JobConflict
 from relaydiff.serve.metrics import ServiceMetrics
-from relaydiff.serve.models import CompletionReport, ErrorBody, JobRequest, JobView, plan_model
+from relaydiff.serve.models import CompletionReport, ErrorBody, JobRequest, JobView
 from relaydiff.serve.store import JobRecord
 
 HANDOFF_MEDIA_TYPE = "application/x-relaydiff-handoff"
+log = logging.getLogger("relaydiff.serve")
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 409, 413, 429, 503)}
 
 
 def job_view(rec: JobRecord) -> JobView:
     plan = Plan.from_list(rec.plan)
-    return JobView(job_id=rec.id, state=rec.state, plan=plan_model(plan), plan_text=str(plan),
+    return JobView(job_id=rec.id, state=rec.state, plan=list(plan.segments), plan_text=str(plan),
                    handoff_step=rec.handoff_step, kind=rec.kind, request=rec.request, round_id=rec.round_id,
                    fallback=rec.fallback, error=rec.error, latency_ms=rec.latency_ms, quality=rec.quality,
                    created_s=rec.created, updated_s=rec.updated)
@@ -185,6 +187,9 @@ def create_app(family: Family, settings: EdgeSettings | None = None, tokens: Tok
             rec = await batcher.submit(client, job, settings.decide_timeout_s)
         except asyncio.TimeoutError:
             return _limit_response(503, "the scheduler did not decide this job's round in time; retry", 1.0)
+        except Exception as exc:  # the round failed as a whole (solver, store): say so, the client may retry
+            log.exception("round failed")
+            return _limit_response(503, f"this job's round could not be decided ({type(exc).__name__}: {exc})", 1.0)
         return job_view(rec)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView, responses=_ERRORS)

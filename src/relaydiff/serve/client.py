@@ -60,6 +60,16 @@ def _retry_after(resp: httpx.Response | None, default: float = 0.2) -> float:
         return default
 
 
+def _settled(resp: httpx.Response, method: str, path: str, retry_409: bool) -> bool:
+    """True on success; False when the request is worth retrying (429, 503, a 409 "not ready yet" with
+    Retry-After); raises ServiceError with the server's reason otherwise."""
+    if resp.status_code < 400:
+        return True
+    if resp.status_code in RETRY_STATUS or (retry_409 and resp.status_code == 409 and "retry-after" in resp.headers):
+        return False
+    raise ServiceError(f"{method} {path}: {resp.status_code} {_detail(resp)}", resp.status_code)
+
+
 def job_payload(prompt: str, seed: int, steps: int | None, adapter: str | None, device_class: str,
                 preferences: dict[str, float] | None, idempotency_key: str | None) -> dict[str, Any]:
     body: dict[str, Any] = {"prompt": prompt, "seed": seed, "device_class": device_class}
@@ -116,12 +126,8 @@ class DeviceClient:
             resp = None
             try:
                 resp = self.http.request(method, path, **kw)
-                if resp.status_code < 400:
+                if _settled(resp, method, path, retry_409):
                     return resp
-                retry = resp.status_code in RETRY_STATUS or (retry_409 and resp.status_code == 409
-                                                             and "retry-after" in resp.headers)
-                if not retry:
-                    raise ServiceError(f"{method} {path}: {resp.status_code} {_detail(resp)}", resp.status_code)
             except httpx.TransportError as exc:
                 if time.monotonic() >= deadline:
                     raise ServiceError(f"{method} {path}: cannot reach the server ({exc})") from None
@@ -195,12 +201,8 @@ class AsyncDeviceClient:
             resp = None
             try:
                 resp = await self.http.request(method, path, headers=self.headers, **kw)
-                if resp.status_code < 400:
+                if _settled(resp, method, path, retry_409):
                     return resp
-                retry = resp.status_code in RETRY_STATUS or (retry_409 and resp.status_code == 409
-                                                             and "retry-after" in resp.headers)
-                if not retry:
-                    raise ServiceError(f"{method} {path}: {resp.status_code} {_detail(resp)}", resp.status_code)
             except httpx.TransportError:
                 pass
             if time.monotonic() >= deadline:

@@ -1,10 +1,10 @@
 """The service's HTTP schema: pydantic models over the engine's Request and Plan.
 
 The request fields are the engine's :class:`~relaydiff.engine.plan.Request` fields (plus what the
-scheduler needs: preferences, device class, style adapter) and a plan is the engine's list of
-segments, so a job converts to the engine's objects in one call each way (:meth:`JobRequest.
-engine_request`, :func:`plan_model`, :meth:`SegmentModel.engine`). Limits live here so that the
-OpenAPI schema states them and FastAPI answers 422 with the field that broke them.
+scheduler needs: preferences, device class, style adapter; :meth:`JobRequest.engine_request`
+converts) and a plan is a list of the engine's own :class:`~relaydiff.engine.plan.Segment`.
+Limits live here so that the OpenAPI schema states them and FastAPI answers 422 with the field
+that broke them.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from relaydiff.engine.plan import Plan, Request, Segment
+from relaydiff.engine.plan import Request, Segment
 from relaydiff.engine.samplers import SAMPLERS
 
 MAX_PROMPT_CHARS = 400
@@ -67,34 +67,12 @@ class JobRequest(_Strict):
                        sampler=self.sampler)
 
 
-class SegmentModel(_Strict):
-    """One engine :class:`~relaydiff.engine.plan.Segment`: ``member`` runs steps ``start..end`` on ``node``."""
-
-    member: str
-    start: int
-    end: int
-    adapter: str | None = None
-    node: str = "local"
-    guidance: float | None = None
-
-    def engine(self) -> Segment:
-        return Segment(self.member, self.start, self.end, self.adapter, self.node, self.guidance)
-
-
-def plan_model(plan: Plan) -> list[SegmentModel]:
-    return [SegmentModel(**s.to_dict()) for s in plan.segments]
-
-
-def engine_plan(segments: list[SegmentModel]) -> Plan:
-    return Plan(tuple(s.engine() for s in segments))
-
-
 class JobView(_Strict):
     """A job as its owner sees it."""
 
     job_id: str
     state: JobState
-    plan: list[SegmentModel]
+    plan: list[Segment] = Field(description="the engine's plan segments, contiguous over 0..steps")
     plan_text: str
     handoff_step: int = Field(description="steps the edge runs before the device takes over (0: device only)")
     kind: Literal["edge_only", "relay", "device_only"]
