@@ -168,12 +168,12 @@ def test_extending_a_constant_lr_stage_is_allowed(tiny_run, tmp_path):
 
 
 def test_decay_phase_keeps_the_constant_part_and_ends_near_zero():
-    from relaydiff.models.reference import _lr_at
+    from relaydiff.models.reference import lr_at
 
     const = TrainSpec(steps=100, batch_size=1, lr=1.0, warmup=10)
     wsd = TrainSpec(steps=140, batch_size=1, lr=1.0, warmup=10, decay_steps=40)
-    assert [_lr_at(s, wsd) for s in range(100)] == [_lr_at(s, const) for s in range(100)]
-    lrs = [_lr_at(s, wsd) for s in range(100, 140)]
+    assert [lr_at(s, wsd) for s in range(100)] == [lr_at(s, const) for s in range(100)]
+    lrs = [lr_at(s, wsd) for s in range(100, 140)]
     assert lrs[0] == 1.0 and all(a > b for a, b in zip(lrs, lrs[1:])) and lrs[-1] == pytest.approx(1 / 40)
     with pytest.raises(TrainingError, match="decay_steps"):
         TrainSpec(steps=10, batch_size=1, lr=1.0, decay_steps=11)
@@ -204,9 +204,9 @@ class Const(torch.nn.Module):
 
 def test_distillation_target_mixes_noise_and_teacher():
     """distill=1 regresses on the teacher's prediction, distill=0 on the noise, 0.5 halfway."""
-    from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
+    from relaydiff.models.reference import ddpm_alphas_cumprod, denoising_loss, scheduler_config
 
-    acp = _alphas_cumprod(scheduler_config())
+    acp = ddpm_alphas_cumprod(scheduler_config())
     z, ctx = torch.zeros(64, 4, 8, 8), torch.zeros(64, 3, 16)
     student, teacher = Const(0.7), Const(0.7)
 
@@ -220,14 +220,14 @@ def test_distillation_target_mixes_noise_and_teacher():
 
 def test_guidance_distillation_targets_the_teachers_guided_prediction():
     """The target is u + g (c - u): the teacher's CFG output, its unconditional one for dropped rows."""
-    from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
+    from relaydiff.models.reference import ddpm_alphas_cumprod, denoising_loss, scheduler_config
 
     class ByContext(torch.nn.Module):  # predicts 1 on the unconditional context (zeros), 2 otherwise
         def forward(self, x, t, ctx):
             v = torch.where(ctx.abs().sum(dim=(1, 2)) > 0, 2.0, 1.0).view(-1, 1, 1, 1)
             return type("Out", (), {"sample": v.expand_as(x).clone()})()
 
-    acp = _alphas_cumprod(scheduler_config())
+    acp = ddpm_alphas_cumprod(scheduler_config())
     z, uncond = torch.zeros(32, 4, 8, 8), torch.zeros(3, 16)
     cond = torch.ones(32, 3, 16)
 
@@ -249,7 +249,7 @@ def test_style_adapters_on_a_guidance_distilled_member_keep_its_guidance():
     from peft import LoraConfig
 
     from relaydiff.engine.family import tiny_unet_config
-    from relaydiff.models.reference import _base_guidance_shift
+    from relaydiff.models.reference import base_guidance_shift
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**tiny_unet_config(8, 16)).eval()
@@ -261,24 +261,24 @@ def test_style_adapters_on_a_guidance_distilled_member_keep_its_guidance():
                      adapter_name="style")
     with torch.no_grad():
         adapted = unet(x, t, ctx).sample
-        shift = _base_guidance_shift(unet, uncond, 4.0)(x, t, ctx)
+        shift = base_guidance_shift(unet, uncond, 4.0)(x, t, ctx)
         assert torch.allclose(shift, 0.75 * (base_c - base_u), atol=1e-5)
         assert torch.equal(unet(x, t, ctx).sample, adapted)  # the adapter is active again
-        assert float(_base_guidance_shift(unet, uncond, 4.0)(x, t, uncond.expand_as(ctx)).abs().max()) == 0.0
+        assert float(base_guidance_shift(unet, uncond, 4.0)(x, t, uncond.expand_as(ctx)).abs().max()) == 0.0
         # the adapted member's own direction: the adapter stays on, and it is not the base's
-        own = _base_guidance_shift(unet, uncond, 4.0, "adapter")(x, t, ctx)
+        own = base_guidance_shift(unet, uncond, 4.0, "adapter")(x, t, ctx)
         adapted_u = unet(x, t, uncond.expand_as(ctx)).sample
         assert torch.allclose(own, 0.75 * (adapted - adapted_u), atol=1e-5)
         assert not torch.allclose(own, shift, atol=1e-3)
         assert torch.equal(unet(x, t, ctx).sample, adapted)
     with pytest.raises(TrainingError, match="direction"):
-        _base_guidance_shift(unet, uncond, 4.0, "teacher")
+        base_guidance_shift(unet, uncond, 4.0, "teacher")
     with pytest.raises(TrainingError, match="style_guidance_direction"):
         tiny_config(style_guidance_direction="teacher")
 
 
 def test_late_share_draws_late_timesteps():
-    from relaydiff.models.reference import _alphas_cumprod, denoising_loss, scheduler_config
+    from relaydiff.models.reference import ddpm_alphas_cumprod, denoising_loss, scheduler_config
 
     seen = []
 
@@ -287,7 +287,7 @@ def test_late_share_draws_late_timesteps():
             seen.append(t.clone())
             return type("Out", (), {"sample": torch.zeros_like(x)})()
 
-    acp = _alphas_cumprod(scheduler_config())
+    acp = ddpm_alphas_cumprod(scheduler_config())
     z, ctx = torch.zeros(256, 4, 8, 8), torch.zeros(256, 3, 16)
     denoising_loss(Spy(), z, ctx, acp, torch.Generator().manual_seed(0), 5.0, late_share=1.0, late_t=50)
     denoising_loss(Spy(), z, ctx, acp, torch.Generator().manual_seed(0), 5.0, late_share=0.5, late_t=50)
@@ -480,13 +480,13 @@ def test_large_continue_trains_the_trained_large_member_again(tiny_run, tmp_path
 
 
 def test_object_count_weights_steer_the_batches():
-    from relaydiff.models.reference import _row_weights, training_set
+    from relaydiff.models.reference import row_weights, training_set
 
     cfg = tiny_config()
-    assert _row_weights(cfg, cfg.large_train, 48) is None  # uniform: the draws of runs made before the field
+    assert row_weights(cfg, cfg.large_train, 48) is None  # uniform: the draws of runs made before the field
     spec = TrainSpec(steps=4, batch_size=4, lr=1e-3, object_count_weights=[0, 1, 3])
     assert spec.object_count_weights == (0.0, 1.0, 3.0)
-    p = _row_weights(cfg, spec, 40).numpy()
+    p = row_weights(cfg, spec, 40).numpy()
     counts = np.array([len(s.objects) for s in training_set(cfg).scenes[:40]])
     assert len(p) == 40 and p.sum() == pytest.approx(1.0) and (p[counts == 1] == 0).all()
     assert p[counts == 3][0] == pytest.approx(3 * p[counts == 2][0])

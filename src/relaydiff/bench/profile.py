@@ -12,13 +12,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
+from relaydiff.engine.profile import hardware, measure_step_latency
 from relaydiff.system.profiles import MemberLatency, Profile
 
 
 def measure_decode_s(family: Any, repeats: int = 3) -> float:
     """Median seconds to decode one latent with the family's VAE."""
-    import torch
-
     c, h, w = family.latent_shape
     z = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0))
     family.decode(z)  # warm-up
@@ -46,8 +47,6 @@ def measure_profile(
     ``max_batch`` defaults to the largest batch size measured (an edge profile needs one; pass the
     real memory limit when it is known).
     """
-    from relaydiff.engine.profile import hardware, measure_step_latency
-
     if kind not in ("edge", "device"):
         raise ValueError(f"kind must be 'edge' or 'device', got {kind!r}")
     if not members:

@@ -34,8 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from relaydiff.engine.chain import new_chain
+from relaydiff.engine.executor import Executor
+from relaydiff.engine.family import load_family
+from relaydiff.engine.plan import Plan, Request, parse_plan
+from relaydiff.engine.profile import hardware, measure_step_latency
+from relaydiff.engine.runner import generate, generate_shared_prefix
 from relaydiff.models.world import COLORS, SHAPES, STYLES, Scene, World
 from relaydiff.quality.judge import Judge, load_judge
+from relaydiff.quality.similarity import prompt_similarity
 from relaydiff.quality.metrics import (
     frechet_distance,
     handoff_shift,
@@ -88,8 +95,6 @@ def _grid(steps: int, every: int) -> tuple[int, ...]:
 
 
 def _requests(prompts: Sequence[str], cfg: QualityBenchConfig, seed0: int):
-    from relaydiff.engine.plan import Request
-
     return [
         Request(prompt=p, steps=cfg.steps, guidance=cfg.guidance, seed=seed0 + i, sampler=cfg.sampler)
         for i, p in enumerate(prompts)
@@ -101,8 +106,6 @@ def run_recorded(family: Any, requests: list, plans: list, max_batch: int) -> tu
 
     Returns (images uint8 [N, H, W, 3], latents [T + 1, N, C, H, W], wall seconds incl. decoding).
     """
-    from relaydiff.engine.chain import new_chain
-    from relaydiff.engine.executor import Executor
 
     t0 = time.perf_counter()
     chains = [new_chain(family, r, p) for r, p in zip(requests, plans)]
@@ -152,7 +155,6 @@ def _relay_curve(cfg: QualityBenchConfig, family: Any, judge: Judge, held: Any, 
                  say: Callable[[str], None]) -> tuple[dict[int, dict[str, Any]], dict[int, dict[str, list[float]]]]:
     """Fidelity, FD, latent shift and speedup of large-then-small relays for each handoff step k,
     with the device segment at ``device_guidance`` (None: the request's)."""
-    from relaydiff.engine.plan import Plan
 
     T = cfg.steps
     plan_at = {k: Plan.relay(cfg.large, cfg.small, k, T, device_guidance=device_guidance) for k in ks}
@@ -190,8 +192,6 @@ def _relay_curve(cfg: QualityBenchConfig, family: Any, judge: Judge, held: Any, 
 
 
 def _timed(family: Any, requests: list, plans: list, max_batch: int) -> float:
-    from relaydiff.engine.runner import generate
-
     t0 = time.perf_counter()
     generate(family, requests, plans, max_batch=max_batch)
     return time.perf_counter() - t0
@@ -251,11 +251,6 @@ def bench_quality(
 
     `family`: an engine Family to measure instead of loading `cfg.family` (e.g. a run in progress).
     """
-    from relaydiff.engine.family import load_family
-    from relaydiff.engine.plan import Plan
-    from relaydiff.engine.profile import hardware, measure_step_latency
-    from relaydiff.engine.runner import generate, generate_shared_prefix
-    from relaydiff.quality.similarity import prompt_similarity
 
     say = log or (lambda _msg: None)
     torch.set_num_threads(cfg.threads)
@@ -359,8 +354,6 @@ def fidelity_by_objects(per_image: Sequence[float], scenes: Sequence[Scene]) -> 
 
 
 def _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_similarity, say) -> dict[str, Any]:
-    from relaydiff.engine.plan import Plan
-
     T = cfg.steps
     xs = tuple(cfg.shared_x) if cfg.shared_x is not None else _grid(T, 2)
     rng = np.random.default_rng(cfg.seed + 303)
@@ -413,8 +406,6 @@ def _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_sim
 
 
 def _personalization(cfg, family, world, judge, generate, say) -> dict[str, Any]:
-    from relaydiff.engine.plan import Plan
-
     T = cfg.steps
     mapping = cfg.style_adapters or {s: s for s in USER_STYLES if s in family.adapters}
     if not mapping:
@@ -447,8 +438,6 @@ def evaluate_fidelity(family: Any, plans: dict[str, str], n: int = 64, seed: int
                       style: str = "plain") -> dict[str, Any]:
     """Prompt (and style) fidelity per plan on world prompts, overall and on 2-3 object prompts
     (the check the reference family's training runs are measured with, docs/measurements)."""
-    from relaydiff.engine.plan import Request, parse_plan
-    from relaydiff.engine.runner import generate
 
     batch = World(family.image_size).batch(n, seed=seed, split=split)
     requests = [Request(prompt=p, steps=steps, guidance=guidance, seed=seed + i, sampler=sampler)

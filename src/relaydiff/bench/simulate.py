@@ -60,7 +60,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def write_results(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any]) -> list[Path]:
     """rounds.csv, summary.json and one PNG per metric (per policy over rounds)."""
-    import matplotlib
+    import matplotlib  # lazy: slow to import, and only the plots need it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
