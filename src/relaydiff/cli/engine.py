@@ -211,9 +211,20 @@ def bench_engine_cmd(
     threads: int = typer.Option(1, help="CPU threads for torch (1 keeps shared machines comparable)."),
     trace: bool = typer.Option(True, help="Run the U-Nets as TorchScript traces (exact, less Python per call)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    overhead: bool = typer.Option(False, help="Instead: the executor's step vs the bare U-Net forward of the same "
+                                              "rows, per member and sampler, timed interleaved (min over rounds, "
+                                              "spread over repeats; thread CPU time and wall time)."),
+    batch: int = typer.Option(8, help="--overhead: chains in the batch (guidance 3: two U-Net rows each)."),
+    samplers: str = typer.Option("ddim,euler,dpmpp_2m", help="--overhead: samplers to time, comma-separated."),
+    rounds: int = typer.Option(10, help="--overhead: interleaved rounds (2 executor steps, then 2 forwards)."),
+    repeats: int = typer.Option(3, help="--overhead: repeats (fresh chains each) that give the spread."),
+    shapes: Path = typer.Option(None, help="--overhead: time a family with this reference config's member "
+                                           "shapes and random weights (e.g. configs/reference_16x16.json) "
+                                           "instead of --family."),
 ) -> None:
-    """Sequential (one request at a time) vs continuous batching, same machine, same run."""
-    from relaydiff.bench.engine import DTYPES, bench_engine
+    """Sequential (one request at a time) vs continuous batching, same machine, same run; or, with
+    --overhead, what the executor adds to the U-Net forward per step."""
+    from relaydiff.bench.engine import DTYPES, bench_engine, bench_engine_overhead
 
     check(requests >= 1, "--requests must be >= 1")
     check(steps >= 1, "--steps must be >= 1")
@@ -228,6 +239,38 @@ def bench_engine_cmd(
     from relaydiff.engine.family import FamilyError
 
     torch.set_num_threads(threads)
+    if overhead:
+        from relaydiff.engine.samplers import SAMPLERS
+
+        names = tuple(n.strip() for n in samplers.split(",") if n.strip())
+        check(bool(names) and all(n in SAMPLERS for n in names),
+              f"--samplers must be a comma-separated subset of {', '.join(SAMPLERS)}, got {samplers!r}")
+        check(batch >= 1 and rounds >= 1 and repeats >= 1, "--batch, --rounds and --repeats must be >= 1")
+        check(shapes is None or shapes.is_file(), f"--shapes: no such file: {shapes}")
+        try:
+            result = bench_engine_overhead(family=family, batch=batch, samplers=names, rounds=rounds, repeats=repeats,
+                                           shapes=None if shapes is None else str(shapes), device=device, dtype=dtype,
+                                           trace=trace)
+        except (FamilyError, ValueError) as exc:
+            fail(str(exc))
+        if as_json:
+            print(json.dumps(result))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"engine overhead: executor step / bare forward, {result['family']} "
+                            f"{result['latent_shape']}, batch {batch}; {result['hardware']}")
+        for col in ("member", "sampler", "rows", "clock", "ratio min", "median", "max", "executor ms", "forward ms"):
+            table.add_column(col)
+        for r in result["results"]:
+            for clock in result["clocks"]:
+                m = r[clock]
+                table.add_row(r["member"], r["sampler"], str(r["rows"]), clock,
+                              *(f"{m['ratio'][k]:.3f}" for k in ("min", "median", "max")),
+                              f"{m['executor_step_ms']['min']:.2f}", f"{m['bare_forward_ms']['min']:.2f}")
+        Console().print(table)
+        return
     try:
         result = bench_engine(family=family, n_requests=requests, steps=steps, max_batch=max_batch, stagger=stagger,
                               device=device, dtype=dtype, relay=relay, trace=trace)

@@ -7,13 +7,18 @@ them in another process. That needs a chain's whole position in plain tensors (a
 state dict) that survive a safetensors round trip bit for bit, and a sampler object that holds only
 the family's configuration.
 
-The executor's loop for one chain (the U-Net call itself is batched over chains)::
+The loop for one chain::
 
     sched = sampler.schedule(T); state = sampler.initial_state()
     x = noise * sampler.init_noise_sigma(sched)
     for i in range(T):
         out = unet(sampler.scale_model_input(x, sched, i), sched.timesteps[i], cond)   # + guidance
         x, state = sampler.step(x, out, sched, i, state, generator)
+
+The executor batches that loop over chains, each at its own step of its own schedule:
+``scale_model_inputs`` and ``step_batch`` take one row per chain and run each term of the update
+as one tensor op over the batch, with the per-chain scalars (noise levels, solver coefficients) as
+a column. ``step`` is ``step_batch`` on one chain: a chain gives the same bits alone or batched.
 
 Each sampler is built from a diffusers-style scheduler config (a plain dict) and follows the
 diffusers scheduler of the same name built by ``from_config`` on that dict: the same timesteps,
@@ -30,9 +35,12 @@ float32 (or wider) and the result is cast back to the input dtype, as diffusers 
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -96,6 +104,11 @@ class Schedule:
     @property
     def steps(self) -> int:
         return self.timesteps.numel()
+
+    @cached_property
+    def values(self) -> dict[str, list[float] | list[int]]:
+        """The schedule as Python numbers, read once: per-step scalars without a tensor index per step."""
+        return {key: getattr(self, key).tolist() for key in _SCHEDULE_KEYS}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The schedule as named tensors, for the safetensors handoff."""
@@ -173,14 +186,24 @@ def _vp(sigma: float) -> tuple[float, float]:
     return alpha, sigma * alpha
 
 
-def _x0_eps(x: torch.Tensor, out: torch.Tensor, prediction_type: str, alpha: float,
-            sigma: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _x0_eps(x: torch.Tensor, out: torch.Tensor, prediction_type: str, alpha: float | torch.Tensor,
+            sigma: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Clean-sample and noise predictions from a model output, for a VP sample x = alpha x0 + sigma eps."""
     if prediction_type == "epsilon":
         return (x - sigma * out) / alpha, out
     if prediction_type == "sample":
         return out, (x - alpha * out) / sigma
     return alpha * x - sigma * out, alpha * out + sigma * x  # v_prediction
+
+
+def _columns(x: torch.Tensor, *values: Sequence[float]) -> list[torch.Tensor]:
+    """Per-chain scalars (one list per quantity) as tensors that broadcast over x, whose rows are the
+    chains' blocks of x.shape[0] // n rows each; one tensor is built for all quantities."""
+    n = len(values[0])
+    table = torch.tensor(values, dtype=x.dtype, device=x.device)
+    if x.shape[0] != n:
+        table = table.repeat_interleave(x.shape[0] // n, dim=1)
+    return list(table.view(len(values), -1, *(1,) * (x.dim() - 1)).unbind(0))
 
 
 # ---- samplers ------------------------------------------------------------------------------------
@@ -221,6 +244,8 @@ class Sampler(ABC):
         self.config: dict[str, Any] = self._validate(cfg)
         self._train_sigmas = self._sigmas_of_alphas(train_alphas_cumprod(self.config))
         self.stochastic: bool = False
+        # samplers with equal keys compute alike: the executor steps their chains together
+        self.batch_key: tuple[str, str] = (self.name, json.dumps(self.config, sort_keys=True, default=repr))
 
     @staticmethod
     def _sigmas_of_alphas(alphas_cumprod: torch.Tensor) -> np.ndarray:
@@ -284,7 +309,12 @@ class Sampler(ABC):
         return 1.0
 
     def scale_model_input(self, x: torch.Tensor, schedule: Schedule, i: int) -> torch.Tensor:
-        schedule.check_index(i)
+        return self.scale_model_inputs(x, [schedule], [i])
+
+    def scale_model_inputs(self, x: torch.Tensor, schedules: Sequence[Schedule],
+                           indices: Sequence[int]) -> torch.Tensor:
+        """``scale_model_input`` for n chains: x holds chain j's rows as block j, at step indices[j]."""
+        self._check_rows(x, schedules, indices)
         return x
 
     def initial_state(self) -> dict[str, torch.Tensor]:
@@ -294,24 +324,54 @@ class Sampler(ABC):
              state: Mapping[str, torch.Tensor], generator: torch.Generator | None = None,
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x at step i -> x at step i + 1, and the new state (the input state is not modified)."""
-        i = schedule.check_index(i)
-        if not isinstance(x, torch.Tensor) or not isinstance(model_output, torch.Tensor):
+        x_next, (new_state,) = self.step_batch(x, model_output, [schedule], [i], [state], [generator])
+        return x_next, new_state
+
+    def step_batch(self, x: torch.Tensor, model_output: torch.Tensor, schedules: Sequence[Schedule],
+                   indices: Sequence[int], states: Sequence[Mapping[str, torch.Tensor]],
+                   generators: Sequence[torch.Generator | None]) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """``step`` for n chains at once: block j of x's rows (x.shape[0] // n of them) is chain j, at
+        step indices[j] of schedules[j] with states[j] and generators[j]. Returns x at the next steps
+        and the n new states; each block is what ``step`` gives for that chain alone."""
+        idx = self._check_rows(x, schedules, indices)
+        if len(states) != len(idx) or len(generators) != len(idx):
+            raise SamplerError(f"step_batch needs one state and one generator per chain ({len(idx)}), "
+                               f"got {len(states)} and {len(generators)}")
+        if not isinstance(model_output, torch.Tensor):
             raise SamplerError("x and model_output must be tensors")
         if x.shape != model_output.shape:
             raise SamplerError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(x.shape)}")
         if not x.is_floating_point() or not model_output.is_floating_point():
             raise SamplerError("x and model_output must be floating point")
-        if self.stochastic and generator is None:
+        if self.stochastic and any(g is None for g in generators):
             raise SamplerError(f"{self.name} with these options is stochastic: pass a torch.Generator")
         work = torch.promote_types(x.dtype, torch.float32)
-        out, new_state = self._step(x.to(work), model_output.to(work), schedule, i, state, generator)
-        return out.to(x.dtype), new_state
+        out, new_states = self._step(x.to(work), model_output.to(work), schedules, idx, states, generators)
+        return out.to(x.dtype), new_states
+
+    @staticmethod
+    def _check_rows(x: torch.Tensor, schedules: Sequence[Schedule], indices: Sequence[int]) -> list[int]:
+        """Validated step indices, one per chain, and x split evenly into the chains' row blocks."""
+        if not isinstance(x, torch.Tensor):
+            raise SamplerError("x and model_output must be tensors")
+        if not schedules or len(schedules) != len(indices):
+            raise SamplerError(f"need one step index per schedule, got {len(schedules)} schedules and "
+                               f"{len(indices)} indices")
+        if x.dim() < 1 or x.shape[0] % len(schedules):
+            raise SamplerError(f"x with shape {tuple(x.shape)} does not split into {len(schedules)} chains' rows")
+        return [s.check_index(i) for s, i in zip(schedules, indices)]
 
     @abstractmethod
-    def _step(self, x: torch.Tensor, out: torch.Tensor, schedule: Schedule, i: int,
-              state: Mapping[str, torch.Tensor], generator: torch.Generator | None,
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The step on validated inputs in the working dtype (float32 or wider)."""
+    def _step(self, x: torch.Tensor, out: torch.Tensor, schedules: Sequence[Schedule], indices: list[int],
+              states: Sequence[Mapping[str, torch.Tensor]], generators: Sequence[torch.Generator | None],
+              ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """The step of every chain's row block, on validated inputs in the working dtype (float32 or wider)."""
+
+    @staticmethod
+    def _levels(schedules: Sequence[Schedule], indices: list[int]) -> tuple[list[float], list[float]]:
+        """Each chain's noise level at its step and the level it lands on."""
+        here = [s.values["sigmas"][i] for s, i in zip(schedules, indices)]
+        return here, [s.values["sigmas_next"][i] for s, i in zip(schedules, indices)]
 
     def _no_state(self, state: Mapping[str, torch.Tensor]) -> None:
         if state:
@@ -343,22 +403,30 @@ class DDIMSampler(Sampler):
         nxt = np.where(prev >= 0, self._train_sigmas[np.clip(prev, 0, None)], final)
         return Schedule(torch.from_numpy(t), torch.from_numpy(self._train_sigmas[t].copy()), torch.from_numpy(nxt))
 
-    def _step(self, x, out, schedule, i, state, generator):
-        self._no_state(state)
-        alpha, sigma = _vp(float(schedule.sigmas[i]))
-        alpha_next, sigma_next = _vp(float(schedule.sigmas_next[i]))
+    def _step(self, x, out, schedules, indices, states, generators):
+        for state in states:
+            self._no_state(state)
+        eta = float(self.config["eta"])
+        alphas, sigmas, alphas_next, eps_gains, stds = [], [], [], [], []
+        for s, s_next in zip(*self._levels(schedules, indices)):
+            alpha, sigma = _vp(s)
+            alpha_next, sigma_next = _vp(s_next)
+            # DDIM's sigma_t(eta) (eq. 16): eta * sqrt((1 - a_next) / (1 - a) * (1 - a / a_next)), a = alpha^2.
+            std = eta * math.sqrt((sigma_next / sigma) ** 2 * (1.0 - (alpha / alpha_next) ** 2))
+            alphas.append(alpha), sigmas.append(sigma), alphas_next.append(alpha_next), stds.append(std)
+            eps_gains.append(math.sqrt(max(sigma_next ** 2 - std ** 2, 0.0)))
+        alpha, sigma, alpha_next, eps_gain, std = _columns(x, alphas, sigmas, alphas_next, eps_gains, stds)
         x0, eps = _x0_eps(x, out, self.config["prediction_type"], alpha, sigma)
         if self.config["clip_sample"]:
             r = float(self.config["clip_sample_range"])
             x0 = x0.clamp(-r, r)
-        eta = float(self.config["eta"])
-        # DDIM's sigma_t(eta) (eq. 16): eta * sqrt((1 - a_next) / (1 - a) * (1 - a / a_next)) with a = alpha^2.
-        std = eta * math.sqrt((sigma_next / sigma) ** 2 * (1.0 - (alpha / alpha_next) ** 2))
-        x_next = alpha_next * x0 + math.sqrt(max(sigma_next ** 2 - std ** 2, 0.0)) * eps
+        x_next = alpha_next * x0 + eps_gain * eps
         if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
-            x_next = x_next + std * noise.to(x.device)
-        return x_next, {}
+            rows = (x.shape[0] // len(generators), *x.shape[1:])
+            noise = torch.cat([torch.randn(rows, generator=g, device=g.device, dtype=x.dtype).to(x.device)
+                               for g in generators])
+            x_next = x_next + std * noise
+        return x_next, [{} for _ in states]
 
 
 class EulerSampler(Sampler):
@@ -380,21 +448,28 @@ class EulerSampler(Sampler):
         top = float(schedule.sigmas[0])
         return top if self.config["timestep_spacing"] in ("linspace", "trailing") else math.sqrt(top * top + 1.0)
 
-    def scale_model_input(self, x: torch.Tensor, schedule: Schedule, i: int) -> torch.Tensor:
+    def scale_model_inputs(self, x: torch.Tensor, schedules: Sequence[Schedule],
+                           indices: Sequence[int]) -> torch.Tensor:
         # The sample lives in VE scale (x0 + sigma eps); the model was trained on VP inputs.
-        sigma = float(schedule.sigmas[schedule.check_index(i)])
-        return x / math.sqrt(sigma * sigma + 1.0)
+        idx = self._check_rows(x, schedules, indices)
+        work = x.to(torch.promote_types(x.dtype, torch.float32))
+        (scale,) = _columns(work, [math.sqrt(s * s + 1.0) for s in self._levels(schedules, idx)[0]])
+        return (work / scale).to(x.dtype)
 
-    def _step(self, x, out, schedule, i, state, generator):
-        self._no_state(state)
-        sigma, sigma_next = float(schedule.sigmas[i]), float(schedule.sigmas_next[i])
+    def _step(self, x, out, schedules, indices, states, generators):
+        for state in states:
+            self._no_state(state)
+        here, nxt = self._levels(schedules, indices)
         if self.config["prediction_type"] == "epsilon":
+            (dsigma,) = _columns(x, [b - a for a, b in zip(here, nxt)])
             slope = out  # dx/dsigma = (x - x0) / sigma = eps
         else:
-            alpha, sigma_vp = _vp(sigma)
+            vp = [_vp(s) for s in here]
+            sigma, dsigma, alpha, sigma_vp = _columns(x, here, [b - a for a, b in zip(here, nxt)],
+                                                      [a for a, _ in vp], [s for _, s in vp])
             x0, _ = _x0_eps(x * alpha, out, self.config["prediction_type"], alpha, sigma_vp)
             slope = (x - x0) / sigma
-        return x + slope * (sigma_next - sigma), {}
+        return x + slope * dsigma, [{} for _ in states]
 
 
 class DPMSolverPP2MSampler(Sampler):
@@ -421,6 +496,7 @@ class DPMSolverPP2MSampler(Sampler):
         return {"last_step": torch.tensor(-1, dtype=torch.int64)}
 
     def _history(self, state: Mapping[str, torch.Tensor], x: torch.Tensor, i: int) -> torch.Tensor | None:
+        """The chain's previous x0 prediction (None before its first step); x is its block of rows."""
         last = state.get("last_step")
         if not isinstance(last, torch.Tensor) or last.dtype != torch.int64 or last.dim() != 0:
             raise SamplerError("dpmpp_2m state needs 'last_step' as a 0-d int64 tensor (see initial_state())")
@@ -441,30 +517,38 @@ class DPMSolverPP2MSampler(Sampler):
             raise SamplerError(f"dpmpp_2m prev_x0 must be a float tensor of shape {tuple(x.shape)}")
         return prev.to(device=x.device, dtype=x.dtype)
 
-    def _step(self, x, out, schedule, i, state, generator):
-        prev_x0 = self._history(state, x, i)
-        s, s_next = float(schedule.sigmas[i]), float(schedule.sigmas_next[i])
-        alpha, sigma = _vp(s)
+    def _step(self, x, out, schedules, indices, states, generators):
+        rows = x.shape[0] // len(schedules)
+        blocks = [x[j * rows:(j + 1) * rows] for j in range(len(schedules))]
+        prevs = [self._history(state, block, i) for state, block, i in zip(states, blocks, indices)]
+        alphas, sigmas, decays, gains, corrections, ratios = [], [], [], [], [], []
+        for schedule, i, prev, s, s_next in zip(schedules, indices, prevs, *self._levels(schedules, indices)):
+            alpha, sigma = _vp(s)
+            alpha_next, sigma_next = _vp(s_next)
+            last = i == schedule.steps - 1
+            first_order = prev is None or (last and (
+                s_next == 0.0 or self.config["euler_at_final"]
+                or (self.config["lower_order_final"] and schedule.steps < 15)))
+            # With lambda = log(alpha / sigma) = -log(s), the step size is h = log(s / s_next), exp(-h) = s_next / s.
+            gain = alpha_next * (1.0 - s_next / s)  # alpha_next * (1 - exp(-h))
+            correction, r = 0.0, 1.0  # first order: no correction term
+            if not first_order:
+                h = math.log(s / s_next)
+                r = math.log(schedule.values["sigmas"][i - 1] / s) / h  # previous step size / this one
+                correction = 0.5 * gain if self.config["solver_type"] == "midpoint" else (
+                    alpha_next * (1.0 - gain / alpha_next / h))  # heun
+            alphas.append(alpha), sigmas.append(sigma), decays.append(sigma_next / sigma), gains.append(gain)
+            corrections.append(correction), ratios.append(r)
+        alpha, sigma, decay, gain, correction, r = _columns(x, alphas, sigmas, decays, gains, corrections, ratios)
         x0, _ = _x0_eps(x, out, self.config["prediction_type"], alpha, sigma)
-        alpha_next, sigma_next = _vp(s_next)
-        last = i == schedule.steps - 1
-        first_order = prev_x0 is None or (last and (
-            s_next == 0.0 or self.config["euler_at_final"]
-            or (self.config["lower_order_final"] and schedule.steps < 15)))
-        # With lambda = log(alpha / sigma) = -log(s), the step size is h = log(s / s_next), exp(-h) = s_next / s.
-        decay = sigma_next / sigma
-        gain = alpha_next * (1.0 - s_next / s)  # alpha_next * (1 - exp(-h))
-        if first_order:
-            x_next = decay * x + gain * x0
-        else:
-            h = math.log(s / s_next)
-            r = math.log(float(schedule.sigmas[i - 1]) / s) / h  # previous step size / this one
-            d1 = (x0 - prev_x0) / r
-            if self.config["solver_type"] == "midpoint":
-                x_next = decay * x + gain * x0 + (0.5 * gain) * d1
-            else:  # heun
-                x_next = decay * x + gain * x0 + (alpha_next * (1.0 - gain / alpha_next / h)) * d1
-        return x_next, {"last_step": torch.tensor(i, dtype=torch.int64), "prev_x0": x0.detach().clone()}
+        if x0 is out:  # "sample" prediction: the state must not alias the caller's tensor
+            x0 = x0.clone()
+        x_next = decay * x + gain * x0
+        if any(corrections):  # second order where a chain has history (first-order chains add 0 * 0)
+            prev_x0 = torch.cat([x0[j * rows:(j + 1) * rows] if p is None else p for j, p in enumerate(prevs)])
+            x_next = x_next + correction * ((x0 - prev_x0) / r)
+        return x_next, [{"last_step": torch.tensor(i, dtype=torch.int64), "prev_x0": x0[j * rows:(j + 1) * rows]}
+                        for j, i in enumerate(indices)]
 
 
 _REGISTRY: dict[str, type[Sampler]] = {cls.name: cls for cls in (DDIMSampler, EulerSampler, DPMSolverPP2MSampler)}
