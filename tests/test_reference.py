@@ -375,6 +375,7 @@ def test_staging_carries_finished_parts_between_runs(tiny_run, tmp_path):
     partial.mkdir()
     shutil.copytree(out / "vae", partial / "vae")
     shutil.copytree(out / "data", partial / "data")
+    (partial / "vae" / "decoder_record.json").unlink()  # staged before its decoder fine-tune
     from relaydiff.models.reference import Progress
 
     with Progress(True) as progress:
@@ -397,6 +398,20 @@ def test_staging_carries_finished_parts_between_runs(tiny_run, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(TrainingError, match="another config"):
         train_reference(tiny_config(seed=5), tmp_path / "other", stages=[], staging=staging, quiet=True)
+    # sessions 4 and 5: two more phases of the large member, each staged again; the decoder
+    # fine-tune (not run before) refines the staged VAE once, then is done
+    phase = tiny_config(large_continue=TrainSpec(steps=2, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2))
+    for session, k in (("session4", 1), ("session5", 2)):
+        train_reference(phase, tmp_path / session, stages=["decoder", "large-continue"], staging=staging, quiet=True)
+        record = json.loads((staging / "unet_large" / "train_record.json").read_text())
+        assert [p["stage"] for p in record["continued"]] == ["large-continue", "large-continue-2"][:k]
+        assert (staging / "vae" / "decoder_record.json").is_file()
+        if k == 1:
+            refined_vae = (staging / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+            assert refined_vae != before
+    assert (staging / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == refined_vae
+    c = load_file(str(staging / "unet_large" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
 # ---- the shipped family (tests use these weights, never retrain) ----------------------------
@@ -447,7 +462,7 @@ def test_shipped_family_generates(shipped):
 
 
 def test_large_continue_trains_the_trained_large_member_again(tiny_run, tmp_path):
-    """A second phase from the saved weights (its own draws and checkpoints) replaces unet_large once."""
+    """A second phase from the saved weights (its own draws and checkpoints) replaces unet_large once a run."""
     import shutil
 
     from safetensors.torch import load_file
@@ -465,7 +480,7 @@ def test_large_continue_trains_the_trained_large_member_again(tiny_run, tmp_path
     after = load_file(str(run / "unet_large" / "diffusion_pytorch_model.safetensors"))
     assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
     record = json.loads((run / "unet_large" / "train_record.json").read_text())
-    assert record["continued"]["steps"] == 3
+    assert record["continued"] == [{"stage": "large-continue", "steps": 3, "loss": record["continued"][0]["loss"]}]
     train_reference(ccfg, run, stages=["large-continue"], quiet=True)  # done: nothing changes
     assert torch.equal(load_file(str(run / "unet_large" / "diffusion_pytorch_model.safetensors"))["conv_in.weight"],
                        after["conv_in.weight"])

@@ -87,7 +87,7 @@ def _train_denoiser(cfg: ReferenceConfig, out: Path, progress: Progress, run: Ru
     named = dict(unet.named_parameters())
     ema = {n: named[n].detach().clone() for n in ema_names} if spec.ema_decay > 0 else {}
     ckpt = Checkpoint(out, stage)
-    member_stage = stage in MEMBER_STAGES
+    member_stage = stage in MEMBER_STAGES or stage.startswith("large-continue-")  # later phases too
     start = _resume(ckpt, run.resume, {"model" if member_stage else "lora": unet}, opt,
                     ema if ema else None)
     if not member_stage and start:
@@ -190,8 +190,12 @@ def row_weights(cfg: ReferenceConfig, spec: TrainSpec, n_rows: int) -> torch.Ten
 
 
 def stage_large_continue(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
-    """A second phase of the trained large member (``cfg.large_continue``): from its saved weights, with a
-    fresh optimizer and schedule and draws of its own stage; the result replaces ``unet_large``."""
+    """A further phase of the trained large member (``cfg.large_continue``): from its saved weights, with a
+    fresh optimizer and schedule and draws of its own stage; the result replaces ``unet_large``.
+
+    Phases add up across runs: a run seeded (e.g. from a staging folder) with a member that earlier
+    runs continued trains the next phase, with draws of its own (stage ``large-continue-K``), so a
+    large member can be trained over several working blocks. Within one run the phase runs once."""
     from diffusers import UNet2DConditionModel
 
     spec = cfg.large_continue
@@ -203,16 +207,20 @@ def stage_large_continue(cfg: ReferenceConfig, out: Path, progress: Progress, ru
     if not (final / "config.json").is_file():
         raise TrainingError(f"{final} is missing: run the 'large' stage (or --from-family) first")
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if record.get("continued", {}).get("steps") == spec.steps:
-        progress.note("large-continue: done")
-        return
-    if "continued" in record:
-        raise TrainingError(f"{final} was continued for {record['continued'].get('steps')} steps, not "
+    phases = record.get("continued", [])
+    phases = [phases] if isinstance(phases, dict) else list(phases)  # one phase was recorded as a dict
+    if phases and Checkpoint(out, phases[-1].get("stage", "large-continue")).exists():  # this run's phase
+        if phases[-1].get("steps") == spec.steps:
+            progress.note("large-continue: done")
+            return
+        raise TrainingError(f"{final} was continued for {phases[-1].get('steps')} steps, not "
                             f"{spec.steps}: start from the first phase's weights in a new --out")
+    stage = "large-continue" if not phases else f"large-continue-{len(phases) + 1}"
     unet = UNet2DConditionModel.from_pretrained(str(final), local_files_only=True).float().to(run.device)
-    unet = _fit_member(cfg, out, progress, run, "large-continue", unet, spec)
+    unet = _fit_member(cfg, out, progress, run, stage, unet, spec)
     unet.save_pretrained(str(final), safe_serialization=True)
-    record["continued"] = {"steps": spec.steps, "loss": Checkpoint(out, "large-continue").state().get("loss")}
+    phases.append({"stage": stage, "steps": spec.steps, "loss": Checkpoint(out, stage).state().get("loss")})
+    record["continued"] = phases
     record.setdefault("flops_per_step", unet_flops(unet, cfg.max_length))
     record.setdefault("params", sum(p.numel() for p in unet.parameters()))
     record_path.write_text(json.dumps(record, indent=1))

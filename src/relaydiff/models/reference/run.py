@@ -13,7 +13,7 @@ from relaydiff.models.reference.config import ReferenceConfig, RunOptions, SHIPP
 from relaydiff.models.reference.progress import Progress
 from relaydiff.models.reference.data import stage_data
 from relaydiff.models.reference.vae import seed_from_family, stage_decoder, stage_vae
-from relaydiff.models.reference.staging import seed_from_staging, write_staging
+from relaydiff.models.reference.staging import REFINING_STAGES, seed_from_staging, write_staging
 from relaydiff.models.reference.denoisers import stage_large_continue, stage_member, stage_styles
 from relaydiff.models.reference.export import export_family
 
@@ -82,5 +82,6 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
             progress.note(str(stopped))
             return {"stopped": str(stopped)}
         if staging is not None:
-            write_staging(cfg, out, Path(staging), progress)
+            write_staging(cfg, out, Path(staging), progress,
+                          refined=[part for stage, part in REFINING_STAGES.items() if stage in stages])
     return manifest

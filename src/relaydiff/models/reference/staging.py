@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from relaydiff.models.reference.config import ReferenceConfig, TrainingError, _comparable
@@ -12,6 +14,9 @@ from relaydiff.models.reference.vae import _seed_parts
 
 
 STAGED_PARTS: tuple[str, ...] = ("vae", "unet_large", "unet_small", "adapters")  # in training order
+# stages that refine a part that is already staged (the decoder fine-tune of the VAE, further phases
+# of the large member): when they run, the part is staged again (a new blob, one per phase)
+REFINING_STAGES: dict[str, str] = {"decoder": "vae", "large-continue": "unet_large"}
 
 
 def staged_parts(staging: Path) -> list[str]:
@@ -33,23 +38,27 @@ def seed_from_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: 
     if parts:
         if parts[0] != "vae":
             raise TrainingError(f"{staging} holds {parts} but no vae: it cannot seed a run")
-        _seed_parts(cfg, out, staging, parts, progress)
+        _seed_parts(cfg, out, staging, parts, progress, skip_decoder=False)
     return parts
 
 
 def _check_staging_config(cfg: ReferenceConfig, staging: Path) -> None:
     cfg_file = staging / "config.json"
     if cfg_file.is_file():
-        saved = _comparable(json.loads(json.dumps(ReferenceConfig.from_dict(json.loads(cfg_file.read_text())).to_dict())))
-        if saved != _comparable(json.loads(json.dumps(cfg.to_dict()))):
+        # a large-continue phase is planned per working block (its record is in unet_large)
+        saved, now = (_comparable({k: v for k, v in json.loads(json.dumps(c.to_dict())).items() if k != "large_continue"})
+                      for c in (ReferenceConfig.from_dict(json.loads(cfg_file.read_text())), cfg))
+        if saved != now:
             raise TrainingError(f"{staging} was trained with another config (see {cfg_file})")
 
 
-def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Progress) -> list[str]:
+def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Progress,
+                  refined: Sequence[str] = ()) -> list[str]:
     """Copy the run's finished parts to the staging folder in fp16 (configs and records as they are).
 
-    Parts already staged are left alone: a staged blob is committed once and never rewritten, so
-    the shipped family is these same files moved into the package.
+    Parts already staged are left alone unless ``refined`` names them (a refining stage ran, see
+    `REFINING_STAGES`) and they changed: a staged blob is committed once per stage or phase, and
+    the shipped family is the last of these files moved into the package.
     """
     from safetensors.torch import load_file, save_file
 
@@ -62,13 +71,11 @@ def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Prog
         src = out / name
         done = (src / "config.json").is_file() if name != "adapters" else \
             all((src / f"{s}.safetensors").is_file() for s in cfg.styles)
-        if name in have or not done:
+        if (name in have and name not in refined) or not done:
             continue
         dest = staging / name
         tmp = staging / f".{name}.tmp"
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         tmp.mkdir()
         for f in sorted(src.iterdir()):
@@ -78,6 +85,11 @@ def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Prog
                 save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
             elif f.suffix == ".json":
                 (tmp / f.name).write_text(f.read_text())
+        if dest.exists():
+            if _same_files(tmp, dest):
+                shutil.rmtree(tmp)
+                continue
+            shutil.rmtree(dest)
         tmp.replace(dest)
         written.append(name)
         progress.note(f"staging: {name} written to {dest} (fp16)")
@@ -86,3 +98,8 @@ def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Prog
         {"parts": staged_parts(staging), "files": {str(p.relative_to(staging)): _sha256(p)
                                                    for p in sorted(staging.rglob("*.safetensors"))}}, indent=1))
     return written
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    files = sorted(p.name for p in a.iterdir())
+    return files == sorted(p.name for p in b.iterdir()) and all(_sha256(a / f) == _sha256(b / f) for f in files)

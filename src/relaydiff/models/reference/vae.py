@@ -197,8 +197,11 @@ def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress
     _seed_parts(cfg, out, family_dir, ("vae", "unet_large"), progress)
 
 
-def _seed_parts(cfg: ReferenceConfig, out: Path, src: Path, names: Sequence[str], progress: Progress) -> None:
-    """Copy trained parts into the run, then encode its prompts and (with the copied VAE) latents."""
+def _seed_parts(cfg: ReferenceConfig, out: Path, src: Path, names: Sequence[str], progress: Progress,
+                skip_decoder: bool = True) -> None:
+    """Copy trained parts into the run, then encode its prompts and (with the copied VAE) latents.
+    ``skip_decoder``: the copied VAE is final (a family's); otherwise its decoder stage runs when the
+    copy has no decoder record (a staged VAE whose decoder fine-tune is still to come)."""
     import shutil
 
     from relaydiff.models.world import World
@@ -219,5 +222,5 @@ def _seed_parts(cfg: ReferenceConfig, out: Path, src: Path, names: Sequence[str]
         tensors = _scaled_latents(cfg, vae, training_set(cfg), World(cfg.image_size), float(vae.config.scaling_factor))
         save_file(tensors, str(out / "data" / "latents.safetensors"))
     record = out / "vae" / "decoder_record.json"
-    if not record.is_file():
+    if skip_decoder and not record.is_file():
         record.write_text(json.dumps({"seeded_from": str(src)}, indent=1))
