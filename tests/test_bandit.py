@@ -258,7 +258,7 @@ def test_oracle_what_if_matches_a_lone_request():
     res = st.run(decide)
     for i in range(10):
         a = res.arms[i]
-        np.testing.assert_allclose(seen[i][a], st._reward(i, st.expected_q[i, a], res.latency_s[i]), rtol=1e-9)
+        np.testing.assert_allclose(seen[i][a], st.utility(i, st.expected_q[i, a], res.latency_s[i]), rtol=1e-9)
 
 
 def test_finish_times_match_a_step_by_step_queue():

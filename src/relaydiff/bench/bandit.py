@@ -53,6 +53,7 @@ class BanditBenchConfig:
     recover_window: int = 100
     timing_rounds: int = 7
     timing_calls: int = 300
+    jobs: int = 1  # processes over (scenario, seed) streams
 
 
 @dataclass
@@ -172,53 +173,42 @@ def bench_bandit(cfg: BanditBenchConfig, pool: PromptPool, say: Callable[[str], 
     t_start = time.perf_counter()
     out: dict[str, Any] = {"config": asdict(cfg), "context_features": list(CONTEXT_FEATURES), "requests": {},
                            "seeds": cfg.seeds}
-    curves: dict[str, dict[str, np.ndarray]] = {}  # scenario -> algorithm -> rewards [seeds, n]
-    shares: dict[str, dict[str, np.ndarray]] = {}  # scenario -> algorithm -> arms [seeds, n]
+    curves: dict[str, dict[str, Any]] = {}  # scenario -> algorithm -> rewards [seeds, n]
+    shares: dict[str, dict[str, Any]] = {}  # scenario -> algorithm -> arms [seeds, n]
     timings: dict[str, dict[str, list[int]]] = {}
     phase_starts: dict[str, tuple[int, ...]] = {}
-    trained: dict[str, Any] = {}  # linucb and its peer after the first stream, for the timing rounds
-    timing_contexts = np.zeros((0, len(CONTEXT_FEATURES)))
-    arm_names: tuple[str, ...] = ()
+    tasks = []
     for sc_name in cfg.scenarios:
-        sc = load_relay_scenario(sc_name)
-        if cfg.requests is not None:
-            sc = sc.model_copy(update={"requests": cfg.requests,
-                                       "phases": tuple(p.model_copy(update={"start": p.start * cfg.requests // sc.requests})
-                                                       for p in sc.phases)})
+        sc = _scenario(cfg, sc_name)
         out["requests"][sc_name] = sc.requests
         curves[sc_name], shares[sc_name] = {}, {}
-        for seed in range(cfg.seeds):
-            stream = RelayStream(sc, pool, seed=seed)
-            if not arm_names:
-                arm_names = stream.arm_names
-                out["arms"] = [{"name": a.name, "k": a.k, "device_guidance": a.device_guidance,
-                                "fidelity_by_objects": list(a.fidelity), "fidelity_std": a.fidelity_std,
-                                "style_fidelity": a.style_fidelity, "device_row_factor": a.device_row_factor,
-                                "source": a.source, "style_source": a.style_source} for a in stream.arms]
-            phase_starts[sc_name] = stream.phase_starts
-            # the peers on the first scenario only: MABWiser's partial_fit costs ~6 ms an update here
-            algos = _algorithms(cfg, stream.arm_names, peers=cfg.peers and sc_name == cfg.scenarios[0])
-            for name, factory in algos.items():
-                policy = factory(seed)
-                t0 = time.perf_counter()
-                run = run_policy(stream, policy)
-                curves[sc_name].setdefault(name, []).append(run.result.rewards)
-                shares[sc_name].setdefault(name, []).append(run.result.arms)
-                tm = timings.setdefault(name, {"decide": [], "update": []})
-                tm["decide"] += run.decide_ns
-                tm["update"] += run.update_ns
-                if sc_name == cfg.scenarios[0] and seed == 0 and name in ("linucb", "mabwiser_linucb"):
-                    trained[name] = policy
-                say(f"{sc_name} seed {seed} {name}: reward {run.result.rewards.mean():.4f} "
-                    f"({time.perf_counter() - t0:.1f}s)")
-            if sc_name == cfg.scenarios[0] and seed == 0:
-                ctx_rng = np.random.default_rng(99)
-                idx = ctx_rng.choice(sc.requests, size=min(cfg.timing_calls, sc.requests), replace=False)
-                timing_contexts = np.array([stream.context(int(i), [int(r) for r in ctx_rng.integers(1, 20, 6)])
-                                            for i in idx])
+        tasks += [(cfg, sc_name, seed, pool) for seed in range(cfg.seeds)]
+    if cfg.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=cfg.jobs) as ex:
+            results = list(ex.map(_run_task, tasks))
+    else:
+        results = [_run_task(t, say) for t in tasks]
+    for (_, sc_name, seed, _), res in zip(tasks, results):
+        if "arms" not in out:
+            out["arms"] = res["arms"]
+        if "timing" in res:
+            out["timing"] = res["timing"]
+        phase_starts[sc_name] = res["phase_starts"]
+        for name, run in res["runs"].items():
+            curves[sc_name].setdefault(name, []).append(run["rewards"])
+            shares[sc_name].setdefault(name, []).append(run["arms"])
+            tm = timings.setdefault(name, {"decide": [], "update": []})
+            tm["decide"] += run["decide_ns"]
+            tm["update"] += run["update_ns"]
+            if cfg.jobs > 1:  # a single process said it as it went
+                say(f"{sc_name} seed {seed} {name}: reward {run['rewards'].mean():.4f} ({run['wall_s']:.1f}s)")
+    for sc_name in cfg.scenarios:
         for name in curves[sc_name]:
             curves[sc_name][name] = np.array(curves[sc_name][name])
             shares[sc_name][name] = np.array(shares[sc_name][name])
+    arm_names = tuple(a["name"] for a in out["arms"])
 
     first = cfg.scenarios[0]
     algorithms: dict[str, Any] = {}
@@ -255,13 +245,49 @@ def bench_bandit(cfg: BanditBenchConfig, pool: PromptPool, say: Callable[[str], 
         shifts[name] = {"requests_to_recover": rec,
                         "max": None if any(v is None for v in rec.values()) else max(rec.values(), default=None)}
     out["shifts"] = shifts
-    if len(trained) == 2:
-        out["timing"] = _timing(cfg, trained["linucb"], trained["mabwiser_linucb"], timing_contexts)
     out["paired"] = _paired(curves[first], cfg)
     out["targets"] = _targets(out, arm_names)
     if plot_dir is not None:
         out["plots"] = _plots(curves, shares, phase_starts, arm_names, cfg, Path(plot_dir))
     out["wall_s"] = time.perf_counter() - t_start
+    return out
+
+
+def _scenario(cfg: BanditBenchConfig, name: str) -> Any:
+    """A scenario, resized to ``cfg.requests`` when set (its phases move along)."""
+    sc = load_relay_scenario(name)
+    if cfg.requests is None:
+        return sc
+    return sc.model_copy(update={"requests": cfg.requests, "phases": tuple(
+        p.model_copy(update={"start": p.start * cfg.requests // sc.requests}) for p in sc.phases)})
+
+
+def _run_task(task: tuple, say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Every algorithm on one (scenario, seed) stream; the first stream of seed 0 also times LinUCB vs MABWiser."""
+    cfg, sc_name, seed, pool = task
+    stream = RelayStream(_scenario(cfg, sc_name), pool, seed=seed)
+    first = sc_name == cfg.scenarios[0] and seed == 0
+    out: dict[str, Any] = {"phase_starts": stream.phase_starts, "runs": {}, "arms": [
+        {"name": a.name, "k": a.k, "device_guidance": a.device_guidance, "fidelity_by_objects": list(a.fidelity),
+         "fidelity_std": a.fidelity_std, "style_fidelity": a.style_fidelity, "device_row_factor": a.device_row_factor,
+         "source": a.source, "style_source": a.style_source} for a in stream.arms]}
+    # the peers on the first scenario only: MABWiser's partial_fit costs ~6 ms an update here
+    algos = _algorithms(cfg, stream.arm_names, peers=cfg.peers and sc_name == cfg.scenarios[0])
+    trained = {}
+    for name, factory in algos.items():
+        policy = factory(seed)
+        t0 = time.perf_counter()
+        run = run_policy(stream, policy)
+        out["runs"][name] = {"rewards": run.result.rewards, "arms": run.result.arms, "decide_ns": run.decide_ns,
+                             "update_ns": run.update_ns, "wall_s": time.perf_counter() - t0}
+        say(f"{sc_name} seed {seed} {name}: reward {run.result.rewards.mean():.4f} ({time.perf_counter() - t0:.1f}s)")
+        if first and name in ("linucb", "mabwiser_linucb"):
+            trained[name] = policy
+    if len(trained) == 2:
+        rng = np.random.default_rng(99)
+        idx = rng.choice(stream.scenario.requests, size=min(cfg.timing_calls, stream.scenario.requests), replace=False)
+        contexts = np.array([stream.context(int(i), [int(r) for r in rng.integers(1, 20, 6)]) for i in idx])
+        out["timing"] = _timing(cfg, trained["linucb"], trained["mabwiser_linucb"], contexts)
     return out
 
 

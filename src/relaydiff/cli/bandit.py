@@ -21,6 +21,7 @@ def bench_bandit_cmd(
     alpha: float = typer.Option(0.1, help="LinUCB's (and MABWiser LinUCB's) exploration alpha."),
     l2: float = typer.Option(0.1, help="Ridge l2 of every linear policy and the peers."),
     peers: bool = typer.Option(True, help="Run MABWiser's LinUCB and LinTS (needs the 'bench' extra)."),
+    jobs: int = typer.Option(2, help="Processes over the (scenario, seed) streams."),
     plots: Path = typer.Option(None, help="Write the PNG plots into this folder."),
     out: Path = typer.Option(None, help="Also write the JSON here."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -29,7 +30,7 @@ def bench_bandit_cmd(
     from relaydiff.system.relay_scenario import load_relay_scenario
     from relaydiff.system.scenario import ScenarioError
 
-    check(seeds >= 1 and requests >= 0, "--seeds must be >= 1 and --requests >= 0")
+    check(seeds >= 1 and requests >= 0 and jobs >= 1, "--seeds and --jobs must be >= 1, --requests >= 0")
     check(alpha >= 0 and l2 > 0, "--alpha must be >= 0 and --l2 > 0")
     names = tuple(s.strip() for s in scenarios.split(",") if s.strip())
     check(bool(names), "--scenarios needs at least one scenario")
@@ -51,7 +52,8 @@ def bench_bandit_cmd(
     from relaydiff.serve.bandit_prompts import calibration_featurizer, prompt_pool
 
     torch.set_num_threads(1)
-    cfg = BanditBenchConfig(scenarios=names, seeds=seeds, requests=requests or None, alpha=alpha, l2=l2, peers=peers)
+    cfg = BanditBenchConfig(scenarios=names, seeds=seeds, requests=requests or None, alpha=alpha, l2=l2, peers=peers,
+                            jobs=jobs)
     featurizer = calibration_featurizer(0)
     pool = prompt_pool(featurizer, cfg.pool_per_class, seed=0)
     result = bench_bandit(cfg, pool, say=lambda s: console.print(s, highlight=False), plot_dir=plots)

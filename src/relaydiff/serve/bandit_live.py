@@ -75,8 +75,8 @@ def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: f
     """This machine as the edge: the member's batched step latency, written as a profile file."""
     from relaydiff.engine.profile import hardware, measure_step_latency
 
-    sizes = sorted({1, 2, 4, 8, max_batch} & set(range(1, max_batch + 1)))
-    lat = measure_step_latency(family, member, sizes, steps=4, guidance=guidance, warmup=1)
+    sizes = sorted({1, 4, max_batch})
+    lat = measure_step_latency(family, member, sizes, steps=3, guidance=guidance, warmup=1)
     prof = {"format": "relaydiff.profile/1", "kind": "edge", "name": "this-machine", "hardware": hardware(),
             "max_batch": max_batch,
             "members": {member: {"step_latency_s": {str(b): t for b, t in lat.items()},
@@ -90,7 +90,7 @@ def _device_scale(family: Any, stream: RelayStream, member: str, guidance: float
     """Per request: device profile step latency / this machine's measured step of ``member``."""
     from relaydiff.engine.profile import measure_step_latency
 
-    here = measure_step_latency(family, member, [1], steps=8, guidance=guidance, warmup=2)[1]
+    here = measure_step_latency(family, member, [1], steps=6, guidance=guidance, warmup=1)[1]
     return stream.device_step_s / here, here
 
 
@@ -143,7 +143,7 @@ class LiveStream:
                 sf = float(self.judge.read(image)[0].style == self.style[idx]) if self.style[idx] else 0.0
                 q = (1 - st.rho[idx]) * q + st.rho[idx] * sf
             latency = device_s if arm.k == 0 else st.up_s[idx] + (edge_done - arrival[idx]) + st.link_s[idx] + device_s
-            reward = float(st._reward(idx, np.asarray(q), np.asarray(latency)))
+            reward = float(st.utility(idx, np.asarray(q), np.asarray(latency)))
             run.quality[idx], run.latency_s[idx], run.rewards[idx] = q, float(latency), reward
             heapq.heappush(pending, (arrival[idx] + latency, idx, contexts.pop(idx)))
 
@@ -209,7 +209,7 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
             update={"profile": str(edge_profile), "member": "large", "max_batch": cfg.max_batch})})
         say(f"edge = this machine ({hardware()}): large-member step {edge_measured.member('large').at(1) * 1e3:.1f} ms "
             f"at batch 1, {edge_measured.member('large').at(cfg.max_batch) * 1e3:.1f} ms at {cfg.max_batch} (measured now)")
-        featurizer = calibration_featurizer(cfg.seed)
+        featurizer = calibration_featurizer(cfg.seed, n=150)
         per_class = max(4, -(-cfg.requests // 3))
         prompts, scenes = sample_prompts(per_class, seed=cfg.seed + 777)
         pool = PromptPool(features=featurizer(prompts), n_objects=np.array([len(s.objects) for s in scenes]))
@@ -228,7 +228,7 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
                                  **({"l2": cfg.l2} if cfg.algorithm in ("linucb", "lints", "egreedy", "swlinucb") else {}))
             if cfg.warm_requests > 0:
                 warm = scenario.model_copy(update={"requests": cfg.warm_requests})
-                warm_stream = RelayStream(warm, prompt_pool(featurizer, 100, seed=cfg.seed + 1), seed=cfg.seed + 1)
+                warm_stream = RelayStream(warm, prompt_pool(featurizer, 50, seed=cfg.seed + 1), seed=cfg.seed + 1)
                 mean = train_in_simulator(bandit, warm_stream)
                 say(f"policy: {bandit.kind} trained on {cfg.warm_requests} simulated requests of '{cfg.scenario}' "
                     f"(this machine's edge profile; mean reward {mean:.3f})")

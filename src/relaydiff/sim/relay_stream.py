@@ -219,7 +219,7 @@ class RelayStream:
             np.log10(self.device_step_s[i]), np.log10(self.down_bps[i] / 1e6),
         ])
 
-    def _reward(self, i: int, q: Any, latency: Any) -> Any:
+    def utility(self, i: int, q: Any, latency: Any) -> Any:
         """The user's utility for quality ``q`` and latency (scalars or one per arm)."""
         cap = self.scenario.latency_cap
         return self.wq[i] * q - (1.0 - self.wq[i]) * np.minimum(latency / self.ref_latency_s[i], cap)
@@ -233,7 +233,7 @@ class RelayStream:
             fin = self._finish_times(rem, clock, kmax)
             edge = np.where(k > 0, fin[np.maximum(k, 1) - 1] - self.arrival_s[i], 0.0)
             latency = latency + edge
-        return self._reward(i, self.expected_q[i], latency)
+        return self.utility(i, self.expected_q[i], latency)
 
     def run(self, decide: Decide, learn: Learn | None = None) -> StreamResult:
         """Serve every request with ``decide``; ``learn`` gets each reward when its request finishes."""
@@ -297,7 +297,7 @@ class RelayStream:
     def _close(self, i, a, lat, arms, rewards, quality, latency, pending, contexts) -> None:
         q = float(self.quality[i, a])
         quality[i], latency[i] = q, lat
-        rewards[i] = self._reward(i, q, lat)
+        rewards[i] = self.utility(i, q, lat)
         heapq.heappush(pending, (self.arrival_s[i] + lat, i, int(a), contexts.pop(i)))
 
 
