@@ -292,3 +292,43 @@ def test_quality_auto_uses_shipped_reference_table(tmp_path: Path, monkeypatch: 
     inst = sample_instance(parse_scenario({}), n_users=2, seed=0)
     assert inst.meta["quality_source"] == f"measured table {table}"
     assert load_quality("fitted").relay_x is None
+
+
+# ---- zero preference weights (issue 18) ----------------------------------------------------------
+def _with_weights(inst: RoundInstance, user: int, w: tuple[float, float, float], **over) -> RoundInstance:
+    d = inst.to_dict()
+    for name, value in zip(("w_quality", "w_latency", "w_energy"), w):
+        d[name][user] = value
+    for name, value in over.items():
+        d[name][user] = value
+    return RoundInstance.from_dict(d)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 0.0, 0.0), (0.5, 0.0, 0.5)])
+def test_zero_weights_give_a_finite_objective(weights) -> None:
+    """A user who weighs neither latency nor downlink energy gets no downlink share: no 0 x inf = NaN."""
+    from relaydiff.sched.exact import solve_exact
+
+    inst = _with_weights(sample_instance(DEFAULT, n_users=4, seed=3), 0, weights, rx_power_w=0.0)
+    assert inst.bw_cost[0] == 0.0
+    k = np.array([20, 8, 8, 0])
+    obj, br = evaluate(inst, k)
+    assert br.bandwidth[0] == 0.0 and np.isinf(br.latency_s[0])  # honest: its latent never gets a share
+    assert np.isfinite(obj) and np.all(np.isfinite(br.utility))
+    assert obj == pytest.approx(objective_value(inst, k), rel=1e-12)
+    # the zero-weight user's utility is its quality term alone (plus the energy it saves on the device)
+    assert br.utility[0] == pytest.approx(weights[0] * inst.quality[0, 20] + weights[2] * (1 - br.energy_j[0] / inst.ref_energy_j[0]))
+    sol = solve_exact(inst)
+    assert sol.status == "optimal" and np.isfinite(sol.objective)
+    assert sol.objective == pytest.approx(objective_value(inst, sol.decision.k), rel=1e-9)
+
+
+def test_weights_that_leave_a_term_undefined_are_rejected() -> None:
+    inst = sample_instance(DEFAULT, n_users=3, seed=1)
+    with pytest.raises(ValueError, match="w_energy: user 1"):
+        _with_weights(inst, 1, (0.5, 0.0, 0.5), device_step_j=0.0, decode_j=0.0)
+    _with_weights(inst, 1, (0.5, 0.5, 0.0), device_step_j=0.0, decode_j=0.0)  # energy not weighed: fine
+    with pytest.raises(ScenarioError, match=r"preferences\.concentration"):
+        parse_scenario({"preferences": {"concentration": [1.0, float("nan"), 1.0]}})
+    with pytest.raises(ScenarioError, match=r"preferences\.concentration"):
+        parse_scenario({"preferences": {"concentration": [1.0, float("inf"), 1.0]}})

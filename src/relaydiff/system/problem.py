@@ -132,6 +132,10 @@ class RoundInstance:
         w = self.w_quality + self.w_latency + self.w_energy
         if np.any(w <= 0):
             raise ValueError("each user needs a positive total preference weight")
+        no_ref = (self.w_energy > 0) & (self.steps * self.device_step_j + self.decode_j <= 0)
+        if np.any(no_ref):
+            raise ValueError(f"w_energy: user {int(np.flatnonzero(no_ref)[0])} weighs energy but its all-local energy "
+                             "(steps x device_step_j + decode_j) is 0, so the energy term is undefined")
         if self.device_class and len(self.device_class) != n:
             raise ValueError(f"device_class must have {n} entries")
 
@@ -358,6 +362,12 @@ def objective_value(instance: RoundInstance, k: np.ndarray) -> float:
     return float(v - instance.beta_eff * float(big_lambda @ n_s) - instance.bw_weight[adm].sum() ** 2)
 
 
+def _weighted(weight: np.ndarray, term: np.ndarray) -> np.ndarray:
+    """weight x term with 0 x inf = 0: a term its user does not weigh costs nothing."""
+    with np.errstate(invalid="ignore"):
+        return np.where(weight > 0, weight * term, 0.0)
+
+
 def evaluate(instance: RoundInstance, decision: Decision | np.ndarray) -> tuple[float, Breakdown]:
     """Objective (sum of u_i) and per-user breakdown of a decision; raises InfeasibleDecision."""
     if not isinstance(decision, Decision):
@@ -389,12 +399,14 @@ def evaluate(instance: RoundInstance, decision: Decision | np.ndarray) -> tuple[
     up = np.where(adm, instance.uplink_s, 0.0)
     dev = (instance.steps - k) * instance.device_step_s + instance.decode_s
     lat = up + edge + down + dev
-    en = (instance.steps - k) * instance.device_step_j + instance.decode_j + instance.tx_power_w * up + instance.rx_power_w * down
+    # A user who weighs neither latency nor downlink energy gets no downlink share (it costs it
+    # nothing), so its latency is inf: a term whose weight is 0 contributes 0, never 0 x inf = NaN.
+    en = (instance.steps - k) * instance.device_step_j + instance.decode_j + instance.tx_power_w * up + _weighted(instance.rx_power_w, down)
     q = instance.quality[np.arange(instance.n_users), k]
     u = (
         instance.w_quality * q
-        + instance.w_latency * (1.0 - lat / instance.ref_latency_s)
-        + instance.w_energy * (1.0 - en / instance.ref_energy_j)
+        + _weighted(instance.w_latency, 1.0 - lat / instance.ref_latency_s)
+        + _weighted(instance.w_energy, 1.0 - en / instance.ref_energy_j)
     )
     obj = float(u.sum())
     return obj, Breakdown(

@@ -7,6 +7,7 @@ unknown or bad fields raise :class:`ScenarioError` naming the field. Units are i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,9 @@ class PreferenceSpec(_Strict):
     @field_validator("concentration")
     @classmethod
     def _conc(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
-        if min(v) <= 0:
-            raise ValueError(f"concentration entries must be > 0, got {v}")
+        # Dirichlet needs every entry > 0 and finite (a nan or inf entry draws nan weights).
+        if not all(math.isfinite(x) and x > 0 for x in v):
+            raise ValueError(f"concentration entries must be finite and > 0, got {v}")
         return v
 
     @field_validator("personalization", "complexity")
