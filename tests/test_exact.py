@@ -61,6 +61,22 @@ def test_reports_time_limit() -> None:
     assert np.isfinite(sol.objective)  # falls back to a feasible decision
 
 
+@pytest.mark.parametrize("scenario", ["default", "congested"])
+def test_time_limit_returns_the_best_of_incumbent_and_baselines(scenario: str) -> None:
+    """Unproven, exact never returns less than greedy or local search, and says it is unproven."""
+    from relaydiff.sched.baselines import greedy, local_search
+
+    inst = sample_instance(load_scenario(scenario), n_users=40, seed=5)
+    sol = solve_exact(inst, ExactConfig(time_limit_s=1e-6))
+    assert sol.status == "time_limit" and sol.info["proven_optimal"] is False
+    assert sol.info["decision_from"] in {"milp", "milp+local_search", "greedy", "local_search", "all_local"}
+    assert sol.objective >= max(greedy(inst).objective, local_search(inst).objective) - 1e-12
+    assert sol.objective > objective_value(inst, np.zeros(inst.n_users, dtype=np.int64))  # better than the old all-local fallback
+    assert sol.objective == pytest.approx(objective_value(inst, sol.decision.k), rel=1e-12)
+    proven = solve_exact(sample_instance(DEFAULT, n_users=4, seed=1))
+    assert proven.status == "optimal" and proven.info["proven_optimal"] is True and proven.info["decision_from"] == "milp"
+
+
 def test_larger_round_beats_heuristics() -> None:
     from relaydiff.sched.registry import solve
 
