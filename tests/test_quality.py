@@ -237,3 +237,31 @@ def test_reconstruct_round_trips_through_the_family_vae(tiny_family) -> None:
         direct = family.vae.decode(family.vae.encode(x).latent_dist.mode()).sample
     expected = ((direct.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     assert np.abs(rec.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_paired_relay_decision_picks_the_smallest_k_within_the_margin() -> None:
+    """Pairing: k=4 equals full large up to per-prompt noise that cancels only when paired; k=2 is
+    2% worse on every prompt (outside the 1% margin); the pick is the smallest passing k."""
+    from relaydiff.bench.quality import paired_relay_decision
+
+    rng = np.random.default_rng(0)
+    full = rng.uniform(0.3, 1.0, 256)
+    per_image = {8: full, 6: full + rng.normal(0, 0.002, 256), 4: full - 0.002, 2: full - 0.02, 0: full - 0.2}
+    d = paired_relay_decision(per_image, 8)
+    passes = {e["k"]: e["passes"] for e in d["curve"]}
+    assert passes == {0: False, 2: False, 4: True, 6: True, 8: True} and d["k"] == 4
+    assert d["curve"][-1]["lower_bound"] == 0.0  # full large against itself
+    assert paired_relay_decision({8: full, 0: full - 0.2}, 8)["k"] == 8
+    with pytest.raises(ValueError, match="full large"):
+        paired_relay_decision({0: full}, 8)
+    with pytest.raises(ValueError, match="same ones"):
+        paired_relay_decision({8: full, 0: full[:10]}, 8)
+
+
+def test_step_cost_speedups_are_measured_per_round(tiny_family) -> None:
+    from relaydiff.bench.quality import step_cost_speedups
+
+    out = step_cost_speedups(tiny_family, "large", "small", 8, 2, 3.0, 2, (0, 4, 8))
+    assert out["repeats"] == 2 and set(out["step_ms"]) == {"large", "small"}
+    assert out["speedup"]["8"] == {"median": 1.0, "min": 1.0, "max": 1.0}
+    assert out["speedup"]["0"]["min"] <= out["speedup"]["0"]["median"] <= out["speedup"]["0"]["max"]

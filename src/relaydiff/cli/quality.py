@@ -51,7 +51,7 @@ def train_judge_cmd(
 def bench_quality_cmd(
     family: str = typer.Option("reference", help="'reference', 'tiny' or a family directory."),
     steps: int = typer.Option(20, help="Denoising steps T of every chain."),
-    n_prompts: int = typer.Option(96, help="Held-out prompts for members and relay."),
+    n_prompts: int = typer.Option(256, help="Held-out prompts for members and relay (the paired relay decision's sample)."),
     sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, help="Seed of prompts and noise."),
@@ -68,7 +68,7 @@ def bench_quality_cmd(
     """Quality vs speed of a family on held-out prompts: members, relay, shared prefix, personalization."""
     from relaydiff.bench.quality import QualityBenchConfig, bench_quality
 
-    check(steps >= 2 and n_prompts >= 1 and repeats >= 1, "--steps must be >= 2, --n-prompts and --repeats >= 1")
+    check(steps >= 2 and n_prompts >= 2 and repeats >= 1, "--steps must be >= 2, --n-prompts >= 2 and --repeats >= 1")
     cfg = QualityBenchConfig(family=family, steps=steps, n_prompts=n_prompts, sampler=sampler, guidance=guidance,
                              seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None, trace=trace,
                              device_guidance=device_guidance if device_curve else None)
