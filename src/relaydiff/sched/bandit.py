@@ -31,6 +31,8 @@ from typing import Any, ClassVar
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from relaydiff.shipped import read_json
+
 STATE_FORMAT = "relaydiff.bandit/1"
 
 
@@ -395,10 +397,7 @@ def load_bandit(path: str | Path) -> Bandit:
     for p in (meta_path, arr_path):
         if not p.is_file():
             raise BanditError(f"bandit state: {p} does not exist")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BanditError(f"bandit state {meta_path}: not valid JSON ({exc})") from None
+    meta = read_json(meta_path, "bandit state", BanditError)
     if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
         raise BanditError(f"bandit state {meta_path}: 'format' must be {STATE_FORMAT!r}")
     for field in ("kind", "arms", "dim", "reward_range", "params", "rng"):

@@ -22,13 +22,13 @@ Where each number comes from (nothing is invented):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from relaydiff.shipped import read_json
 from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
 
 COMPLEXITY_CLASSES = ("1", "2", "3")  # objects in the prompt: the table's by_objects keys
@@ -81,12 +81,7 @@ DEFAULT_ARMS = (
 
 def _read_table(path: str | Path) -> tuple[dict[str, Any], Path]:
     path = REFERENCE_TABLE if path == "auto" else Path(path)
-    if not path.is_file():
-        raise QualityTableError(f"quality table {path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QualityTableError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "quality table", QualityTableError)
     if not isinstance(data, dict):
         raise QualityTableError(f"{path}: expected a JSON object (relaydiff bench quality --json)")
     return data, path

@@ -11,13 +11,13 @@ field by its dotted path.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from relaydiff.shipped import read_json, resolve, shipped_names
 from relaydiff.system.relay_arms import COMPLEXITY_CLASSES
 from relaydiff.system.scenario import SCENARIOS_DIR, PayloadSpec, ScenarioError, _format_error, _range, _Strict
 
@@ -150,20 +150,17 @@ RELAY_SCENARIOS_DIR = SCENARIOS_DIR / "relay"
 
 def available_relay_scenarios() -> list[str]:
     """Names of the shipped relay scenarios (``scenarios/relay/*.yaml``)."""
-    return sorted(p.stem for p in RELAY_SCENARIOS_DIR.glob("*.yaml"))
+    return shipped_names(RELAY_SCENARIOS_DIR, ".yaml")
 
 
 def load_relay_scenario(name_or_path: str | Path) -> RelayScenario:
     """A shipped relay scenario by name, or a YAML/JSON file by path."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = RELAY_SCENARIOS_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ScenarioError(f"relay scenario {name_or_path!s} not found (shipped: {', '.join(available_relay_scenarios())})")
-    text = path.read_text()
+    path = resolve(name_or_path, RELAY_SCENARIOS_DIR, ".yaml", "relay scenario", ScenarioError)
+    if path.suffix == ".json":
+        return parse_relay_scenario(read_json(path, "relay scenario", ScenarioError), str(path))
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ScenarioError(f"invalid scenario {path}: cannot parse ({exc})") from None
     return parse_relay_scenario(data, str(path))
 
