@@ -42,14 +42,20 @@ def test_simulate_errors(tmp_path):
 
 def test_bench_offload_json_shape():
     res = runner.invoke(app, ["bench", "offload", "--json", "--sizes", "4", "--rounds", "2", "--scale-sizes", "40",
-                              "--scale-rounds", "1"])
+                              "--scale-rounds", "1", "--families", "default,steps_10", "--family-sizes", "3",
+                              "--family-rounds", "1"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     opt = out["optimality"][0]
     assert opt["n"] == 4
     for name in ("exact", "drl", "greedy"):
-        assert {"ratio_mean", "ratio_min", "ms_median"} <= set(opt[name])
+        assert {"ratio_mean", "ratio_min", "gain_mean", "gain_min", "ms_median"} <= set(opt[name])
+    assert [f["family"] for f in out["families"]] == ["default", "steps_10"]
+    assert [f["in_training"] for f in out["families"]] == [True, False]
+    assert out["targets"]["held_out_families"] == 1 and "drl_held_out_gain_mean" in out["targets"]
     assert opt["exact"]["ratio_mean"] <= 1.0 + 1e-9 and opt["drl"]["ratio_mean"] <= 1.0 + 1e-9
     scl = out["scaling"][0]
     assert scl["n"] == 40 and scl["greedy"]["vs_greedy_mean"] == 1.0
     assert "cores" in out["hardware"]
+    res = runner.invoke(app, ["bench", "offload", "--json", "--families", "default,nope"])
+    assert res.exit_code != 0 and "unknown nope" in res.output

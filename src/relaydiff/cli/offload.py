@@ -100,21 +100,34 @@ def bench_offload_cmd(
     scale_rounds: int = typer.Option(5, help="Rounds per N in the scaling part."),
     sizes: str = typer.Option("5,10,20,30", help="N values of the optimality part (exact MILP)."),
     scale_sizes: str = typer.Option("100,1000", help="N values of the scaling part."),
+    families: str = typer.Option("all", help="Held-out families, comma-separated, 'all' or 'none'."),
+    family_sizes: str = typer.Option("7,20,200", help="N values of each family (exact MILP as reference up to N = 30)."),
+    family_rounds: int = typer.Option(5, help="Rounds per family and N."),
 ) -> None:
-    """Optimality (vs the exact MILP) and speed of every solver: one JSON object."""
-    from relaydiff.bench.offload import run
+    """Optimality (vs the exact MILP, plain ratio and share of the possible gain), speed, and held-out families: one JSON object."""
+    from relaydiff.bench.offload import family_names, run
     from relaydiff.system.scenario import ScenarioError, load_scenario
 
     opt, scl = tuple(int_list(sizes, "--sizes")), tuple(int_list(scale_sizes, "--scale-sizes"))
-    check(all(n >= 1 for n in opt + scl), "--sizes and --scale-sizes must be integers >= 1")
-    check(rounds >= 1 and scale_rounds >= 1, "--rounds and --scale-rounds must be >= 1")
+    fam_n = tuple(int_list(family_sizes, "--family-sizes"))
+    check(all(n >= 1 for n in opt + scl + fam_n), "--sizes, --scale-sizes and --family-sizes must be integers >= 1")
+    check(rounds >= 1 and scale_rounds >= 1 and family_rounds >= 1, "--rounds, --scale-rounds and --family-rounds must be >= 1")
+    if families.strip() == "all":
+        fams = family_names()
+    elif families.strip() == "none":
+        fams = []
+    else:
+        fams = [f.strip() for f in families.split(",") if f.strip()]
+        unknown = [f for f in fams if f not in family_names()]
+        check(not unknown, f"--families: unknown {', '.join(unknown)}; available: {', '.join(family_names())}, all, none")
     try:
         sc = load_scenario(scenario)
     except ScenarioError as exc:
         fail(str(exc))
     with console.status("bench offload") as status:
         result = run(sc, seed, opt, rounds, scl, scale_rounds,
-                     on_progress=None if as_json else (lambda msg: status.update(msg)))
+                     on_progress=None if as_json else (lambda msg: status.update(msg)),
+                     families=fams, family_sizes=fam_n, family_rounds=family_rounds)
     print(json.dumps(result, indent=None if as_json else 2))
 
 

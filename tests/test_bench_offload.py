@@ -1,0 +1,71 @@
+"""The bench's honest metric (share of the possible gain) and its held-out families (issue 18)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from relaydiff.bench.offload import FAMILIES, family_names, gain_share, run_families, training_mix
+from relaydiff.sched.registry import solve
+from relaydiff.system.problem import objective_value, sample_instance
+from relaydiff.system.scenario import load_scenario
+
+DEFAULT = load_scenario("default")
+
+
+def _brute(inst) -> float:
+    return max(objective_value(inst, np.array(k)) for k in itertools.product(inst.options, repeat=inst.n_users))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_gain_share_against_brute_force(seed: int) -> None:
+    inst = sample_instance(DEFAULT, n_users=1 + seed % 4, seed=seed)
+    opt = _brute(inst)
+    local = objective_value(inst, np.zeros(inst.n_users, dtype=np.int64))
+    if opt - local <= 1e-9 * max(1.0, abs(opt)):
+        assert gain_share(opt, opt, local) is None
+        return
+    assert gain_share(local, opt, local) == 0.0
+    assert gain_share(opt, opt, local) == pytest.approx(1.0)
+    for name in ("greedy", "local_search", "drl", "all_edge"):
+        g = gain_share(solve(name, inst).objective, opt, local)
+        assert g <= 1.0 + 1e-9
+
+
+def test_gain_share_tells_apart_what_the_ratio_hides() -> None:
+    # optimum 10, all-local 6: a solver at 9.6 has ratio 0.96 but captured only 90% of the gain
+    assert gain_share(9.6, 10.0, 6.0) == pytest.approx(0.9)
+    assert gain_share(5.0, 10.0, 6.0) == pytest.approx(-0.25)  # worse than all-local
+    assert gain_share(6.0, 6.0, 6.0) is None
+
+
+def test_families_are_valid_and_distinct() -> None:
+    names = family_names()
+    assert len(names) == len(set(names)) >= 12
+    mix = training_mix()
+    assert mix == {"default", "congested"}  # the shipped policy's own metadata
+    for fam in FAMILIES:
+        sc = fam.scenario()
+        inst = fam.sample(sc, 3, np.random.default_rng(0))
+        assert inst.n_users == 3 and inst.steps == sc.steps
+        assert np.isfinite(objective_value(inst, np.zeros(3, dtype=np.int64)))
+    base = sample_instance(DEFAULT, n_users=3, seed=np.random.default_rng(0))
+    rq = next(f for f in FAMILIES if f.name == "random_quality")
+    assert not np.allclose(rq.sample(rq.scenario(), 3, np.random.default_rng(0)).quality, base.quality)
+
+
+def test_run_families_reports_each_family_apart() -> None:
+    rows = run_families(["default", "tiny_edge_share"], sizes=(4, 40), rounds=2, seed=3, exact_max_n=10)
+    assert [r["family"] for r in rows] == ["default", "tiny_edge_share"]
+    assert rows[0]["in_training"] is True and rows[1]["in_training"] is False
+    for row in rows:
+        small, large = row["by_n"]
+        assert small["reference"] == "exact" and small["exact"]["gain_min"] in (None, pytest.approx(1.0))
+        assert large["reference"] == "best_found" and "exact" not in large  # no MILP above exact_max_n
+        for name in ("drl", "greedy", "local_search"):
+            assert row[name]["ratio_min"] <= 1.0 + 1e-9
+            assert {"gain_mean", "gain_min", "ms_median", "rounds_below_0.98"} <= set(small[name])
+    with pytest.raises(ValueError, match="unknown families"):
+        run_families(["nope"], sizes=(4,), rounds=1)
