@@ -21,21 +21,38 @@ from relaydiff.sim.qoe_env import PROMPT_POOL
 VARIANTS = ("leader", "paraphrase", "one_attribute", "two_attributes")
 
 
-def build_prompt_pool(n_topics: int = 48, seed: int = 0, out: Path = PROMPT_POOL) -> Path:
-    """Write the pool (prompts, topic ids, variant names, fp16 unit embeddings) next to ``out``."""
+def pool_entries(n_topics: int = 48, seed: int = 0) -> tuple[list, list[str], list[int], list[str]]:
+    """(scenes, prompts, topic ids, variant names) of the pool, deterministic from ``seed``."""
     from relaydiff.bench.quality import _variant
     from relaydiff.models.world import World
-    from relaydiff.quality.similarity import prompt_embeddings
 
     world, rng = World(), np.random.default_rng(seed)
-    prompts, topics, variants = [], [], []
+    scenes, prompts, topics, variants = [], [], [], []
     for t in range(n_topics):
         scene = world.sample_scene(rng, split="heldout")
         for v in VARIANTS:
             s = scene if v in ("leader", "paraphrase") else _variant(world, scene, v, rng)
+            scenes.append(s)
             prompts.append(world.describe(s, rng, split="heldout"))
             topics.append(t)
             variants.append(v)
+    return scenes, prompts, topics, variants
+
+
+def pool_scenes(path: Path = PROMPT_POOL) -> dict[str, object]:
+    """The world scene of each shipped pool prompt (rebuilt from the pool's seed and checked)."""
+    meta = json.loads(Path(path).read_text())
+    scenes, prompts, _, _ = pool_entries(len(set(meta["topics"])), int(meta["seed"]))
+    if prompts != meta["prompts"]:
+        raise ValueError(f"{path}: the pool's prompts do not rebuild from its seed (built by another world version?)")
+    return dict(zip(prompts, scenes))
+
+
+def build_prompt_pool(n_topics: int = 48, seed: int = 0, out: Path = PROMPT_POOL) -> Path:
+    """Write the pool (prompts, topic ids, variant names, fp16 unit embeddings) next to ``out``."""
+    from relaydiff.quality.similarity import prompt_embeddings
+
+    _, prompts, topics, variants = pool_entries(n_topics, seed)
     emb = prompt_embeddings(prompts).astype(np.float16)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"embeddings": emb}, str(out.with_suffix(".safetensors")))

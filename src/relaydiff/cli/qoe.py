@@ -1,4 +1,5 @@
-"""QoE commands (RLLI, issue 15): bench qoe (G-DDPG vs DDPG on the shared-denoising QoE round)."""
+"""QoE commands (RLLI, issue 15): bench qoe (G-DDPG vs DDPG on the shared-denoising QoE round) and
+qoe live (one round of a trained policy on the real engine)."""
 
 from __future__ import annotations
 
@@ -53,5 +54,45 @@ def bench_qoe_cmd(
                       f"sharing: {report['sharing']}; targets: {report['targets']}", highlight=False)
 
 
+qoe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                      help="Shared denoising with personality QoE agents (RLLI): live rounds on the engine.")
+
+
+def qoe_live_cmd(
+    policy: Path = typer.Option(Path("out/bench_qoe/policies/gddpg_seed0"), help="A saved policy folder (bench qoe writes them)."),
+    family: str = typer.Option("reference", help="Model family (shipped name or directory)."),
+    seed: int = typer.Option(0, help="Seed of the round (users, prompts, links) and of the noise."),
+    k_min: int = typer.Option(5, help="Fewest users in the round."),
+    k_max: int = typer.Option(20, help="Most users (must match the policy's training)."),
+    scenario: str = typer.Option("congested", help="Scenario of links, devices and edge."),
+    llm: bool = typer.Option(False, "--llm", help="Score with the LLM agent (RELAYDIFF_LLM_BASE_URL, _MODEL, _API_KEY)."),
+    out: Path = typer.Option(Path("out/qoe_live"), help="Folder for report.json and the group images."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
+) -> None:
+    """One QoE round: the policy's decisions, shared prefixes and continuations on the engine, agents' scores."""
+    check((policy / "policy.json").is_file(), f"no saved policy in {policy} (run relaydiff bench qoe, or pass --policy)")
+    check(1 <= k_min <= k_max, "--k-min must be >= 1 and <= --k-max")
+    from relaydiff.bench.qoe_live import LiveQoEConfig, run_qoe_live
+    from relaydiff.engine.family import FamilyError
+    from relaydiff.sim.agents_llm import LLMConfigError
+    from relaydiff.system.scenario import ScenarioError
+
+    cfg = LiveQoEConfig(policy=str(policy), family=family, seed=seed, k_min=k_min, k_max=k_max, scenario=scenario,
+                        llm=llm, out=str(out))
+    try:
+        report = run_qoe_live(cfg, say=lambda s: console.print(s, highlight=False))
+    except (ValueError, FamilyError, LLMConfigError, ScenarioError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(report, indent=1))
+    else:
+        console.print(f"{report['users']} users in {len(report['groups'])} groups: QoE {report['qoe']:.1f} "
+                      f"(simulator predicted {report['qoe_predicted']:.1f}), U-Net evaluations saved "
+                      f"{100 * report['unet_evals_saved']:.0f}%, fidelity {report['fidelity_mean']:.3f}; report in {out}",
+                      highlight=False)
+
+
 def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
     bench.command("qoe")(bench_qoe_cmd)
+    qoe_app.command("live")(qoe_live_cmd)
+    app.add_typer(qoe_app, name="qoe")

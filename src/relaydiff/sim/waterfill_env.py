@@ -24,6 +24,9 @@ def powers_from_action(action: np.ndarray, total_power: float) -> np.ndarray:
     return np.full(w.shape, total_power / w.size) if s <= 1e-12 else total_power * w / s
 
 
+MAX_GAIN = 100.0  # gains are clipped here (a draw above it is ~10 std out for the default layouts)
+
+
 class WaterFillingEnv(gym.Env):
     """One-step power allocation over ``n_channels`` channels; reward = sum rate (bit/s/Hz)."""
 
@@ -38,13 +41,13 @@ class WaterFillingEnv(gym.Env):
         layout = np.random.default_rng(seed)  # the channels' statistics, fixed for this env
         self.gain_mean = layout.uniform(0.3, 1.2, n_channels)
         self.gain_std = layout.uniform(0.2, 0.6, n_channels)
-        self.observation_space = gym.spaces.Box(0.0, np.inf, shape=(n_channels,), dtype=np.float32)
+        self.observation_space = gym.spaces.Box(0.0, MAX_GAIN, shape=(n_channels,), dtype=np.float32)
         self.action_space = gym.spaces.Box(-1.0, 1.0, shape=(n_channels,), dtype=np.float32)
         self._gains = np.ones(n_channels)
 
     def _draw(self) -> np.ndarray:
         g = np.abs(self.np_random.normal(self.gain_mean, self.gain_std)) ** 2
-        return np.maximum(g, 1e-4)  # a gain of exactly 0 has no water-filling floor
+        return np.clip(g, 1e-4, MAX_GAIN)  # a gain of exactly 0 has no water-filling floor
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)

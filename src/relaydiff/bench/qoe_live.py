@@ -1,0 +1,135 @@
+"""``relaydiff qoe live``: one QoE round decided by a trained policy and run on the real engine.
+
+The round (users, prompts, traits, links, devices) is a seed of :class:`relaydiff.sim.qoe_env.QoEEnv`;
+the policy (saved by ``bench qoe``, or any :func:`relaydiff.sched.rl.ddpg.load_policy` folder) sets
+bandwidth shares, compute shares and each group's shared steps. Then, on this machine's engine,
+each group's shared prefix runs once on the large member, conditioned on the leader's prompt, and
+every member continues with its own prompt (:func:`relaydiff.engine.runner.generate_shared_prefix`).
+The judge reads each decoded image against the scene its prompt describes (real prompt fidelity),
+latency and battery come from the system model (the edge here is not the profile's GPU), and the
+agents (the surrogate, or an LLM endpoint when one is configured) score each user. The report
+lists per group the prompts, similarities, shared steps, U-Net evaluations run and saved, each
+user's fidelity (measured and as the simulator predicted it) and score, with the images.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from relaydiff.sched.rl.ddpg import load_policy
+from relaydiff.sim.agents import Perception, SurrogateAgent
+from relaydiff.sim.qoe_env import QoEEnv
+
+
+@dataclass(frozen=True)
+class LiveQoEConfig:
+    policy: str
+    family: str = "reference"
+    seed: int = 0
+    k_min: int = 5
+    k_max: int = 20
+    scenario: str = "congested"
+    guidance: float = 5.0  # the guidance the shipped family's shared-prefix curves were measured at
+    llm: bool = False  # score with LLMAgent (RELAYDIFF_LLM_* environment) instead of the surrogate
+    max_batch: int = 16
+    out: str = "out/qoe_live"
+
+
+def _png(image: np.ndarray, scale: int = 4) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the round; writes ``out``/report.json and one PNG strip per group; returns the report."""
+    import torch
+
+    from relaydiff.bench.qoe_pool import pool_scenes
+    from relaydiff.engine.family import load_family
+    from relaydiff.engine.plan import Plan, Request
+    from relaydiff.engine.profile import hardware_info
+    from relaydiff.engine.runner import generate_shared_prefix
+    from relaydiff.quality.judge import load_judge
+    from relaydiff.quality.metrics import prompt_fidelity
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    policy = load_policy(cfg.policy, seed=cfg.seed)
+    env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario)
+    if policy.obs_dim != env.observation_space.shape[0] or policy.act_dim != env.action_space.shape[0]:
+        raise ValueError(f"policy {cfg.policy} was trained for another round size (obs {policy.obs_dim}, action "
+                         f"{policy.act_dim}; this round needs {env.observation_space.shape[0]}, {env.action_space.shape[0]}: "
+                         "pass the --k-max it was trained with)")
+    obs, _ = env.reset(seed=cfg.seed)
+    action = policy.decide(obs)
+    bandwidth, compute, shared = env.decode_action(action)
+    predicted = env.outcome(bandwidth, compute, shared)
+    rnd = env.round
+    scenes = pool_scenes()
+    family = load_family(cfg.family)
+    judge = load_judge()
+    steps = env.steps
+    images: list[np.ndarray | None] = [None] * rnd.k
+    evals_run = evals_alone = 0
+    g = rnd.groups
+    for j in range(g.n_groups):
+        members = list(g.members(j))
+        reqs = [Request(prompt=rnd.prompts[i], steps=steps, guidance=cfg.guidance, seed=cfg.seed * 1000 + int(i)) for i in members]
+        plans = [Plan.single("large", steps)] * len(members)
+        res = generate_shared_prefix(family, reqs, plans, int(shared[j]), leader=members.index(int(g.leader[j])),
+                                     max_batch=cfg.max_batch)
+        evals_run += sum(res.unet_evals.values())
+        evals_alone += sum(res.unet_evals_unshared.values())
+        for i, r in zip(members, res.results):
+            images[i] = r.image
+        say(f"group {j}: {len(members)} users, {int(shared[j])} shared steps")
+    fidelity = np.array([prompt_fidelity(images[i][None], [scenes[rnd.prompts[i]]], judge).fidelity for i in range(rnd.k)])
+    seen = [Perception(rnd.prompts[i], float(fidelity[i]), float(predicted.latency_s[i]), float(predicted.battery_j[i]))
+            for i in range(rnd.k)]
+    reasons: list[str] = []
+    if cfg.llm:
+        from relaydiff.sim.agents_llm import LLMAgent
+
+        agent = LLMAgent(images=True)
+        scores = agent.score(rnd.traits, seen, [_png(images[i]) for i in range(rnd.k)])
+        reasons, agent_info = agent.reasons, {"kind": "llm", "model": agent.model, **asdict(agent.stats)}
+    else:
+        scores = SurrogateAgent().score(rnd.traits, seen)
+        agent_info = {"kind": "surrogate"}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = []
+    for j in range(g.n_groups):
+        members = [int(i) for i in g.members(j)]
+        strip = out / f"group{j}.png"
+        strip.write_bytes(_png(np.concatenate([images[i] for i in members], axis=1)))
+        groups.append({"leader": int(g.leader[j]), "shared_steps": int(shared[j]), "image_strip": str(strip), "users": [
+            {"user": i, "prompt": rnd.prompts[i], "similarity_to_leader": float(g.similarity[i]),
+             "traits": [float(x) for x in rnd.traits[i]], "fidelity": float(fidelity[i]),
+             "fidelity_predicted": float(predicted.fidelity[i]), "latency_s": float(predicted.latency_s[i]),
+             "battery_j": float(predicted.battery_j[i]), "score": float(scores[i]),
+             **({"reason": reasons[i]} if reasons else {})} for i in members]})
+    report = {
+        "config": asdict(cfg), "hardware": hardware_info(), "agent": agent_info, "users": rnd.k,
+        "qoe": float(np.sum(scores)), "qoe_predicted": float(predicted.scores.sum()),
+        "unet_evals": evals_run, "unet_evals_unshared": evals_alone,
+        "unet_evals_saved": 1.0 - evals_run / evals_alone if evals_alone else 0.0,
+        "unet_evals_saved_predicted": predicted.summary()["unet_evals_saved"],
+        "fidelity_mean": float(fidelity.mean()), "fidelity_predicted_mean": float(predicted.fidelity.mean()),
+        "groups": groups, "wall_s": time.perf_counter() - t0,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+__all__ = ["LiveQoEConfig", "run_qoe_live"]
