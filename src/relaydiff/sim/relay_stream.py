@@ -160,12 +160,12 @@ class RelayStream:
         loss = np.array([p["extra_path_loss_db"] for p in phases])
         fade_dn, fade_up = channel.rayleigh_power(rng, n), channel.rayleigh_power(rng, n)
         att = 10.0 ** (-loss / 10.0)
-        snr_dn = att * channel.snr_linear(dist, fade_dn, lk.bs_tx_power_dbm, lk.carrier_hz, lk.bs_noise_figure_db,
+        snr_dn = att * channel.snr_linear(dist, fade_dn, lk.bs_tx_power_dbm, lk.bandwidth_hz, lk.bs_noise_figure_db,
                                           lk.path_loss_1km_db, lk.path_loss_exponent)
-        snr_up = att * channel.snr_linear(dist, fade_up, lk.ue_tx_power_dbm, lk.uplink_hz, lk.ue_noise_figure_db,
+        snr_up = att * channel.snr_linear(dist, fade_up, lk.ue_tx_power_dbm, lk.uplink_bandwidth_hz, lk.ue_noise_figure_db,
                                           lk.path_loss_1km_db, lk.path_loss_exponent)
         self.down_bps = np.maximum(lk.downlink_hz * channel.spectral_efficiency(snr_dn), 1.0)
-        up_bps = np.maximum(lk.uplink_hz * channel.spectral_efficiency(snr_up), 1.0)
+        up_bps = np.maximum(lk.uplink_bandwidth_hz * channel.spectral_efficiency(snr_up), 1.0)
         self.link_s = 8.0 * sc.payload.latent_bytes / self.down_bps
         self.up_s = 8.0 * sc.payload.prompt_bytes / up_bps
         # quality draws: one uniform per request shared by the arms (a hard prompt is hard for all)

@@ -19,7 +19,15 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from relaydiff.shipped import read_json, resolve, shipped_names
 from relaydiff.system.relay_arms import COMPLEXITY_CLASSES
-from relaydiff.system.scenario import SCENARIOS_DIR, PayloadSpec, ScenarioError, _format_error, _range, _Strict
+from relaydiff.system.scenario import (
+    SCENARIOS_DIR,
+    PayloadSpec,
+    ScenarioError,
+    WirelessSpec,
+    _format_error,
+    _range,
+    _Strict,
+)
 
 
 def _mix(v: dict[str, float] | None) -> dict[str, float] | None:
@@ -41,24 +49,11 @@ class RelayEdgeSpec(_Strict):
     max_batch: int | None = Field(default=None, ge=1)  # None: the profile's
 
 
-class RelayLinkSpec(_Strict):
-    """Each user's own downlink (a fixed share of the cell) and uplink; Shannon rate with Rayleigh fading."""
+class RelayLinkSpec(WirelessSpec):
+    """The cell's link budget (``bandwidth_hz``: the carrier the base station's power is spread over)
+    plus the share of it one user gets while receiving a handoff; Shannon rate with Rayleigh fading."""
 
-    downlink_hz: float = Field(default=1e6, gt=0)  # the share one user gets while receiving a handoff
-    uplink_hz: float = Field(default=0.5e6, gt=0)
-    bs_tx_power_dbm: float = 46.0  # 3GPP TR 36.814 macro BS (over the whole 10 MHz carrier)
-    carrier_hz: float = Field(default=10e6, gt=0)  # the power above is spread over this carrier
-    ue_tx_power_dbm: float = 23.0  # TR 36.814 UE
-    bs_noise_figure_db: float = Field(default=9.0, ge=0)  # UE receiver (TR 36.814)
-    ue_noise_figure_db: float = Field(default=5.0, ge=0)  # BS receiver (TR 36.814)
-    distance_m: tuple[float, float] = (35.0, 500.0)
-    path_loss_1km_db: float = 128.1
-    path_loss_exponent: float = Field(default=3.76, gt=0)
-
-    @field_validator("distance_m")
-    @classmethod
-    def _dist(cls, v: tuple[float, float]) -> tuple[float, float]:
-        return _range(v, "distance_m", 1.0)
+    downlink_hz: float = Field(default=1e6, gt=0)
 
 
 class RelayUserSpec(_Strict):
