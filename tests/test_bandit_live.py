@@ -48,3 +48,23 @@ def test_live_edge_only_waits_for_the_edge(tiny):
     st = live.stream
     for i, lat in enumerate(edge.latency_s):
         assert lat > st.up_s[i] + st.link_s[i] + st.decode_s[i]  # plus the measured edge steps
+
+
+def test_live_summary_and_report(tmp_path):
+    from relaydiff.serve.bandit_live import LiveRun, _report, _summary
+    from relaydiff.system.profiles import parse_profile
+
+    names = ("edge_only", "device_only")
+    edge = parse_profile({"kind": "edge", "members": {"large": {"step_latency_s": {"1": 0.02, "4": 0.05}}}})
+    runs = [LiveRun("bandit_linucb", [0, 1, 1], [0.3, 0.2, 0.4], [0.8, 0.7, 0.9], [1.0, 2.0, 2.5]),
+            LiveRun("fixed_edge_only", [0, 0, 0], [0.1, 0.2, 0.3], [0.8, 0.8, 0.8], [1.0, 1.0, 1.0])]
+    cfg = LiveConfig(requests=3)
+    out = _summary(cfg, runs, names, np.array([2.0, 3.0, 2.5]), 0.01, edge, 0.0)
+    assert not out["complete"] and not out["bandit_beats_every_fixed_arm"]  # one fixed arm still missing
+    assert out["policies"]["bandit_linucb"]["arm_counts"] == {"edge_only": 1, "device_only": 2}
+    assert abs(out["policies"]["fixed_edge_only"]["bandit_minus_this"]["mean"] - 0.1) < 1e-12
+    runs.append(LiveRun("fixed_device_only", [1, 1, 1], [0.0, 0.1, 0.2], [0.7] * 3, [2.0] * 3))
+    out = _summary(cfg, runs, names, np.array([2.0, 3.0, 2.5]), 0.01, edge, 0.0)
+    assert out["complete"] and out["bandit_beats_every_fixed_arm"]
+    files = _report(out, runs, names, tmp_path)
+    assert all((tmp_path / f).exists() for f in ("bandit_live.json", "bandit_live.png")) and len(files) == 2

@@ -239,12 +239,14 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
     runs = [live.serve(f"bandit_{bandit.kind}", bandit.decide, bandit.update)]
     say(f"{runs[0].name}: mean utility {np.mean(runs[0].rewards):.4f}")
     saved = str(bandit.save(cfg.save_state)) if cfg.save_state else None
-    if cfg.compare_fixed:
-        for a, name in enumerate(names):
-            fixed = FixedArm(names, len(CONTEXT_FEATURES), arm=a)
-            runs.append(live.serve(f"fixed_{name}", fixed.decide, None))
-            say(f"{runs[-1].name}: mean utility {np.mean(runs[-1].rewards):.4f}")
-    out = _summary(cfg, runs, names, stream, scale, here, edge_measured, t_start)
+    fixed_runs = [(a, name) for a, name in enumerate(names)] if cfg.compare_fixed else []
+    for a, name in fixed_runs:
+        if report_dir is not None:  # what is done so far survives an interrupted run
+            _report(_summary(cfg, runs, names, scale, here, edge_measured, t_start), runs, names, Path(report_dir))
+        fixed = FixedArm(names, len(CONTEXT_FEATURES), arm=a)
+        runs.append(live.serve(f"fixed_{name}", fixed.decide, None))
+        say(f"{runs[-1].name}: mean utility {np.mean(runs[-1].rewards):.4f}")
+    out = _summary(cfg, runs, names, scale, here, edge_measured, t_start)
     out["saved_state"] = saved
     if report_dir is not None:
         out["report"] = _report(out, runs, names, Path(report_dir))
@@ -257,7 +259,9 @@ def _table_path(table: str) -> Path:
     return REFERENCE_TABLE if table == "auto" else Path(table)
 
 
-def _summary(cfg, runs, names, stream, scale, here, edge_measured, t_start) -> dict[str, Any]:
+def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale: np.ndarray, here: float,
+             edge_measured: Any, t_start: float) -> dict[str, Any]:
+    """The report's figures: per policy mean utility, quality, latency, arm counts, paired difference."""
     from relaydiff.engine.profile import hardware
 
     bandit = runs[0]
@@ -272,6 +276,7 @@ def _summary(cfg, runs, names, stream, scale, here, edge_measured, t_start) -> d
             policies[r.name]["bandit_minus_this"] = {
                 "mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None}
     fixed = {k: v["mean_utility"] for k, v in policies.items() if k.startswith("fixed_")}
+    complete = len(fixed) == len(names) or not cfg.compare_fixed
     return {"config": asdict(cfg), "hardware": hardware(), "requests": cfg.requests,
             "edge": {"profile": "measured on this machine at the start of the run",
                      "step_latency_s": dict(zip(map(str, edge_measured.member("large").batch_sizes),
@@ -280,7 +285,9 @@ def _summary(cfg, runs, names, stream, scale, here, edge_measured, t_start) -> d
                                "scale_by_request": {"min": float(scale.min()), "max": float(scale.max())},
                                "note": "device compute measured here x (device profile small step / this machine's)"},
             "policies": policies,
-            "bandit_beats_every_fixed_arm": bool(fixed) and policies[bandit.name]["mean_utility"] > max(fixed.values()),
+            "complete": complete,
+            "bandit_beats_every_fixed_arm": (complete and bool(fixed)
+                                             and policies[bandit.name]["mean_utility"] > max(fixed.values())),
             "wall_s": time.perf_counter() - t_start}
 
 
