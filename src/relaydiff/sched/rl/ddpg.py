@@ -224,8 +224,17 @@ def train(make_env: Callable[[int], gym.Env], cfg: RLConfig, actor: ActorFactory
     ``make_env(seed)`` builds an env; the training env gets ``cfg.seed``, the evaluation env the
     same (its episodes are reset with seeds ``eval_seed + j``, identical for every actor).
     """
-    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _train(make_env, cfg, actor, info_keys, eval_seed, log)
+    finally:
+        torch.set_num_threads(threads)  # leave the caller's thread count as it was
+
+
+def _train(make_env: Callable[[int], gym.Env], cfg: RLConfig, actor: ActorFactory, info_keys: tuple[str, ...],
+           eval_seed: int, log: Callable[[str], None] | None) -> TrainResult:
+    t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     env, eval_env = make_env(cfg.seed), make_env(cfg.seed)
