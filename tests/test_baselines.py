@@ -81,3 +81,25 @@ def test_registry() -> None:
         get_solver("nope")
     register_solver("test_local", get_solver("all_local"))
     assert "test_local" in available_solvers()
+
+
+def test_swap_repair_re_admits_the_user_drl_left_local() -> None:
+    """Issue 18: on a 10x-loaded edge DRL admitted the wrong user and single moves could not repair it."""
+    from relaydiff.bench.offload import FAMILIES
+    from relaydiff.sched.baselines import local_search_options, swap_repair_options
+    from relaydiff.sched.drl.policy import solve_drl
+    from relaydiff.sched.exact import solve_exact
+    from relaydiff.system.problem import objective_value
+
+    fam = next(f for f in FAMILIES if f.name == "slow_edge_10x")
+    rng = np.random.default_rng([0, 3, 7])
+    for _ in range(4):
+        inst = fam.sample(fam.scenario(), 7, rng)
+    drl_k = solve_drl(inst).decision.k
+    start = inst.option_index(drl_k)
+    stuck, _ = local_search_options(inst, start=start)
+    repaired, _ = swap_repair_options(inst, start=start)
+    best = solve_exact(inst)
+    assert objective_value(inst, inst.options[stuck]) < best.objective - 1e-3  # single moves stay stuck
+    assert objective_value(inst, inst.options[repaired]) == pytest.approx(best.objective, rel=1e-9)
+    assert solve_drl(inst, improve=True).objective == pytest.approx(best.objective, rel=1e-9)

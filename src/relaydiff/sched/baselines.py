@@ -107,6 +107,40 @@ def local_search_options(inst: RoundInstance, start: np.ndarray | None = None, c
     return st.opt, it
 
 
+def swap_repair_options(inst: RoundInstance, start: np.ndarray, cfg: LocalSearchConfig | None = None) -> tuple[np.ndarray, int]:
+    """Local search with swaps at any load: evict one admitted user and make the best move of another.
+
+    Single moves cannot undo a wrong admission when the edge is slow: admitting the right user beside
+    the wrong one costs more (the batch interaction) than either alone, and evicting the wrong one
+    first loses its gain (issue 18: DRL kept the highest-gain user local on a 10x-loaded edge). One
+    pass costs one ``deltas`` per admitted user; it repeats with single moves until nothing improves.
+    """
+    cfg = cfg or LocalSearchConfig()
+    opt, iters = local_search_options(inst, start=start, cfg=cfg)
+    st = MoveState(inst, opt)
+    swaps = 0
+    improved = True
+    while improved and swaps < cfg.max_iters:
+        improved = False
+        for evict in np.flatnonzero(st.opt > 0):
+            before, old = st.objective(), int(st.opt[evict])
+            st.move(int(evict), 0)
+            d = st.deltas()
+            d[evict, :] = -np.inf
+            d[np.arange(inst.n_users), st.opt] = -np.inf
+            r, b = divmod(int(np.argmax(d)), d.shape[1])
+            if np.isfinite(d[r, b]) and st.objective() + d[r, b] > before + cfg.tol:
+                st.move(r, b)
+                swaps += 1
+                improved = True
+                break
+            st.move(int(evict), old)
+        if improved:
+            opt, more = local_search_options(inst, start=st.opt, cfg=cfg)
+            st, iters = MoveState(inst, opt), iters + more
+    return st.opt, iters + swaps
+
+
 def _greedy(inst: RoundInstance) -> tuple[np.ndarray, dict[str, Any]]:
     return inst.options[greedy_options(inst)], {}
 

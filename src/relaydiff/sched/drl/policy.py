@@ -5,8 +5,9 @@ This is what a service loads: numpy only (no torch), weights from safetensors + 
 (:class:`relaydiff.sim.round_env.SequentialRound`), each fixed-size observation mapped to a masked
 argmax over {local} ∪ splits. Once every discrete choice is made, the downlink shares come from
 the convex half in closed form (b_i ∝ sqrt(c_i), :mod:`relaydiff.system.bandwidth`). Optionally
-(``improve=True``) the local-search baseline's best-improvement pass
-(:func:`relaydiff.sched.baselines.local_search_options`) starts from the policy's choices; both
+(``improve=True``) the local-search baseline's best-improvement pass plus evict-and-admit swaps at
+any load (:func:`relaydiff.sched.baselines.swap_repair_options`, which can re-admit a user the
+policy left local) starts from the policy's choices; both
 variants are reported separately by the bench. Training: :mod:`relaydiff.sched.drl.train`.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
-from relaydiff.sched.baselines import local_search_options
+from relaydiff.sched.baselines import swap_repair_options
 from relaydiff.shipped import read_json
 from relaydiff.sim.round_env import SequentialRound, obs_size
 from relaydiff.system.bandwidth import allocate_bandwidth
@@ -125,7 +126,7 @@ def decide(instance: RoundInstance, act: Callable[[np.ndarray, np.ndarray, Seque
     info: dict[str, Any] = {"decisions": steps, "sequential_gain": rnd.total_gain}
     if not improve:
         return rnd.k.copy(), info
-    opt, iters = local_search_options(instance, start=rnd.moves.opt)
+    opt, iters = swap_repair_options(instance, start=rnd.moves.opt)
     info["improve_iterations"] = iters
     return instance.options[opt], info
 
