@@ -45,7 +45,10 @@ def test_batch_of_chains_at_different_steps_matches_each_alone(tiny):
     assert ex.calls < sum(r.steps for r in reqs)  # the calls were shared
     for c, r, p in zip(chains, reqs, plans):
         ref = _alone(tiny, r, p)
-        torch.testing.assert_close(c.latents, ref.latents, rtol=1e-5, atol=1e-5)
+        # a float32 U-Net gives slightly different numbers at different batch sizes (the kernels
+        # block by batch; up to 2.7e-5 here on an AMD EPYC, 1 thread, after guidance 7.5): the
+        # executor's own exactness is tested bit for bit with a row-wise U-Net (test_batched_step)
+        torch.testing.assert_close(c.latents, ref.latents, rtol=1e-4, atol=1e-4)
         assert c.accounting.unet_evals == ref.accounting["unet_evals"]
 
 
