@@ -46,11 +46,15 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 import torch
 
+from relaydiff.engine.plan import MAX_STEPS
+
 SAMPLERS: tuple[str, ...] = ("ddim", "euler", "dpmpp_2m")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS: tuple[str, ...] = ("leading", "trailing", "linspace")
 BETA_SCHEDULES: tuple[str, ...] = ("linear", "scaled_linear", "squaredcos_cap_v2")
-MAX_STEPS = 100_000  # sanity bound on training and sampling steps (schedules are read back from handoffs)
+# sampling steps share the plan's bound (one MAX_STEPS); the training timesteps of a scheduler config
+# are another quantity, with a sanity bound of their own (schedules are read back from handoffs)
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 class SamplerError(ValueError):
@@ -263,8 +267,8 @@ class Sampler(ABC):
         def is_num(v: Any) -> bool:
             return isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and math.isfinite(v)
 
-        need(is_int(cfg["num_train_timesteps"]) and 2 <= cfg["num_train_timesteps"] <= MAX_STEPS,
-             "num_train_timesteps", f"an int in [2, {MAX_STEPS}]")
+        need(is_int(cfg["num_train_timesteps"]) and 2 <= cfg["num_train_timesteps"] <= MAX_TRAIN_TIMESTEPS,
+             "num_train_timesteps", f"an int in [2, {MAX_TRAIN_TIMESTEPS}]")
         if cfg["trained_betas"] is None:
             need(cfg["beta_schedule"] in BETA_SCHEDULES, "beta_schedule", f"one of {BETA_SCHEDULES}")
             for key in ("beta_start", "beta_end"):
