@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from relaydiff.shipped import read_json, resolve, shipped_names
 from relaydiff.system.relay_arms import COMPLEXITY_CLASSES
@@ -24,9 +24,9 @@ from relaydiff.system.scenario import (
     PayloadSpec,
     ScenarioError,
     WirelessSpec,
-    _format_error,
     _range,
     _Strict,
+    validate_scenario,
 )
 
 
@@ -132,12 +132,7 @@ class RelayScenario(_Strict):
 
 def parse_relay_scenario(data: Any, where: str = "<relay scenario>") -> RelayScenario:
     """Validate a relay scenario mapping; the error lists every bad field by its dotted path."""
-    if not isinstance(data, dict):
-        raise ScenarioError(f"invalid scenario {where}: expected a mapping at the top level")
-    try:
-        return RelayScenario.model_validate(data)
-    except ValidationError as exc:
-        raise ScenarioError(_format_error(exc, where)) from None
+    return validate_scenario(RelayScenario, data, where)
 
 
 RELAY_SCENARIOS_DIR = SCENARIOS_DIR / "relay"

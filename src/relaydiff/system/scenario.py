@@ -151,14 +151,20 @@ def _format_error(exc: ValidationError, where: str) -> str:
     return f"invalid scenario {where}:\n" + "\n".join(lines)
 
 
-def parse_scenario(data: Any, where: str = "<scenario>") -> Scenario:
-    """Validate a scenario mapping; the error lists every bad field by its dotted path."""
+def validate_scenario(model: Any, data: Any, where: str) -> Any:
+    """``data`` validated as the pydantic ``model`` (a kind of scenario); the error lists every bad
+    field by its dotted path."""
     if not isinstance(data, dict):
         raise ScenarioError(f"invalid scenario {where}: expected a mapping at the top level")
     try:
-        return Scenario.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ScenarioError(_format_error(exc, where)) from None
+
+
+def parse_scenario(data: Any, where: str = "<scenario>") -> Scenario:
+    """Validate a scenario mapping; the error lists every bad field by its dotted path."""
+    return validate_scenario(Scenario, data, where)
 
 
 def available_scenarios() -> list[str]:
