@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from relaydiff.sched.bandit import POLICIES, BanditError, LinUCB, SlidingWindowLinUCB, load_bandit, make_bandit
+from relaydiff.sched.bandit import POLICIES, Bandit, BanditError, LinUCB, SlidingWindowLinUCB, make_bandit
 from relaydiff.sim.relay_stream import CONTEXT_FEATURES, PromptPool, RelayStream, StreamError
 from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
 from relaydiff.system.relay_arms import DEFAULT_ARMS, ArmSpec, load_relay_arms
@@ -139,9 +139,9 @@ def test_state_round_trip_continues_identically(kind, tmp_path):
     for _ in range(40):
         x = rng.normal(0, 1, 3)
         bandit.update(bandit.decide(x), x, float(rng.uniform(-1, 1)))
-    path = bandit.save(tmp_path / "state")
+    path = bandit.save_pretrained(tmp_path / "state")
     assert path.suffix == ".json" and (tmp_path / "state.safetensors").is_file()
-    loaded = load_bandit(tmp_path / "state.json")
+    loaded = Bandit.from_pretrained(tmp_path / "state.json")
     assert (loaded.kind, loaded.arms, loaded.t, loaded.feature_names) == (bandit.kind, bandit.arms, bandit.t,
                                                                          bandit.feature_names)
     for _ in range(30):
@@ -155,21 +155,21 @@ def test_state_round_trip_continues_identically(kind, tmp_path):
 
 def test_state_load_errors(tmp_path):
     bandit = make_bandit("linucb", ARMS, 3)
-    bandit.save(tmp_path / "s")
+    bandit.save_pretrained(tmp_path / "s")
     with pytest.raises(BanditError, match="does not exist"):
-        load_bandit(tmp_path / "missing")
+        Bandit.from_pretrained(tmp_path / "missing")
     meta = json.loads((tmp_path / "s.json").read_text())
     (tmp_path / "bad.json").write_text(json.dumps({**meta, "dim": 4}))
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "s.safetensors").read_bytes())
     with pytest.raises(BanditError, match="array 'a_inv' must have shape"):
-        load_bandit(tmp_path / "bad")
+        Bandit.from_pretrained(tmp_path / "bad")
     (tmp_path / "bad.json").write_text(json.dumps({**meta, "format": "pickle"}))
     with pytest.raises(BanditError, match="'format'"):
-        load_bandit(tmp_path / "bad")
+        Bandit.from_pretrained(tmp_path / "bad")
     (tmp_path / "bad.json").write_text(json.dumps(meta))
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(BanditError, match="not a readable safetensors"):
-        load_bandit(tmp_path / "bad")
+        Bandit.from_pretrained(tmp_path / "bad")
 
 
 # ---- arms and workloads -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ def test_live_round_runs_groups_on_the_engine_and_scores_real_images(tmp_path) -
     env = QoEEnv(k_min=3, k_max=3)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     cfg = RLConfig(hidden=32)
-    Policy(DiffusionActor(obs_dim, act_dim, cfg), cfg, obs_dim, act_dim).save(tmp_path / "pol")
+    Policy(DiffusionActor(obs_dim, act_dim, cfg), cfg, obs_dim, act_dim).save_pretrained(tmp_path / "pol")
     report = run_qoe_live(LiveQoEConfig(policy=str(tmp_path / "pol"), k_min=3, k_max=3, seed=1, out=str(tmp_path / "out")),
                           say=lambda s: None)
     assert report["users"] == 3 and sum(len(g["users"]) for g in report["groups"]) == 3
@@ -36,7 +36,7 @@ def test_live_round_runs_groups_on_the_engine_and_scores_real_images(tmp_path) -
 
 def test_live_round_rejects_a_policy_of_another_size(tmp_path) -> None:
     cfg = RLConfig(hidden=8)
-    Policy(DiffusionActor(10, 3, cfg), cfg, 10, 3).save(tmp_path / "pol")
+    Policy(DiffusionActor(10, 3, cfg), cfg, 10, 3).save_pretrained(tmp_path / "pol")
     with pytest.raises(ValueError, match="another round size"):
         run_qoe_live(LiveQoEConfig(policy=str(tmp_path / "pol"), k_min=3, k_max=3, out=str(tmp_path / "out")))
 

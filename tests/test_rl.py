@@ -8,7 +8,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 from scipy.optimize import minimize
 
-from relaydiff.sched.rl.ddpg import MLPActor, Policy, RLConfig, load_policy, train
+from relaydiff.sched.rl.ddpg import MLPActor, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import DiffusionActor, train_gddpg, vp_betas
 from relaydiff.sim.waterfill_env import WaterFillingEnv, powers_from_action
 from relaydiff.system.waterfill import sum_rate, water_filling
@@ -81,7 +81,7 @@ def test_short_training_learns_water_filling_and_round_trips(kind: str, tmp_path
     res.policy.reseed(1)
     a = res.policy.decide(obs)
     assert a.shape == (5,) and np.all(np.abs(a) <= 1.0)
-    loaded = load_policy(res.policy.save(tmp_path / kind), seed=1)
+    loaded = Policy.from_pretrained(res.policy.save_pretrained(tmp_path / kind), seed=1)
     assert loaded.kind == ("mlp" if kind == "ddpg" else "diffusion")
     assert np.allclose(loaded.decide(obs), a)
 
@@ -93,4 +93,4 @@ def test_mlp_policy_is_deterministic_and_batches() -> None:
     assert p.decide(x).shape == (3, 2)
     assert np.allclose(p.decide(x[0]), p.decide(x)[0], atol=1e-6)
     with pytest.raises(ValueError, match="not a saved"):
-        load_policy("/nonexistent")
+        Policy.from_pretrained("/nonexistent")

@@ -16,7 +16,7 @@ What it measures (one JSON object; plots in ``out``):
   sharing raised QoE) and energy saved (edge + devices).
 
 Every training run is seeded; evaluation rounds are the same for every algorithm. The trained
-DDPG and G-DDPG actors are saved under ``out/policies/`` (safetensors + JSON, ``load_policy``).
+DDPG and G-DDPG actors are saved under ``out/policies/`` (safetensors + JSON, ``Policy.from_pretrained``).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
             policy.reseed(EVAL_SEED)
             out["eval_no_sharing"] = _rollout(policy.decide, env_off, cfg.eval_rounds)
         out["decide_ms"] = decide_ms(policy.decide, obs_pool)
-        out["policy"] = str(policy.save(Path(cfg.out) / "policies" / f"{name}_seed{seed}"))
+        out["policy"] = str(policy.save_pretrained(Path(cfg.out) / "policies" / f"{name}_seed{seed}"))
         return {"name": name, "seed": seed, **out}
     # Stable-Baselines3 references: default hyperparameters, the same step budget
     import stable_baselines3 as sb3

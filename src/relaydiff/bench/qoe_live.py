@@ -1,7 +1,7 @@
 """``relaydiff qoe live``: one QoE round decided by a trained policy and run on the real engine.
 
 The round (users, prompts, traits, links, devices) is a seed of :class:`relaydiff.sim.qoe_env.QoEEnv`;
-the policy (saved by ``bench qoe``, or any :func:`relaydiff.sched.rl.ddpg.load_policy` folder) sets
+the policy (saved by ``bench qoe``, or any :meth:`relaydiff.sched.rl.ddpg.Policy.from_pretrained` folder) sets
 bandwidth shares, compute shares and each group's shared steps. Then, on this machine's engine,
 each group's shared prefix runs once on the large member, conditioned on the leader's prompt, and
 every member continues with its own prompt (:func:`relaydiff.engine.runner.generate_shared_prefix`).
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from relaydiff.sched.rl.ddpg import load_policy
+from relaydiff.sched.rl.ddpg import Policy
 from relaydiff.sim.agents import Perception, SurrogateAgent
 from relaydiff.sim.qoe_env import QoEEnv
 
@@ -64,7 +64,7 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
 
     t0 = time.perf_counter()
     torch.set_num_threads(1)
-    policy = load_policy(cfg.policy, seed=cfg.seed)
+    policy = Policy.from_pretrained(cfg.policy, seed=cfg.seed)
     env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario)
     if policy.obs_dim != env.observation_space.shape[0] or policy.act_dim != env.action_space.shape[0]:
         raise ValueError(f"policy {cfg.policy} was trained for another round size (obs {policy.obs_dim}, action "

@@ -134,7 +134,13 @@ class Bandit:
     def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         pass
 
-    def save(self, path: str | Path) -> Path:
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Bandit":
+        """A policy saved with :meth:`save_pretrained` (``path`` with or without a suffix; the JSON
+        names its kind)."""
+        return _load_bandit(path)
+
+    def save_pretrained(self, path: str | Path) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json``; returns the JSON path."""
         base = Path(path).with_suffix("")
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -390,8 +396,7 @@ def make_bandit(kind: str, arms: Sequence[str], dim: int, **kw: Any) -> Bandit:
     return POLICIES[kind](arms, dim, **kw)
 
 
-def load_bandit(path: str | Path) -> Bandit:
-    """A policy saved with :meth:`Bandit.save` (``path`` with or without a suffix)."""
+def _load_bandit(path: str | Path) -> Bandit:
     base = Path(path).with_suffix("")
     meta_path, arr_path = base.with_suffix(".json"), base.with_suffix(".safetensors")
     for p in (meta_path, arr_path):
@@ -432,4 +437,4 @@ def load_bandit(path: str | Path) -> Bandit:
 
 
 __all__ = ["POLICIES", "Bandit", "BanditError", "EpsilonGreedy", "FixedArm", "LinTS", "LinUCB", "Oracle", "RandomArm",
-           "SlidingWindowLinUCB", "UCB1", "load_bandit", "make_bandit"]
+           "SlidingWindowLinUCB", "UCB1", "make_bandit"]

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from relaydiff.sched.bandit import Bandit, FixedArm, load_bandit, make_bandit
+from relaydiff.sched.bandit import Bandit, FixedArm, make_bandit
 from relaydiff.serve.bandit_prompts import calibration_featurizer, prompt_pool, sample_prompts
 from relaydiff.sim.relay_stream import CONTEXT_FEATURES, PromptPool, RelayStream
 from relaydiff.system.profiles import load_profile
@@ -216,7 +216,7 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
         stream = RelayStream(scenario, pool, seed=cfg.seed)
         names = stream.arm_names
         if cfg.state:
-            bandit = load_bandit(cfg.state)
+            bandit = Bandit.from_pretrained(cfg.state)
             if bandit.arms != names or bandit.dim != len(CONTEXT_FEATURES):
                 raise ValueError(f"bandit state {cfg.state}: arms {bandit.arms} / dim {bandit.dim} do not match this "
                                  f"stream's arms {names} / {len(CONTEXT_FEATURES)} features")
@@ -238,7 +238,7 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
     live = LiveStream(cfg, family, judge, stream, prompts, scenes, scale, guidance)
     runs = [live.serve(f"bandit_{bandit.kind}", bandit.decide, bandit.update)]
     say(f"{runs[0].name}: mean utility {np.mean(runs[0].rewards):.4f}")
-    saved = str(bandit.save(cfg.save_state)) if cfg.save_state else None
+    saved = str(bandit.save_pretrained(cfg.save_state)) if cfg.save_state else None
     fixed_runs = [(a, name) for a, name in enumerate(names)] if cfg.compare_fixed else []
     for a, name in fixed_runs:
         if report_dir is not None:  # what is done so far survives an interrupted run

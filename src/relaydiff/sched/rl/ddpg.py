@@ -135,7 +135,12 @@ class Policy:
 
     __call__ = decide
 
-    def save(self, path: str | Path) -> Path:
+    @classmethod
+    def from_pretrained(cls, path: str | Path, seed: int = 0) -> "Policy":
+        """A policy saved by :meth:`save_pretrained` (safetensors weights, JSON config)."""
+        return _load_policy(path, seed)
+
+    def save_pretrained(self, path: str | Path) -> Path:
         """``path``/actor.safetensors + ``path``/policy.json."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -146,8 +151,7 @@ class Policy:
         return path
 
 
-def load_policy(path: str | Path, seed: int = 0) -> Policy:
-    """A policy saved by :meth:`Policy.save` (safetensors weights, JSON config)."""
+def _load_policy(path: str | Path, seed: int = 0) -> Policy:
     path = Path(path)
     try:
         meta = json.loads((path / "policy.json").read_text())
@@ -307,4 +311,4 @@ def _train(make_env: Callable[[int], gym.Env], cfg: RLConfig, actor: ActorFactor
 
 
 __all__ = ["MLPActor", "Policy", "RLConfig", "TrainResult", "TwinCritic", "actor_factory", "evaluate",
-           "load_policy", "train"]
+           "train"]
