@@ -30,7 +30,7 @@ class Result:
     handoff: Any = None                     # relaydiff.engine.handoff.Handoff when stopped
 
 
-def _finish(family: Family, chains: list[Chain], max_batch: int = 16) -> list[Result]:
+def finish_chains(family: Family, chains: list[Chain], max_batch: int = 16) -> list[Result]:
     """Results in chain order; finished chains are decoded together, ``max_batch`` latents a VAE call
     (8 images on the 16x16 VAE: 69 ms one call each, 34 ms in one call, 2-core CPU)."""
     results = [Result(request=c.request, plan=c.plan, latents=c.latents.clone(), accounting=c.accounting.to_dict())
@@ -62,7 +62,7 @@ def run_chains(family: Family, chains: list[Chain], *, max_batch: int = 16) -> l
         if not (c.done or c.stopped):
             ex.submit(c)
     ex.run()
-    return _finish(family, chains, max_batch)
+    return finish_chains(family, chains, max_batch)
 
 
 # ---- handoffs -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from relaydiff.engine.executor import Executor
 from relaydiff.engine.family import Family
 from relaydiff.engine.handoff import decode_handoff, encode_handoff
 from relaydiff.engine.plan import Plan, Request
-from relaydiff.engine.runner import _finish, from_handoff
+from relaydiff.engine.runner import finish_chains, from_handoff
 from relaydiff.serve.metrics import ServiceMetrics
 from relaydiff.serve.models import CompletionReport, JobRequest
 from relaydiff.serve.png import png_bytes
@@ -280,7 +280,7 @@ class EdgeService:
         ready += self.executor.drain()
         ready = [c for c in ready if self._chain_job.get(c.id) not in cancelled]
         if ready:
-            for chain, result in zip(ready, _finish(self.family, ready, self.settings.max_batch)):
+            for chain, result in zip(ready, finish_chains(self.family, ready, self.settings.max_batch)):
                 self._left_edge(self._chain_job.pop(chain.id), result)
 
     def _mark_running(self, job_id: str) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relaydiff.engine.plan import Plan
-from relaydiff.system.problem import RoundInstance, _device_numbers, sample_instance
+from relaydiff.system.problem import RoundInstance, device_numbers, sample_instance
 from relaydiff.system.profiles import ProfileError, load_profile
 from relaydiff.system.quality import QualityModel, load_quality
 from relaydiff.system.scenario import Scenario, load_scenario
@@ -69,7 +69,7 @@ class RoundDecider:
         self.scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
         self.quality = quality or load_quality()
         self.device_classes = tuple(sorted(self.scenario.devices))
-        self._devices = {c: _device_numbers(load_profile(c), self.scenario.device_member)
+        self._devices = {c: device_numbers(load_profile(c), self.scenario.device_member)
                          for c in self.device_classes}
 
     def check_device_class(self, name: str) -> None:

@@ -426,7 +426,8 @@ def timed(name: str, fn: Callable[[RoundInstance], tuple[np.ndarray, dict[str, A
 
 
 # ---- sampling -------------------------------------------------------------------------------
-def _device_numbers(profile: Profile, member: str) -> tuple[float, float, float, float, float, float]:
+def device_numbers(profile: Profile, member: str) -> tuple[float, float, float, float, float, float]:
+    """A device's (step s, step J, decode s, decode J, tx W, rx W) for ``member`` from its profile."""
     profile.require("decode_s", "decode_j", "step_power_w", "tx_power_w", "rx_power_w")
     step_s = profile.member(member).at(1)
     return step_s, step_s * profile.step_power_w, profile.decode_s, profile.decode_j, profile.tx_power_w, profile.rx_power_w  # type: ignore[operator,return-value]
@@ -467,7 +468,7 @@ def sample_instance(
         prof = load_profile(c)
         if prof.kind != "device":
             raise ProfileError(f"devices.{c} is a {prof.kind} profile, expected a device profile")
-        dev_numbers[c] = _device_numbers(prof, scenario.device_member)
+        dev_numbers[c] = device_numbers(prof, scenario.device_member)
     cls_idx = rng.choice(len(classes), size=n, p=probs / probs.sum())
     table = np.array([dev_numbers[c] for c in classes])[cls_idx]
 
