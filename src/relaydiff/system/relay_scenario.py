@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
-from relaydiff.shipped import read_json, resolve, shipped_names
+from relaydiff.shipped import resolve, shipped_names
 from relaydiff.system.relay_arms import COMPLEXITY_CLASSES
 from relaydiff.system.scenario import (
     SCENARIOS_DIR,
@@ -26,6 +25,7 @@ from relaydiff.system.scenario import (
     WirelessSpec,
     _range,
     _Strict,
+    read_scenario_file,
     validate_scenario,
 )
 
@@ -146,13 +146,7 @@ def available_relay_scenarios() -> list[str]:
 def load_relay_scenario(name_or_path: str | Path) -> RelayScenario:
     """A shipped relay scenario by name, or a YAML/JSON file by path."""
     path = resolve(name_or_path, RELAY_SCENARIOS_DIR, ".yaml", "relay scenario", ScenarioError)
-    if path.suffix == ".json":
-        return parse_relay_scenario(read_json(path, "relay scenario", ScenarioError), str(path))
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ScenarioError(f"invalid scenario {path}: cannot parse ({exc})") from None
-    return parse_relay_scenario(data, str(path))
+    return parse_relay_scenario(read_scenario_file(path), str(path))
 
 
 __all__ = ["RELAY_SCENARIOS_DIR", "RelayPhase", "RelayScenario", "available_relay_scenarios", "load_relay_scenario", "parse_relay_scenario"]

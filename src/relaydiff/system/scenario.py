@@ -177,10 +177,14 @@ def load_scenario(name_or_path: str | Path | Scenario) -> Scenario:
     if isinstance(name_or_path, Scenario):
         return name_or_path
     path = resolve(name_or_path, SCENARIOS_DIR, ".yaml", "scenario", ScenarioError)
+    return parse_scenario(read_scenario_file(path), str(path))
+
+
+def read_scenario_file(path: Path) -> Any:
+    """The mapping in a scenario file (YAML, or JSON by its suffix), or a clear ScenarioError."""
     if path.suffix == ".json":
-        return parse_scenario(read_json(path, "scenario", ScenarioError), str(path))
+        return read_json(path, "scenario", ScenarioError)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ScenarioError(f"invalid scenario {path}: cannot parse ({exc})") from None
-    return parse_scenario(data, str(path))
