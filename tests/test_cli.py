@@ -26,7 +26,7 @@ def _no_model_loads(*args, **kwargs):
     (["demo", "--steps", "0"], "--steps must be >= 2"),
     (["generate", "--prompt", "x", "--plan", "large:0-4;small", "--out", "x.png"], "member[+adapter][@node]:start-end"),
     (["generate", "--prompt", "x", "--plan", "large:0-3,small:4-8", "--out", "x.png"], "gap in the plan"),
-    (["generate", "--prompt", "x", "--steps", "0", "--out", "x.png"], "steps must be"),
+    (["generate", "--prompt", "x", "--steps", "0", "--out", "x.png"], "request['steps']: input should be greater than or equal to 1"),
     (["generate", "--prompt", "x", "--sampler", "plms", "--out", "x.png"], "unknown sampler 'plms'"),
     (["generate", "--prompt", "x", "--out", "x.txt"], "names no image format"),
     (["generate", "--prompt", "x", "--stop-at", "9", "--handoff-out", "h.rdh"], "--stop-at must be in 1..7"),

@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -383,9 +383,9 @@ class Family:
         guidance is in its weights) where the plan leaves that segment's guidance to the request."""
         if not self.guidance_distilled:
             return plan
-        segs = tuple(replace(s, guidance=1.0) if s.guidance is None and s.member in self.guidance_distilled
+        segs = tuple(s.model_copy(update={"guidance": 1.0}) if s.guidance is None and s.member in self.guidance_distilled
                      else s for s in plan.segments)
-        return replace(plan, segments=segs)
+        return type(plan)(segs)
 
     def fingerprint(self) -> str:
         """Short hash of the configs: tells two families apart in handoffs and profiles."""

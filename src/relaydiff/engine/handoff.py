@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from relaydiff.engine.plan import MAX_STEPS
+from relaydiff.engine.plan import MAX_NAME_CHARS, Plan, PlanError, Request, Segment, validate_plan
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -76,7 +76,6 @@ PREFIX_BYTES = _PREFIX.size
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024  # SDXL latents + two 77x2048 fp32 embeddings fit 50x over
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_TENSORS = 4096
-MAX_NAME_CHARS = 256
 MAX_TENSOR_DIMS = 8
 MAX_JSON_DEPTH = 32
 _ZSTD_LEVEL = 3
@@ -88,16 +87,6 @@ _HEADER_FIELDS = frozenset(
     {"format_version", "family", "request", "plan", "step", "accounting", "dtype", "compression",
      "payload", "tensors"}
 )
-_SEGMENT_FIELDS = frozenset({"member", "start", "end", "adapter", "node"})
-_SEGMENT_OPTIONAL = frozenset({"guidance"})
-_REQUEST_REQUIRED = {
-    "prompt": (str,),
-    "negative_prompt": (str, type(None)),
-    "steps": (int,),
-    "guidance": (int, float),
-    "seed": (int,),
-    "sampler": (str,),
-}
 _FLOAT_IN = (torch.float16, torch.bfloat16, torch.float32)
 _SCHEDULE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -180,66 +169,28 @@ def _check_name(name: Any, where: str) -> None:
         raise HandoffError(f"{where} contains a control character: {_short(name)}")
 
 
-def _check_request(request: Any) -> int:
+def _check_request_and_plan(request: Any, plan: Any) -> int:
+    """The engine's own Request and Plan schema (engine.plan) decides; the steps are returned."""
     if not isinstance(request, dict):
         raise HandoffError(f"request must be a dict, got {type(request).__name__}")
-    missing = [k for k in _REQUEST_REQUIRED if k not in request]
-    if missing:
-        raise HandoffError(f"request is missing field(s) {missing}")
-    for key, types in _REQUEST_REQUIRED.items():
-        value = request[key]
-        if isinstance(value, bool) or not isinstance(value, types):
-            names = " or ".join("None" if t is type(None) else t.__name__ for t in types)
-            raise HandoffError(f"request['{key}'] must be {names}, got {type(value).__name__}")
-    steps = request["steps"]
-    if not 1 <= steps <= MAX_STEPS:
-        raise HandoffError(f"request['steps'] must be in 1..{MAX_STEPS}, got {steps}")
-    if isinstance(request["guidance"], float) and not math.isfinite(request["guidance"]):
-        raise HandoffError(f"request['guidance'] must be finite, got {request['guidance']}")
-    if not request["sampler"]:
-        raise HandoffError("request['sampler'] must be a non-empty string")
-    if "sampler_options" in request and not isinstance(request["sampler_options"], dict):
-        raise HandoffError(
-            f"request['sampler_options'] must be a dict, got {type(request['sampler_options']).__name__}"
-        )
-    _check_json(request, "request")
-    return steps
-
-
-def _check_plan(plan: Any, steps: int) -> None:
     if not isinstance(plan, list) or not plan:
         raise HandoffError(f"plan must be a non-empty list of segments, got {_short(plan)}")
-    expected_start = 0
+    # a handoff states every field its writer knew (defaults are for people, not for the wire), so a
+    # field lost in transit is an error, not a silent default; the two optional ones came later
+    missing = sorted(set(Request.model_fields) - set(request) - {"sampler_options"})
+    if missing:
+        raise HandoffError(f"request is missing field(s) {missing}")
     for i, seg in enumerate(plan):
-        where = f"plan[{i}]"
-        if not isinstance(seg, dict):
-            raise HandoffError(f"{where} must be a dict, got {type(seg).__name__}")
-        keys = set(seg)
-        if not _SEGMENT_FIELDS <= keys <= _SEGMENT_FIELDS | _SEGMENT_OPTIONAL:
-            missing = sorted(_SEGMENT_FIELDS - keys)
-            extra = sorted(map(str, keys - _SEGMENT_FIELDS - _SEGMENT_OPTIONAL))
-            raise HandoffError(f"{where} has missing field(s) {missing} and extra field(s) {extra}")
-        if "guidance" in seg:
-            g = seg["guidance"]
-            if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0.0 <= g <= 50.0:
-                raise HandoffError(f"{where}['guidance'] must be a number in [0, 50], got {_short(g)}")
-        _check_name(seg["member"], f"{where}['member']")
-        for opt in ("adapter", "node"):
-            if seg[opt] is not None:
-                _check_name(seg[opt], f"{where}['{opt}']")
-        start, end = seg["start"], seg["end"]
-        if not (_is_int(start) and _is_int(end)):
-            raise HandoffError(f"{where} start/end must be integers, got {_short(start)}, {_short(end)}")
-        if start != expected_start:
-            raise HandoffError(
-                f"{where} starts at step {start} but the previous segment ends at {expected_start} "
-                "(segments must be contiguous from 0)"
-            )
-        if end <= start:
-            raise HandoffError(f"{where} is empty or reversed: start {start}, end {end}")
-        expected_start = end
-    if expected_start != steps:
-        raise HandoffError(f"plan ends at step {expected_start} but the request has {steps} steps")
+        missing = sorted(set(Segment.model_fields) - set(seg) - {"guidance"}) if isinstance(seg, dict) else []
+        if missing:
+            raise HandoffError(f"plan[{i}] is missing field(s) {missing}")
+    try:
+        steps = Request.from_dict(request).steps
+        validate_plan(Plan.from_list(plan), steps)
+    except PlanError as exc:
+        raise HandoffError(str(exc)) from None
+    _check_json(request, "request")
+    return steps
 
 
 def _check_tensor(t: Any, where: str, allowed: tuple, *, finite: bool, nan_only: bool = False) -> None:
@@ -275,8 +226,7 @@ def validate_handoff(h: Handoff) -> None:
         raise HandoffError(f"expected a Handoff, got {type(h).__name__}")
     _check_name(h.family_id, "family_id")
     _check_name(h.family_version, "family_version")
-    steps = _check_request(h.request)
-    _check_plan(h.plan, steps)
+    steps = _check_request_and_plan(h.request, h.plan)
     if not _is_int(h.step):
         raise HandoffError(f"step must be an integer, got {type(h.step).__name__}")
     if not 0 <= h.step < steps:

@@ -8,81 +8,127 @@ command line is ``member[+adapter][@node]:start-end`` joined by commas, for exam
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 MAX_STEPS = 1000
+MAX_NAME_CHARS = 256
+
+# The field types of a request and a plan, defined once: the engine's models below, the handoff
+# reader (through them) and the service's HTTP models (serve.models) all validate with these.
+Steps = Annotated[int, Field(strict=True, ge=1, le=MAX_STEPS)]
+Seed = Annotated[int, Field(strict=True, ge=0, lt=2**63)]
+Guidance = Annotated[float, Field(strict=True, ge=0.0, le=50.0, allow_inf_nan=False)]
+StepIndex = Annotated[int, Field(strict=True, ge=0)]  # the cover of 0..steps: validate_plan
+Name = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_NAME_CHARS,
+                                        pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class PlanError(ValueError):
     """A request or plan that cannot run (gaps, overlaps, unknown members or adapters, bad T)."""
 
 
-@dataclass(frozen=True)
-class Request:
+def describe_validation_error(exc: ValidationError, where: str) -> str:
+    """One line naming the first field that failed (and how many others did), e.g.
+    ``request['steps']: input should be less than or equal to 1000, got 2000``."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = "".join(f"[{part}]" if isinstance(part, int) else f"['{part}']" for part in first["loc"])
+    msg = first["msg"][:1].lower() + first["msg"][1:]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif first["type"] != "missing":
+        got = repr(first.get("input"))
+        msg += f", got {got if len(got) <= 60 else got[:57] + '...'}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}{loc}: {msg}{more}"
+
+
+class _Schema(BaseModel):
+    """Frozen and strict; built in Python it takes positional fields in order, and a bad value
+    raises PlanError with one line that names the field (pydantic's ValidationError elsewhere,
+    e.g. when the service's HTTP models nest these)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    _where: ClassVar[str] = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        names = list(type(self).model_fields)
+        if len(args) > len(names):
+            raise PlanError(f"{type(self).__name__} takes at most {len(names)} positional fields, got {len(args)}")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise PlanError(f"{self._where}['{name}'] given twice")
+            kwargs[name] = value
+        try:
+            super().__init__(**kwargs)
+        except ValidationError as exc:
+            raise PlanError(describe_validation_error(exc, self._where)) from None
+
+
+class Request(_Schema):
     """What a user asked for; everything needed to (re)build the chain's conditioning."""
 
-    prompt: str
-    negative_prompt: str = ""
-    steps: int = 8
-    guidance: float = 3.0
-    seed: int = 0
-    sampler: str = "ddim"
-    sampler_options: dict[str, Any] = field(default_factory=dict)
+    _where: ClassVar[str] = "request"
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
-            raise PlanError("prompt must be a string")
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
-            raise PlanError(f"steps must be an integer in 1..{MAX_STEPS}, got {self.steps!r}")
-        if not (self.guidance == self.guidance) or not 0.0 <= float(self.guidance) <= 50.0:
-            raise PlanError(f"guidance must be in [0, 50], got {self.guidance!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise PlanError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
+    prompt: Annotated[str, Field(strict=True)]
+    negative_prompt: Annotated[str, Field(strict=True)] = ""
+    steps: Steps = 8
+    guidance: Guidance = 3.0
+    seed: Seed = 0
+    sampler: Name = "ddim"
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Request":
-        known = {"prompt", "negative_prompt", "steps", "guidance", "seed", "sampler", "sampler_options"}
-        unknown = set(d) - known
+        if not isinstance(d, dict):
+            raise PlanError(f"a request is a dict of fields, got {type(d).__name__}")
+        unknown = set(d) - set(cls.model_fields)
         if unknown:
-            raise PlanError(f"unknown request fields: {sorted(unknown)}")
+            raise PlanError(f"unknown request fields: {sorted(map(str, unknown))}")
         return cls(**d)
 
 
-@dataclass(frozen=True)
-class Segment:
-    member: str
-    start: int
-    end: int
-    adapter: str | None = None
-    node: str = "local"
+class Segment(_Schema):
+    """Steps ``start..end`` of a chain, run by ``member`` (with ``adapter``) on ``node``."""
+
+    _where: ClassVar[str] = "segment"
+
+    member: Name
+    start: StepIndex
+    end: StepIndex
+    adapter: Name | None = None
+    node: Name = "local"
     # classifier-free guidance of this segment's steps; None: the request's. 1 (or less) turns CFG
     # off, which halves the segment's U-Net rows: late steps need little guidance (guidance in a
     # limited interval, Kynkaanniemi et al. 2024), so a device segment can run without it.
-    guidance: float | None = None
+    guidance: Guidance | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.model_dump()
         if d["guidance"] is None:  # plans without segment guidance read as before
             del d["guidance"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Segment":
+        if not isinstance(d, dict):
+            raise PlanError(f"malformed segment {d!r}: a segment is a dict of fields")
         try:
-            g = d.get("guidance")
-            return cls(member=str(d["member"]), start=int(d["start"]), end=int(d["end"]),
-                       adapter=None if d.get("adapter") is None else str(d["adapter"]),
-                       node=str(d.get("node", "local")), guidance=None if g is None else float(g))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PlanError(f"malformed segment {d!r}: {exc}") from exc
+            return cls(**d)
+        except PlanError as exc:
+            raise PlanError(f"malformed {exc}") from None
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(_Schema):
+    """Contiguous segments over steps 0..T (`validate_plan` checks the cover against a request)."""
+
+    _where: ClassVar[str] = "plan"
+
     segments: tuple[Segment, ...]
 
     @property
@@ -105,7 +151,13 @@ class Plan:
     def from_list(cls, items: list[dict[str, Any]]) -> "Plan":
         if not isinstance(items, list):
             raise PlanError("a plan is a list of segments")
-        return cls(tuple(Segment.from_dict(d) for d in items))
+        segs = []
+        for i, d in enumerate(items):
+            try:
+                segs.append(Segment.from_dict(d))
+            except PlanError as exc:
+                raise PlanError(str(exc).replace("malformed segment", f"malformed plan[{i}]", 1)) from None
+        return cls(tuple(segs))
 
     @classmethod
     def single(cls, member: str, steps: int, adapter: str | None = None, node: str = "local") -> "Plan":
@@ -162,9 +214,6 @@ def validate_plan(plan: Plan, steps: int, members: set[str] | None = None,
         if seg.start < expected:
             raise PlanError(f"overlap in the plan: step {seg.start} is assigned twice")
         expected = seg.end
-        if seg.guidance is not None and not (isinstance(seg.guidance, (int, float)) and 0.0 <= seg.guidance <= 50.0):
-            raise PlanError(f"segment {seg.member}:{seg.start}-{seg.end} guidance must be in [0, 50], "
-                            f"got {seg.guidance!r}")
         if members is not None and seg.member not in members:
             raise PlanError(f"unknown member {seg.member!r}; known: {sorted(members)}")
         if seg.adapter is not None and adapters is not None:

@@ -1,8 +1,9 @@
 """The service's HTTP schema: pydantic models over the engine's Request and Plan.
 
-The request fields are the engine's :class:`~relaydiff.engine.plan.Request` fields (plus what the
-scheduler needs: preferences, device class, style adapter; :meth:`JobRequest.engine_request`
-converts) and a plan is a list of the engine's own :class:`~relaydiff.engine.plan.Segment`.
+The request fields are the engine's :class:`~relaydiff.engine.plan.Request` fields, typed with the
+engine's own field types (plus what the scheduler needs: preferences, device class, style adapter;
+:meth:`JobRequest.engine_request` converts), and a plan is a list of the engine's own pydantic
+:class:`~relaydiff.engine.plan.Segment`: one schema from the handoff reader to the HTTP API.
 Limits live here so that the OpenAPI schema states them and FastAPI answers 422 with the field
 that broke them.
 """
@@ -13,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from relaydiff.engine.plan import Request, Segment
+from relaydiff.engine.plan import Guidance, Request, Seed, Segment
 from relaydiff.engine.samplers import SAMPLERS
 
 MAX_PROMPT_CHARS = 400
@@ -52,8 +53,8 @@ class JobRequest(_Strict):
     prompt: str = Field(..., min_length=1, max_length=MAX_PROMPT_CHARS)
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
     steps: int | None = Field(None, ge=1, le=MAX_SERVICE_STEPS, description="default: the family's")
-    guidance: float = Field(3.0, ge=0.0, le=50.0)
-    seed: int = Field(0, ge=0, lt=2**63)
+    guidance: Guidance = 3.0
+    seed: Seed = 0
     sampler: Literal[SAMPLERS] = "ddim"  # type: ignore[valid-type]
     preferences: Preferences = Field(default_factory=Preferences)
     device_class: str = Field("phone-mid", pattern=NAME_PATTERN, description="a device profile name")
