@@ -40,6 +40,20 @@ def logistic(x: np.ndarray, height: float, kappa: float, x0: float, floor: float
     return height / (1.0 + np.exp(kappa * (np.asarray(x, dtype=float) - x0))) + floor
 
 
+def _curve_at(x: np.ndarray, xs, ys, kappa: float, x0: float) -> tuple[np.ndarray, float, float]:
+    """A curve's shape at x and at its two ends: the measured points where the table has them,
+    else the HIS logistic."""
+    if xs is not None and ys is not None:
+        return np.interp(x, xs, ys), ys[0], ys[-1]
+    ends = logistic(np.array([0.0, 1.0]), 1.0, kappa, x0, 0.0)
+    return logistic(x, 1.0, kappa, x0, 0.0), ends[0], ends[1]
+
+
+def _share(value: np.ndarray, start: float, end: float) -> np.ndarray:
+    """How far along from ``start`` to ``end`` each value is (1 where the curve is flat)."""
+    return (value - start) / (end - start) if end != start else np.ones_like(value)
+
+
 @dataclass(frozen=True)
 class QualityModel:
     """Fidelity curves on the normalized handoff position x = k / T in [0, 1].
@@ -77,25 +91,15 @@ class QualityModel:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
         cx = np.asarray(complexity, dtype=float)
         lo = np.clip(self.small_fidelity - self.complexity_gap * (cx - 0.5), 0.0, self.large_fidelity)
-        if self.relay_x is not None and self.relay_y is not None:
-            shape = np.interp(x, self.relay_x, self.relay_y)
-            y0, y1 = self.relay_y[0], self.relay_y[-1]
-            frac = (shape - y0) / (y1 - y0) if y1 != y0 else np.ones_like(shape)
-        else:
-            ends = logistic(np.array([0.0, 1.0]), 1.0, self.relay_kappa, self.relay_x0, 0.0)
-            frac = (logistic(x, 1.0, self.relay_kappa, self.relay_x0, 0.0) - ends[0]) / (ends[1] - ends[0])
+        shape, y0, y1 = _curve_at(x, self.relay_x, self.relay_y, self.relay_kappa, self.relay_x0)
+        frac = _share(shape, y0, y1)
         return lo + (self.large_fidelity - lo) * frac
 
     def style_fidelity(self, x: np.ndarray) -> np.ndarray:
         """P(x) in [style_floor, 1]: 1 with all steps personalized, floor with none."""
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
-        if self.style_x is not None and self.style_y is not None:
-            shape = np.interp(x, self.style_x, self.style_y)
-            y0, y1 = self.style_y[0], self.style_y[-1]
-            frac = (shape - y1) / (y0 - y1) if y0 != y1 else np.ones_like(shape)
-        else:
-            ends = logistic(np.array([0.0, 1.0]), 1.0, self.style_kappa, self.style_x0, 0.0)
-            frac = (logistic(x, 1.0, self.style_kappa, self.style_x0, 0.0) - ends[1]) / (ends[0] - ends[1])
+        shape, y0, y1 = _curve_at(x, self.style_x, self.style_y, self.style_kappa, self.style_x0)
+        frac = _share(shape, y1, y0)
         return self.style_floor + (1.0 - self.style_floor) * frac
 
     def table(self, steps: int, complexity: np.ndarray, personalization: np.ndarray) -> np.ndarray:
