@@ -18,8 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from relaydiff.engine.family import Family, load_family
+from relaydiff.engine.chain import new_chain
+from relaydiff.engine.executor import Executor
+from relaydiff.engine.family import Family, load_family, reference_dir
+from relaydiff.engine.handoff import decode_handoff, encode_handoff
 from relaydiff.engine.plan import Plan, Request
+from relaydiff.engine.runner import from_handoff, generate, generate_shared_prefix, to_handoff
+from relaydiff.models.world import World
+from relaydiff.quality.metrics import prompt_fidelity, style_fidelity
 
 
 @dataclass
@@ -39,8 +45,6 @@ class User:
 
 def _family() -> tuple[Family, bool]:
     """The shipped reference family when this installation has it, else the tiny random family."""
-    from relaydiff.engine.family import reference_dir
-
     if (reference_dir() / "family.json").is_file():
         return load_family("reference", trace=True), True
     return load_family("tiny", trace=True), False
@@ -71,8 +75,6 @@ def _users(family: Family, reference: bool, steps: int, k: int, seed: int,
     styles = sorted(family.adapters) or [None]
     scenes: list[Any] = [None] * 8
     if reference:
-        from relaydiff.models.world import World
-
         world = World()
         rng = np.random.default_rng(seed)
         scenes = [world.sample_scene(rng, n_objects=1 + i % 3, split="heldout") for i in range(6)]
@@ -108,11 +110,6 @@ def _users(family: Family, reference: bool, steps: int, k: int, seed: int,
 
 
 def run_demo(out: Path, seed: int = 0, steps: int | None = None, log=print) -> dict[str, Any]:
-    from relaydiff.engine.chain import new_chain
-    from relaydiff.engine.executor import Executor
-    from relaydiff.engine.handoff import decode_handoff, encode_handoff
-    from relaydiff.engine.runner import from_handoff, generate, generate_shared_prefix, to_handoff
-
     torch.manual_seed(seed)
     family, reference = _family()
     steps = steps or int(family.metadata.get("default_steps", 20 if reference else 8))
@@ -182,8 +179,6 @@ def _shipped_quality() -> dict[str, Any] | None:
 
 
 def _score(users: list[User]) -> None:
-    from relaydiff.quality.metrics import prompt_fidelity, style_fidelity
-
     images = np.stack([u.image for u in users])
     baselines = np.stack([u.baseline for u in users])
     scenes = [u.scene for u in users]
@@ -196,7 +191,7 @@ def _score(users: list[User]) -> None:
 
 
 def _grid(users: list[User], path: Path, scale: int = 4) -> None:
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw  # lazy: only the report's grid needs it
 
     size = users[0].image.shape[0] * scale
     pad, label = 4, 14
@@ -212,7 +207,7 @@ def _grid(users: list[User], path: Path, scale: int = 4) -> None:
 
 
 def _plot(users: list[User], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # lazy: plotting is the slowest import and only the report's plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -22,6 +22,7 @@ def demo_cmd(
 
     import torch
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from relaydiff.demo import run_demo
@@ -35,7 +36,7 @@ def demo_cmd(
         table.add_column(col)
     for r in report["users"]:
         evals = " ".join(f"{m}:{n}" for m, n in r["unet_evals"].items())
-        table.add_row(r["user"], r["kind"], r["plan"], evals, str(r["handoff_bytes"] or "-"),
+        table.add_row(r["user"], r["kind"], escape(r["plan"]), evals, str(r["handoff_bytes"] or "-"),
                       f"{r['prompt_fidelity']:.2f}" if "prompt_fidelity" in r else "n/a",
                       f"{r['style_fidelity']:.0f}" if "style_fidelity" in r else "-")
     Console().print(table)
