@@ -210,6 +210,7 @@ def _plot(users: list[User], path: Path) -> None:
     import matplotlib  # lazy: plotting is the slowest import and only the report's plot needs it
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 3.2))

@@ -8,17 +8,24 @@ N images on the same family in the same process, so the ratio is a like-for-like
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from relaydiff.engine.chain import new_chain
+from relaydiff.engine.executor import Executor
+from relaydiff.engine.family import Family, load_family
+from relaydiff.engine.plan import Plan, Request
+from relaydiff.engine.profile import hardware
+from relaydiff.models.reference import build_unet, build_vae, load_text_encoder, ReferenceConfig, scheduler_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _requests(n: int, steps: int):
-    from relaydiff.engine.plan import Request
-
     colors, shapes = ("red", "green", "blue", "yellow", "purple"), ("circle", "square", "triangle", "star")
     return [Request(prompt=f"a {colors[i % 5]} {shapes[(i // 5) % 4]}", steps=steps, guidance=3.0, seed=i)
             for i in range(n)]
@@ -26,8 +33,6 @@ def _requests(n: int, steps: int):
 
 def _plans(family, n: int, steps: int, relay: bool):
     """Every request on the first member, or (``relay``) first member then second at T/2."""
-    from relaydiff.engine.plan import Plan
-
     members = list(family.members)
     if relay and len(members) >= 2:
         return [Plan.relay(members[0], members[1], steps // 2, steps) for _ in range(n)]
@@ -37,11 +42,6 @@ def _plans(family, n: int, steps: int, relay: bool):
 def bench_engine(family: str = "tiny", n_requests: int = 16, steps: int = 20, max_batch: int = 16,
                  stagger: int = 1, device: str = "cpu", dtype: str = "fp32", repeats: int = 1,
                  relay: bool = False, trace: bool = True) -> dict[str, Any]:
-    from relaydiff.engine.chain import new_chain
-    from relaydiff.engine.executor import Executor
-    from relaydiff.engine.family import load_family
-    from relaydiff.engine.profile import hardware
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
     fam = load_family(family, trace=trace).to(device, DTYPES[dtype])
@@ -115,13 +115,6 @@ def shaped_family(config_path: str, seed: int = 0):
     """A family with the member shapes of a reference config (e.g. configs/reference_16x16.json) and
     random weights: the engine's per-step cost depends on shapes, not on what the weights learned,
     so a family about to ship can be timed before it is trained."""
-    import json
-    from pathlib import Path
-
-    from relaydiff.engine.family import Family
-    from relaydiff.models.reference import (ReferenceConfig, build_unet, build_vae, load_text_encoder,
-                                            scheduler_config)
-
     try:
         cfg = ReferenceConfig.from_dict(json.loads(Path(config_path).read_text()))
     except (OSError, ValueError, TypeError) as exc:
@@ -156,12 +149,6 @@ def bench_engine_overhead(family: str = "tiny", batch: int = 8, members: list[st
     host) and wall time (what a user waits; the only clock on a GPU).
     ``shapes``: a reference config whose member shapes are built with random weights (`shaped_family`).
     """
-    from relaydiff.engine.chain import new_chain
-    from relaydiff.engine.executor import Executor
-    from relaydiff.engine.family import load_family
-    from relaydiff.engine.plan import Plan, Request
-    from relaydiff.engine.profile import hardware
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
     if batch < 1 or rounds < 1 or steps_per_round < 1 or repeats < 1:

@@ -260,6 +260,7 @@ def _timed(family: Any, requests: list, plans: list, max_batch: int) -> float:
 
 def logistic_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     """Fit Q(x) = L / (1 + exp(k (x - x0))) + C (HIS's quality-vs-shared-steps curve)."""
+    # lazy: scipy.optimize is slow to import; only the curve fit needs it
     from scipy.optimize import curve_fit
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)

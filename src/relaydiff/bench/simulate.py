@@ -63,6 +63,7 @@ def write_results(rows: list[dict[str, Any]], out_dir: Path, meta: dict[str, Any
     import matplotlib  # lazy: slow to import, and only the plots need it
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import typer
 
 from relaydiff.cli.errors import console, fail
+from relaydiff.models.reference import ReferenceConfig, train_reference, TrainingError
 
 
 def train_reference_cmd(
@@ -28,11 +32,6 @@ def train_reference_cmd(
                                            "draws stay on the CPU, so a GPU run draws the same batches."),
 ) -> None:
     """Train the reference family (VAE, large/small U-Nets, style LoRAs) and export it."""
-    import json
-    from pathlib import Path
-
-    from relaydiff.models.reference import ReferenceConfig, TrainingError, train_reference
-
     try:
         overrides = json.loads(Path(config).read_text()) if config else {}
         cfg = ReferenceConfig.from_dict({**ReferenceConfig().to_dict(), **overrides, "seed": seed,

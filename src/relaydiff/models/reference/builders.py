@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from relaydiff.engine.family import TINY_SCHEDULER_CONFIG
+from relaydiff.engine.family import text_encoder_from_manifest, TINY_SCHEDULER_CONFIG
 from relaydiff.models.reference.config import ReferenceConfig, TEXT_PACKAGE, TrainingError, UNetSpec
 
 
@@ -44,12 +45,14 @@ def unet_config(spec: UNetSpec, cfg: ReferenceConfig, cross_attention_dim: int =
 
 
 def build_vae(cfg: ReferenceConfig):
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import AutoencoderKL
 
     return AutoencoderKL.from_config(vae_config(cfg))
 
 
 def build_unet(member: str, cfg: ReferenceConfig):
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import UNet2DConditionModel
 
     spec = {"large": cfg.large, "small": cfg.small}.get(member)
@@ -60,8 +63,6 @@ def build_unet(member: str, cfg: ReferenceConfig):
 
 def unet_flops(unet: Any, context_length: int, cross_attention_dim: int = 384) -> int:
     """FLOPs of one denoising step at batch 1 (one U-Net evaluation, no guidance doubling)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     c, s = int(unet.config.in_channels), int(unet.config.sample_size)
     param = next(unet.parameters())
     x = torch.zeros(1, c, s, s, dtype=param.dtype, device=param.device)
@@ -73,6 +74,4 @@ def unet_flops(unet: Any, context_length: int, cross_attention_dim: int = 384) -
 
 def load_text_encoder(max_length: int):
     """The frozen MiniLM through the engine's loader, so training and inference encode alike."""
-    from relaydiff.engine.family import text_encoder_from_manifest
-
     return text_encoder_from_manifest(Path("."), {"package": TEXT_PACKAGE, "max_length": max_length})

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from relaydiff.models.reference.config import RunOptions, TrainingError
 
@@ -60,8 +61,6 @@ class Checkpoint:
             raise TrainingError(f"checkpoint state {self.state_file} is unreadable: {exc}") from exc
 
     def save(self, step: int, tensors: dict[str, dict[str, torch.Tensor]], record: dict[str, Any]) -> None:
-        from safetensors.torch import save_file
-
         self.dir.mkdir(parents=True, exist_ok=True)
         for name, sd in tensors.items():
             tmp = self.dir / f"{name}.safetensors.tmp"
@@ -72,8 +71,6 @@ class Checkpoint:
         tmp.replace(self.state_file)  # the JSON is written last: it vouches for the tensors
 
     def load(self, name: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
         path = self.dir / f"{name}.safetensors"
         if not path.is_file():
             raise TrainingError(f"checkpoint {path} is missing")

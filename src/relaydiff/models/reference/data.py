@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from relaydiff.models.reference.config import ReferenceConfig, TrainingError
 from relaydiff.models.reference.builders import load_text_encoder
-from relaydiff.models.reference.progress import Progress
 from relaydiff.models.reference.checkpoint import _stage_seed
+from relaydiff.models.reference.config import ReferenceConfig, TrainingError
+from relaydiff.models.reference.progress import Progress
+from relaydiff.models.world import World
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -20,15 +22,11 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def training_set(cfg: ReferenceConfig):
-    from relaydiff.models.world import World
-
     return World(cfg.image_size).batch(cfg.n_train, seed=_stage_seed(cfg.seed, "data", 0) % (2**31), split="train")
 
 
 def stage_data(cfg: ReferenceConfig, out: Path, progress: "Progress") -> None:
     """Prompts of the training set -> MiniLM token states (fp16) once, plus the unconditional one."""
-    from safetensors.torch import save_file
-
     path = out / "data" / "text.safetensors"
     if path.is_file():
         progress.note("data: cached")
@@ -50,8 +48,6 @@ def stage_data(cfg: ReferenceConfig, out: Path, progress: "Progress") -> None:
 
 
 def _load_text(out: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = out / "data" / "text.safetensors"
     if not path.is_file():
         raise TrainingError(f"{path} is missing: run the 'data' stage first")

@@ -144,6 +144,7 @@ def stage_member(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     spec = cfg.large_train if member == "large" else cfg.small_train
     teacher = None
     if member == "small" and cfg.small_distill > 0:
+        # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
         from diffusers import UNet2DConditionModel
 
         if not (out / "unet_large" / "config.json").is_file():
@@ -196,6 +197,7 @@ def stage_large_continue(cfg: ReferenceConfig, out: Path, progress: Progress, ru
     Phases add up across runs: a run seeded (e.g. from a staging folder) with a member that earlier
     runs continued trains the next phase, with draws of its own (stage ``large-continue-K``), so a
     large member can be trained over several working blocks. Within one run the phase runs once."""
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import UNet2DConditionModel
 
     spec = cfg.large_continue
@@ -259,6 +261,7 @@ def base_guidance_shift(unet: Any, uncond: torch.Tensor, guidance: float,
 
 def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
     """One LoRA per style on the small member (layers in ``cfg.lora_targets``), in the engine's adapter file format."""
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict

@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 
-from relaydiff.models.reference.config import ReferenceConfig, SHIPPED_DIR, TEXT_PACKAGE, TrainingError
+from relaydiff.engine.family import Family
 from relaydiff.models.reference.builders import build_unet, load_text_encoder, scheduler_config, unet_flops
-from relaydiff.models.reference.checkpoint import Checkpoint, _sha256
+from relaydiff.models.reference.checkpoint import _sha256, Checkpoint
+from relaydiff.models.reference.config import ReferenceConfig, SHIPPED_DIR, TEXT_PACKAGE, TrainingError
 from relaydiff.models.reference.vae import _load_vae
 
 
 def assemble_family(cfg: ReferenceConfig, out: Path):
     """The trained pieces under ``out`` as an engine Family (fp32, adapters attached)."""
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import UNet2DConditionModel
-
-    from relaydiff.engine.family import Family
 
     members = {}
     for m in ("large", "small"):
@@ -86,13 +86,12 @@ def verify_manifest(dest: Path = SHIPPED_DIR) -> dict[str, Any]:
 
 def checkpoint_family(cfg: ReferenceConfig, out: str | Path):
     """A family from a run in progress: finished members as saved, unfinished ones from their EMA."""
-    from relaydiff.engine.family import Family
-
     out = Path(out)
     members = {}
     for m in ("large", "small"):
         unet = build_unet(m, cfg)
         if (out / f"unet_{m}" / "config.json").is_file():
+            # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
             from diffusers import UNet2DConditionModel
 
             unet = UNet2DConditionModel.from_pretrained(str(out / f"unet_{m}"), local_files_only=True)

@@ -5,6 +5,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress as RichProgress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 
 class Progress:
     """rich progress bars on a terminal, one plain line a minute in a log file; ``quiet`` for tests."""
@@ -16,10 +26,6 @@ class Progress:
         self._plain: dict[int, dict[str, Any]] = {}
         self._log_every_s = log_every_s
         if not quiet:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
-            from rich.progress import TimeElapsedColumn, TimeRemainingColumn
-
             self._console = Console()
             if self._console.is_terminal:
                 self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -23,6 +23,7 @@ def lr_at(step: int, spec: TrainSpec) -> float:
 
 
 def ddpm_alphas_cumprod(sched: dict[str, Any]) -> torch.Tensor:
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(sched).alphas_cumprod.float()

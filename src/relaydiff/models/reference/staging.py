@@ -7,9 +7,11 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from relaydiff.models.reference.config import ReferenceConfig, TrainingError, _comparable
-from relaydiff.models.reference.progress import Progress
+from safetensors.torch import load_file, save_file
+
 from relaydiff.models.reference.checkpoint import _sha256
+from relaydiff.models.reference.config import _comparable, ReferenceConfig, TrainingError
+from relaydiff.models.reference.progress import Progress
 from relaydiff.models.reference.vae import _seed_parts
 
 
@@ -60,8 +62,6 @@ def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Prog
     `REFINING_STAGES`) and they changed: a staged blob is committed once per stage or phase, and
     the shipped family is the last of these files moved into the package.
     """
-    from safetensors.torch import load_file, save_file
-
     staging = Path(staging)
     _check_staging_config(cfg, staging)
     staging.mkdir(parents=True, exist_ok=True)

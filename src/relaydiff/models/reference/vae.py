@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from relaydiff.models.reference.config import ReferenceConfig, RunOptions, StageStopped, TrainSpec, TrainingError
 from relaydiff.models.reference.builders import build_vae
-from relaydiff.models.reference.progress import Progress
-from relaydiff.models.reference.checkpoint import Checkpoint, _optimizer_tensors, _resume, _rng, _should_stop, _stage_seed
+from relaydiff.models.reference.checkpoint import (
+    _optimizer_tensors,
+    _resume,
+    _rng,
+    _should_stop,
+    _stage_seed,
+    Checkpoint,
+)
+from relaydiff.models.reference.config import ReferenceConfig, RunOptions, StageStopped, TrainingError, TrainSpec
 from relaydiff.models.reference.data import _to_tensor, stage_data, training_set
+from relaydiff.models.reference.progress import Progress
 from relaydiff.models.reference.schedule import lr_at
+from relaydiff.models.world import STYLES, World
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, object_weight: float) -> torch.Tensor:
@@ -33,8 +43,6 @@ def _train_autoencoder(cfg: ReferenceConfig, progress: Progress, run: RunOptions
                        start: int, loss_fn: Callable[[torch.Tensor], torch.Tensor], clip: float,
                        checkpoint_every: int) -> None:
     """The loop the VAE and the decoder share: batches of training scenes rendered in random styles."""
-    from relaydiff.models.world import STYLES, World
-
     batch = training_set(cfg)
     world = World(cfg.image_size)
     task = progress.start(stage, spec.steps, start)
@@ -63,8 +71,6 @@ def _train_autoencoder(cfg: ReferenceConfig, progress: Progress, run: RunOptions
 
 def stage_vae(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOptions) -> None:
     """Reconstruction (L1 + MSE) with a tiny KL, on renders of every style; then the latents."""
-    from relaydiff.models.world import World
-
     final = out / "vae"
     if (final / "config.json").is_file() and (out / "data" / "latents.safetensors").is_file():
         progress.note("vae: done")
@@ -113,8 +119,6 @@ def _scaled_latents(cfg: ReferenceConfig, vae: Any, batch: Any, world: Any, scal
 @torch.no_grad()
 def _encode_latents(cfg: ReferenceConfig, out: Path, vae: Any, batch: Any, world: Any, progress: Progress) -> None:
     """Posterior means of the plain and styled renders; scaling_factor = 1 / std of the plain ones."""
-    from safetensors.torch import save_file
-
     plain = _posterior_means(vae, batch.images)
     scale = float(1.0 / plain.std())
     tensors = _scaled_latents(cfg, vae, batch, world, scale, plain)
@@ -165,6 +169,7 @@ def stage_decoder(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunO
 
 
 def _load_vae(out: Path):
+    # lazy: diffusers takes seconds to import; only building or loading a U-Net/VAE needs it
     from diffusers import AutoencoderKL
 
     if not (out / "vae" / "config.json").is_file():
@@ -173,8 +178,6 @@ def _load_vae(out: Path):
 
 
 def _load_latents(out: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     path = out / "data" / "latents.safetensors"
     if not path.is_file():
         raise TrainingError(f"{path} is missing: run the 'vae' stage first")
@@ -202,10 +205,6 @@ def _seed_parts(cfg: ReferenceConfig, out: Path, src: Path, names: Sequence[str]
     """Copy trained parts into the run, then encode its prompts and (with the copied VAE) latents.
     ``skip_decoder``: the copied VAE is final (a family's); otherwise its decoder stage runs when the
     copy has no decoder record (a staged VAE whose decoder fine-tune is still to come)."""
-    import shutil
-
-    from relaydiff.models.world import World
-
     out.mkdir(parents=True, exist_ok=True)
     for name in names:
         if (out / name).exists():
@@ -215,8 +214,6 @@ def _seed_parts(cfg: ReferenceConfig, out: Path, src: Path, names: Sequence[str]
         progress.note(f"seed: {name} from {src}")
     stage_data(cfg, out, progress)
     if not (out / "data" / "latents.safetensors").is_file():
-        from safetensors.torch import save_file
-
         vae = _load_vae(out)
         progress.note("seed: encoding the training latents")
         tensors = _scaled_latents(cfg, vae, training_set(cfg), World(cfg.image_size), float(vae.config.scaling_factor))
