@@ -110,3 +110,42 @@ def test_public_api_relays_a_saved_diffusers_pipeline(tiny, tmp_path):
     finished = relaydiff.resume(family, relaydiff.read_handoff(wire))
     assert finished.image.shape == whole.image.shape and np.array_equal(finished.image, whole.image)
     assert set(relaydiff.__all__) >= {"load_family", "Request", "parse_plan", "generate", "resume", "run_demo"}
+
+
+def test_options_from_a_config_take_its_defaults_and_fail_in_one_line():
+    from dataclasses import dataclass
+
+    import typer
+
+    from relaydiff.cli.options import options_from
+
+    @dataclass(frozen=True)
+    class Cfg:
+        seeds: int = 5
+        steps: int | None = None
+        sb3: bool = True
+        internal: tuple[str, ...] = ("a",)
+
+        def __post_init__(self):
+            if self.seeds < 2:
+                raise ValueError("seeds must be >= 2")
+
+    seen = []
+    cli = typer.Typer()
+
+    @cli.command("cmd")
+    @options_from(Cfg, help={"seeds": "Seeds.", "steps": "Steps.", "sb3": "SB3."})
+    def cmd(cfg: Cfg, as_json: bool = typer.Option(False, "--json", help="JSON.")) -> None:
+        seen.append((cfg, as_json))
+
+    cli.command("other")(lambda: None)
+    res = runner.invoke(cli, ["cmd", "--help"], env={"COLUMNS": "200"})
+    assert "[default: 5]" in res.output and "--no-sb3" in res.output and "--internal" not in res.output
+    assert runner.invoke(cli, ["cmd", "--seeds", "3", "--steps", "7", "--no-sb3", "--json"]).exit_code == 0
+    assert seen == [(Cfg(seeds=3, steps=7, sb3=False), True)]
+    res = runner.invoke(cli, ["cmd", "--seeds", "1"])
+    assert res.exit_code == 2 and res.output.strip() == "error: seeds must be >= 2"
+    with pytest.raises(TypeError, match="'internal'"):
+        options_from(Cfg, help={"internal": "not a command-line value"})(cmd)
+    with pytest.raises(TypeError, match="no fields"):
+        options_from(Cfg, help={"nope": "x"})
