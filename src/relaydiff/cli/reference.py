@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import console, fail
-from relaydiff.models.reference import ReferenceConfig, train_reference, TrainingError
 
 
 def train_reference_cmd(
@@ -32,6 +31,9 @@ def train_reference_cmd(
                                            "draws stay on the CPU, so a GPU run draws the same batches."),
 ) -> None:
     """Train the reference family (VAE, large/small U-Nets, style LoRAs) and export it."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
+    from relaydiff.models.reference import ReferenceConfig, TrainingError, train_reference
+
     try:
         overrides = json.loads(Path(config).read_text()) if config else {}
         cfg = ReferenceConfig.from_dict({**ReferenceConfig().to_dict(), **overrides, "seed": seed,
