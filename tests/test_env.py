@@ -194,3 +194,41 @@ def test_few_training_steps_checkpoint_and_resume(tmp_path):
         train(DRLConfig(**{**longer.__dict__, "n_max": 13, "total_timesteps": 256}), tmp_path, resume=True)
     pol = NumpyPolicy.from_pretrained(tmp_path / "best")
     assert pol.n_splits == 5
+
+
+def test_families_are_drawn_per_episode_deterministically():
+    """Domain randomization: each reset draws one of the configured families (issue 18); same seed, same rounds."""
+    from relaydiff.sim.families import TRAINING_FAMILIES, get_families
+
+    cfg = RoundEnvConfig(families="steps_10, edge_memory_4", n_min=5, n_max=40)
+    env, again = OffloadRoundEnv(cfg), OffloadRoundEnv(cfg)
+    steps, caps = set(), set()
+    for seed in range(12):
+        obs, _ = env.reset(seed=seed)
+        inst = env.round.instance
+        steps.add(inst.steps)
+        caps.add(inst.max_batch)
+        np.testing.assert_array_equal(obs, again.reset(seed=seed)[0])
+        assert env.observation_space.contains(obs)
+    assert steps == {10, 20}  # both families drawn: steps_10's chains and edge_memory_4's default ones
+    assert 4 in caps
+    with pytest.raises(ValueError, match="unknown families"):
+        RoundEnvConfig(families="default,nope")
+    assert len(get_families(list(TRAINING_FAMILIES))) == len(set(TRAINING_FAMILIES))  # all known, no repeats
+
+
+def test_training_on_families_records_them_and_validates_on_them(tmp_path):
+    """DRLConfig.families reaches the env, the imitation rounds and the validation set; the policy's metadata names them."""
+    from relaydiff.sched.drl.policy import NumpyPolicy
+    from relaydiff.sched.drl.train import DRLConfig, _validation_set, train
+
+    cfg = DRLConfig(families="steps_10,tiny_edge_share", n_min=3, n_max=12, total_timesteps=64, n_envs=2, n_steps=32,
+                    batch_size=32, n_epochs=1, checkpoint_every=64, val_rounds=4, val_sizes=(6,), bc_rounds=3, bc_epochs=1)
+    val = _validation_set(cfg)
+    assert sorted(inst.steps for inst in val) == [10, 10, 20, 20]
+    assert max(inst.capacity for inst in val if inst.steps == 20) <= 0.1  # tiny_edge_share's compute share
+    train(cfg, tmp_path)
+    meta = NumpyPolicy.from_pretrained(tmp_path / "best").meta
+    assert meta["config"]["families"] == "steps_10,tiny_edge_share"
+    with pytest.raises(ValueError, match="unknown families"):
+        DRLConfig(families="nope")

@@ -7,9 +7,10 @@
   many rounds were proven); the exact solver's own ratio then shows the shortfall.
 - ``scaling``: for N in {100, 1000}, every scalable solver's ``ms_median`` and its objective
   relative to greedy (``vs_greedy_mean``, ``vs_greedy_min``).
-- ``families``: held-out perturbation families (:data:`FAMILIES`: edge compute share, edge memory,
-  pooled edges, slow edge, quality tables, channel, weights, device mix, steps) at several N, each
-  reported apart and marked ``in_training`` when the shipped policy's training mix contains it.
+- ``families``: perturbation families (:data:`relaydiff.sim.families.FAMILIES`: edge compute share,
+  edge memory, pooled edges, slow edge, quality tables, channel, weights, device mix, steps) at
+  several N, each reported apart and marked ``in_training`` when the shipped policy's training mix
+  contains it (the others are held out).
 Every part reports, beside the plain ratio, the share of the possible gain a solver captured,
 ``gain = (objective - all_local) / (optimum - all_local)`` (mean and minimum): each user's utility
 carries a constant, so objective / optimum is 0.4-0.7 even for all-local, and a ratio of 0.97 can
@@ -22,18 +23,19 @@ Objectives are sums of user utilities, positive by construction (:mod:`relaydiff
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from relaydiff.engine.profile import hardware_info
-from relaydiff.sched.drl.policy import load_policy
-from relaydiff.sched.registry import get_solver
+from relaydiff.sched.drl.policy import load_policy, solve_drl
+from relaydiff.sched.registry import SolverFn, get_solver
+from relaydiff.sim.families import get_families
 from relaydiff.system.problem import RoundInstance, objective_value, sample_instance
-from relaydiff.system.scenario import Scenario, load_scenario
+from relaydiff.system.scenario import Scenario
 
 OPT_SOLVERS = ("exact", "drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
 SCALE_SOLVERS = ("drl", "drl+ls", "greedy", "local_search", "random", "all_edge", "all_local")
@@ -80,105 +82,32 @@ def _all_local_objective(inst: RoundInstance) -> float:
     return objective_value(inst, np.zeros(inst.n_users, dtype=np.int64))
 
 
-# ---- held-out families ------------------------------------------------------------------------
-def _random_quality(inst: RoundInstance, rng: np.random.Generator) -> RoundInstance:
-    """Quality tables unlike any measured or fitted curve: a random walk in k from a random start."""
-    n, t = inst.n_users, inst.steps
-    start = rng.uniform(0.3, 0.8, size=(n, 1))
-    walk = np.cumsum(rng.normal(0.01, 0.03, size=(n, t)), axis=1)
-    q = np.clip(np.concatenate([start, start + walk], axis=1), 0.0, 1.0)
-    return dataclasses.replace(inst, quality=q)
+def _solver(name: str, policy: str | Path | None) -> SolverFn:
+    """The registry's solver, except that ``drl`` and ``drl+ls`` run ``policy`` when one is given (a candidate)."""
+    if policy is None or name not in ("drl", "drl+ls"):
+        return get_solver(name)
+    return lambda inst: solve_drl(inst, policy, improve=name == "drl+ls")
 
 
-def _pooled_edges(servers: int) -> Callable[[RoundInstance, np.random.Generator], RoundInstance]:
-    """``servers`` edge servers pooled as one (step times / servers, memory x servers): an approximation,
-    since the round model has one edge."""
-    def transform(inst: RoundInstance, rng: np.random.Generator) -> RoundInstance:
-        return dataclasses.replace(inst, edge_alpha_s=inst.edge_alpha_s / servers, edge_beta_s=inst.edge_beta_s / servers,
-                                   max_batch=inst.max_batch * servers)
-    return transform
-
-
-def _slow_edge(factor: float) -> Callable[[RoundInstance, np.random.Generator], RoundInstance]:
-    """The edge's per-step times x ``factor`` (a 10x load from other work on the same GPU)."""
-    def transform(inst: RoundInstance, rng: np.random.Generator) -> RoundInstance:
-        return dataclasses.replace(inst, edge_alpha_s=inst.edge_alpha_s * factor, edge_beta_s=inst.edge_beta_s * factor)
-    return transform
-
-
-@dataclasses.dataclass(frozen=True)
-class Family:
-    """A distribution of rounds: a shipped scenario, overrides of its fields, an optional instance transform."""
-
-    name: str
-    base: str
-    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    transform: Callable[[RoundInstance, np.random.Generator], RoundInstance] | None = None
-    about: str = ""
-
-    def scenario(self) -> Scenario:
-        base = load_scenario(self.base)
-        data = base.model_dump()
-        for key, value in self.overrides.items():
-            if isinstance(value, dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
-        data["name"] = self.name
-        return Scenario.model_validate(data)
-
-    def sample(self, sc: Scenario, n: int, rng: np.random.Generator) -> RoundInstance:
-        inst = sample_instance(sc, n_users=n, seed=rng)
-        return self.transform(inst, rng) if self.transform else inst
-
-
-FAMILIES: tuple[Family, ...] = (
-    Family("default", "default", about="the default scenario as shipped"),
-    Family("congested", "congested", about="the congested scenario as shipped"),
-    Family("tiny_edge_share", "default", {"edge": {"capacity": (0.03, 0.1)}}, about="3-10% of the edge GPU free"),
-    Family("slow_edge_10x", "default", transform=_slow_edge(10.0), about="edge step times x10 (10x load)"),
-    Family("edge_memory_4", "default", {"edge": {"max_batch": 4}}, about="the edge holds 4 chains: admission binds"),
-    Family("three_edges", "default", transform=_pooled_edges(3), about="3 edge servers pooled (step times / 3, memory x 3)"),
-    Family("random_quality", "default", transform=_random_quality, about="random-walk quality tables"),
-    Family("poor_channel", "default", {"wireless": {"distance_m": (400.0, 2000.0), "bandwidth_hz": 2e6}},
-           about="users 0.4-2 km away on a 2 MHz downlink"),
-    Family("extreme_weights", "default", {"preferences": {"concentration": (0.15, 0.15, 0.15)}},
-           about="Dirichlet(0.15): most users weigh one term only"),
-    Family("latency_first", "default", {"preferences": {"concentration": (0.5, 6.0, 0.5)}}, about="latency dominates"),
-    Family("low_end_devices", "default", {"devices": {"phone-low": 1.0}}, about="every device a low-end phone"),
-    Family("laptops", "default", {"devices": {"laptop": 1.0}}, about="every device a laptop"),
-    Family("steps_10", "default", {"steps": 10, "splits": (2, 4, 6, 8, 10)}, about="10-step chains"),
-    Family("steps_50", "default", {"steps": 50, "splits": (10, 20, 30, 40, 50)}, about="50-step chains"),
-)
-
-
-def family_names() -> list[str]:
-    return [f.name for f in FAMILIES]
-
-
-def training_mix() -> set[str]:
-    """Scenario names the shipped policy was trained on (from its own metadata)."""
-    config = load_policy().meta.get("config", {})
-    return {s.strip() for s in str(config.get("scenario", "")).split(",") if s.strip()}
+def training_mix(policy: str | Path | None = None) -> set[str]:
+    """Family names the policy was trained on, from its own metadata (its ``families``, else its scenarios,
+    which are the families of the same name)."""
+    config = load_policy(policy).meta.get("config", {})
+    return {s.strip() for s in str(config.get("families") or config.get("scenario", "")).split(",") if s.strip()}
 
 
 def run_families(families: Sequence[str], sizes: Sequence[int], rounds: int, seed: int = 0,
                  solvers: Sequence[str] = FAMILY_SOLVERS, exact_max_n: int = 30,
-                 on_progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+                 on_progress: Callable[[str], None] | None = None, policy: str | Path | None = None) -> list[dict[str, Any]]:
     """Every solver on the same seeded rounds of each family and N; the reference is the exact optimum
     where proven, else the best objective any solver found (``exact_proven`` counts the proofs). The
     MILP runs only up to ``exact_max_n`` users; above, the reference is the best found (``reference``)."""
-    by_name = {f.name: f for f in FAMILIES}
-    unknown = [f for f in families if f not in by_name]
-    if unknown:
-        raise ValueError(f"unknown families {unknown}; available: {', '.join(by_name)}")
-    mix = training_mix()
+    mix = training_mix(policy)
     out: list[dict[str, Any]] = []
-    for fi, fname in enumerate(families):
-        fam = by_name[fname]
+    for fi, fam in enumerate(get_families(families)):
+        fname = fam.name
         sc = fam.scenario()
-        row: dict[str, Any] = {"family": fname, "about": fam.about,
-                               "in_training": fam.base in mix and not fam.overrides and fam.transform is None, "by_n": []}
+        row: dict[str, Any] = {"family": fname, "about": fam.about, "in_training": fname in mix, "by_n": []}
         pooled: dict[str, list[tuple[float, float | None]]] = {s: [] for s in solvers}
         for n in sizes:
             rng = np.random.default_rng([seed, fi, n])
@@ -189,7 +118,7 @@ def run_families(families: Sequence[str], sizes: Sequence[int], rounds: int, see
                 inst = fam.sample(sc, n, rng)
                 local.append(_all_local_objective(inst))
                 for name in here:
-                    sols[name].append(get_solver(name)(inst))
+                    sols[name].append(_solver(name, policy)(inst))
                 if on_progress:
                     on_progress(f"families {fname} N={n}")
             proven = [s.status == "optimal" for s in sols["exact"]] if "exact" in sols else [False] * rounds
@@ -220,7 +149,7 @@ def _call(solver: Callable[[Any], Any], inst: Any, cpu: list[float]) -> Any:
 
 
 def _run_rounds(sc: Scenario, n: int, rounds: int, solvers: Sequence[str], seed: int, what: str,
-                on_progress: Callable[[str], None] | None) -> tuple[dict[str, list[Any]], dict[str, list[float]], list[RoundInstance]]:
+                on_progress: Callable[[str], None] | None, policy: str | Path | None = None) -> tuple[dict[str, list[Any]], dict[str, list[float]], list[RoundInstance]]:
     """Every solver on the same ``rounds`` instances of ``n`` users (drawn from ``seed`` and ``n``)."""
 
     rng = np.random.default_rng([seed, n])
@@ -231,7 +160,7 @@ def _run_rounds(sc: Scenario, n: int, rounds: int, solvers: Sequence[str], seed:
         inst = sample_instance(sc, n_users=n, seed=rng)
         insts.append(inst)
         for name in solvers:
-            sols[name].append(_call(get_solver(name), inst, cpu[name]))
+            sols[name].append(_call(_solver(name, policy), inst, cpu[name]))
             if on_progress:
                 on_progress(f"{what} N={n} {name}")
     return sols, cpu, insts
@@ -250,8 +179,9 @@ def run(
     families: Sequence[str] = (),
     family_sizes: tuple[int, ...] = (7, 20, 200),
     family_rounds: int = 5,
+    policy: str | Path | None = None,
 ) -> dict[str, Any]:
-    """The bench: same seeded rounds for every solver."""
+    """The bench: same seeded rounds for every solver (``policy``: a candidate DRL policy instead of the shipped one)."""
     if opt_rounds < 1 or scale_rounds < 1:
         raise ValueError("opt_rounds and scale_rounds must be >= 1")
     sc = scenario
@@ -261,11 +191,11 @@ def run(
     # warm-up: policy load, lazy imports, first-call allocations are not decision time
     warm = sample_instance(sc, n_users=8, seed=12345)
     for name in set(opt_solvers) | set(scale_solvers):
-        get_solver(name)(warm)
+        _solver(name, policy)(warm)
 
     optimality: list[dict[str, Any]] = []
     for n in opt_sizes:
-        sols, cpu, insts = _run_rounds(sc, n, opt_rounds, opt_solvers, seed, "optimality", on_progress)
+        sols, cpu, insts = _run_rounds(sc, n, opt_rounds, opt_solvers, seed, "optimality", on_progress, policy)
         proven = [s.status == "optimal" for s in sols["exact"]] if "exact" in sols else [False] * opt_rounds
         ref = [max(sols[name][r].objective for name in opt_solvers) if not proven[r] else sols["exact"][r].objective
                for r in range(opt_rounds)]
@@ -275,7 +205,7 @@ def run(
 
     scaling: list[dict[str, Any]] = []
     for n in scale_sizes:
-        sols, cpu, _ = _run_rounds(sc, n, scale_rounds, scale_solvers, seed, "scaling", on_progress)
+        sols, cpu, _ = _run_rounds(sc, n, scale_rounds, scale_solvers, seed, "scaling", on_progress, policy)
         row = {"n": n, "rounds": scale_rounds}
         greedy = [s.objective for s in sols["greedy"]] if "greedy" in sols else None
         for name in scale_solvers:
@@ -288,8 +218,8 @@ def run(
 
     out: dict[str, Any] = {"scenario": sc.name, "seed": seed, "optimality": optimality, "scaling": scaling}
     if families:
-        out["families"] = run_families(families, family_sizes, family_rounds, seed, on_progress=on_progress)
-        out["policy_training_mix"] = sorted(training_mix())
+        out["families"] = run_families(families, family_sizes, family_rounds, seed, on_progress=on_progress, policy=policy)
+        out["policy_training_mix"] = sorted(training_mix(policy))
         out["targets"] = {**_targets(optimality, scaling), **_family_targets(out["families"])}
     out.setdefault("targets", _targets(optimality, scaling))
     out["hardware"] = hardware_info()

@@ -11,7 +11,8 @@ from relaydiff.cli.errors import check, console, fail, int_list
 
 def train_offload_cmd(
     out: str = typer.Option("runs/offload_ppo", help="Output folder (checkpoint/, best.*, history.json)."),
-    scenario: str = typer.Option("default,congested", help="Scenario names or paths, comma-separated (each round picks one)."),
+    scenario: str = typer.Option("default,congested", help="Scenario names or paths, comma-separated (each round picks one); used with --families none."),
+    families: str = typer.Option("training", help="Families each round draws one of (domain randomization): 'training' (the shipped policy's mix), 'none' (use --scenario) or names, comma-separated."),
     timesteps: int = typer.Option(250_000, help="Total environment steps (a resumed run continues to this)."),
     seed: int = typer.Option(0, help="Seed of the PPO run and of the training rounds."),
     n_min: int = typer.Option(3, help="Fewest users per training round."),
@@ -29,9 +30,11 @@ def train_offload_cmd(
 
     from relaydiff.sched.drl.policy import DEFAULT_POLICY
     from relaydiff.sched.drl.train import DRLConfig, train as run_train
+    from relaydiff.sim.families import TRAINING_FAMILIES
 
+    fams = {"training": ",".join(TRAINING_FAMILIES), "none": ""}.get(families.strip(), families)
     try:
-        cfg = DRLConfig(scenario=scenario, total_timesteps=timesteps, seed=seed, n_min=n_min, n_max=n_max,
+        cfg = DRLConfig(scenario=scenario, families=fams, total_timesteps=timesteps, seed=seed, n_min=n_min, n_max=n_max,
                         checkpoint_every=checkpoint_every, bc_rounds=bc_rounds, bc_teacher=bc_teacher)
     except ValueError as exc:
         fail(str(exc))
@@ -103,9 +106,11 @@ def bench_offload_cmd(
     families: str = typer.Option("all", help="Held-out families, comma-separated, 'all' or 'none'."),
     family_sizes: str = typer.Option("7,20,200", help="N values of each family (exact MILP as reference up to N = 30)."),
     family_rounds: int = typer.Option(5, help="Rounds per family and N."),
+    policy: str = typer.Option("", help="A candidate DRL policy (PATH of PATH.json + PATH.safetensors) for drl and drl+ls; default the shipped one."),
 ) -> None:
     """Optimality (vs the exact MILP, plain ratio and share of the possible gain), speed, and held-out families: one JSON object."""
-    from relaydiff.bench.offload import family_names, run
+    from relaydiff.bench.offload import run
+    from relaydiff.sim.families import family_names
     from relaydiff.system.scenario import ScenarioError, load_scenario
 
     opt, scl = tuple(int_list(sizes, "--sizes")), tuple(int_list(scale_sizes, "--scale-sizes"))
@@ -124,10 +129,17 @@ def bench_offload_cmd(
         sc = load_scenario(scenario)
     except ScenarioError as exc:
         fail(str(exc))
+    if policy:
+        from relaydiff.sched.drl.policy import PolicyError, load_policy
+
+        try:
+            load_policy(policy)
+        except PolicyError as exc:
+            fail(str(exc))
     with console.status("bench offload") as status:
         result = run(sc, seed, opt, rounds, scl, scale_rounds,
                      on_progress=None if as_json else (lambda msg: status.update(msg)),
-                     families=fams, family_sizes=fam_n, family_rounds=family_rounds)
+                     families=fams, family_sizes=fam_n, family_rounds=family_rounds, policy=policy or None)
     print(json.dumps(result, indent=None if as_json else 2))
 
 

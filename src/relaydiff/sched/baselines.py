@@ -75,8 +75,13 @@ class LocalSearchConfig:
 
 def local_search_options(inst: RoundInstance, start: np.ndarray | None = None, cfg: LocalSearchConfig | None = None) -> tuple[np.ndarray, int]:
     """Improve a start (default: greedy) by single-user moves, and admit/evict swaps when the edge is full."""
-    cfg = cfg or LocalSearchConfig()
     st = MoveState(inst, greedy_options(inst) if start is None else start)
+    return st.opt, _descend(st, cfg or LocalSearchConfig())
+
+
+def _descend(st: MoveState, cfg: LocalSearchConfig) -> int:
+    """Local search on ``st`` in place (best single move; at a full edge, the one evict-then-admit); its iterations."""
+    inst = st.inst
     it = 0
     for it in range(1, cfg.max_iters + 1):
         d = st.deltas()
@@ -104,41 +109,67 @@ def local_search_options(inst: RoundInstance, start: np.ndarray | None = None, c
             continue
         st.move(int(evict), old)
         break
-    return st.opt, it
+    return it
 
 
-def swap_repair_options(inst: RoundInstance, start: np.ndarray, cfg: LocalSearchConfig | None = None) -> tuple[np.ndarray, int]:
-    """Local search with swaps at any load: evict one admitted user and make the best move of another.
+def swap_deltas(st: MoveState) -> np.ndarray:
+    """(E, N, P + 1) exact objective change of evicting admitted user e and moving user r to option b.
+
+    The objective is separable but for pairwise terms (edge batch interaction
+    beta' (lam_e + lam_r) k_min(o_e, o_r) and bandwidth 2 g_e g_r), so the joint change is the two
+    single-move changes plus the pair term's correction: one ``deltas`` and O(E N P) arithmetic for
+    every swap at once. Rows e = r and the no-op b = o_r are -inf; the order of ``e`` is that of
+    ``np.flatnonzero(st.opt > 0)``.
+    """
+    inst = st.inst
+    adm = np.flatnonzero(st.opt > 0)
+    d = st.deltas(capacity=False)  # an eviction frees the slot an admission takes
+    ks = inst.options.astype(float)
+    lam, g = inst.edge_weight, inst.bw_weight
+    oe, o = st.opt[adm], st.opt
+    b = np.arange(len(ks))
+    kmin_b = ks[np.minimum(oe[:, None], b[None, :])]  # (E, P+1): k_min(o_e, b)
+    kmin_r = ks[np.minimum(oe[:, None], o[None, :])]  # (E, N): k_min(o_e, o_r)
+    edge_pair = inst.beta_eff * (lam[adm][:, None] + lam[None, :])  # (E, N)
+    bw_pair = 2.0 * g[adm][:, None] * g[None, :]  # (E, N)
+    on_b = (b > 0).astype(float)[None, None, :]
+    on_r = (o > 0).astype(float)[None, :, None]
+    joint = (d[adm, 0][:, None, None] + d[None, :, :]
+             + edge_pair[:, :, None] * (kmin_b[:, None, :] - kmin_r[:, :, None])
+             + bw_pair[:, :, None] * (on_b - on_r))
+    joint[np.arange(adm.size), adm, :] = -np.inf
+    joint[:, np.arange(inst.n_users), o] = -np.inf
+    return joint
+
+
+def swap_repair(st: MoveState, cfg: LocalSearchConfig | None = None) -> int:
+    """Local search on ``st`` in place, then the best evict-and-move swap at any load while one improves
+    (local search again after each); returns iterations + swaps.
 
     Single moves cannot undo a wrong admission when the edge is slow: admitting the right user beside
     the wrong one costs more (the batch interaction) than either alone, and evicting the wrong one
-    first loses its gain (issue 18: DRL kept the highest-gain user local on a 10x-loaded edge). One
-    pass costs one ``deltas`` per admitted user; it repeats with single moves until nothing improves.
+    first loses its gain (issue 18: DRL kept the highest-gain user local on a 10x-loaded edge). Every
+    swap is scored at once (:func:`swap_deltas`), so a pass where none gains costs one ``deltas``.
     """
     cfg = cfg or LocalSearchConfig()
-    opt, iters = local_search_options(inst, start=start, cfg=cfg)
-    st = MoveState(inst, opt)
+    iters = _descend(st, cfg)
     swaps = 0
-    improved = True
-    while improved and swaps < cfg.max_iters:
-        improved = False
-        for evict in np.flatnonzero(st.opt > 0):
-            before, old = st.objective(), int(st.opt[evict])
-            st.move(int(evict), 0)
-            d = st.deltas()
-            d[evict, :] = -np.inf
-            d[np.arange(inst.n_users), st.opt] = -np.inf
-            r, b = divmod(int(np.argmax(d)), d.shape[1])
-            if np.isfinite(d[r, b]) and st.objective() + d[r, b] > before + cfg.tol:
-                st.move(r, b)
-                swaps += 1
-                improved = True
-                break
-            st.move(int(evict), old)
-        if improved:
-            opt, more = local_search_options(inst, start=st.opt, cfg=cfg)
-            st, iters = MoveState(inst, opt), iters + more
-    return st.opt, iters + swaps
+    while swaps < cfg.max_iters and st.admitted > 0:
+        joint = swap_deltas(st)
+        e, r, b = np.unravel_index(int(np.argmax(joint)), joint.shape)
+        if not joint[e, r, b] > cfg.tol:
+            break
+        st.move(int(np.flatnonzero(st.opt > 0)[e]), 0)
+        st.move(int(r), int(b))
+        swaps += 1
+        iters += _descend(st, cfg)
+    return iters + swaps
+
+
+def swap_repair_options(inst: RoundInstance, start: np.ndarray, cfg: LocalSearchConfig | None = None) -> tuple[np.ndarray, int]:
+    """:func:`swap_repair` from the options ``start``: (options, iterations + swaps)."""
+    st = MoveState(inst, start)
+    return st.opt, swap_repair(st, cfg)
 
 
 def _greedy(inst: RoundInstance) -> tuple[np.ndarray, dict[str, Any]]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from relaydiff.sim.families import get_families
 from relaydiff.system.moves import MoveState
 from relaydiff.system.problem import RoundInstance, sample_instance
 from relaydiff.system.scenario import Scenario, load_scenario
@@ -59,6 +60,8 @@ class SequentialRound:
         self.min_k = np.minimum(self.k_opts[:, None], self.k_opts[None, :])
         self.lam = instance.edge_weight
         self.g = instance.bw_weight
+        self._lam_col, self._g_col = self.lam[:, None], self.g[:, None]
+        self._weights = np.stack([instance.w_quality, instance.w_latency, instance.w_energy], axis=1)
         self.beta = float(instance.beta_eff)
         gains = self.moves.deltas()
         gains[:, 0] = 0.0
@@ -113,81 +116,81 @@ class SequentialRound:
             raise RuntimeError("round is done")
         if not 0 <= action <= self.n_splits:
             raise ValueError(f"action must be in 0..{self.n_splits}, got {action}")
-        mask = self.mask()
-        if not mask[action]:
-            raise ValueError(f"action {action} is masked for user {self.user} (mask {mask.astype(int).tolist()})")
         i = self.user
         delta = float(self.table[i, action])
+        if action > 0 and self.dominated and not delta >= 0.0:
+            mask = self.mask()
+            raise ValueError(f"action {action} is masked for user {self.user} (mask {mask.astype(int).tolist()})")
         self.best[i] = -np.inf
         if action > 0:
             self.moves.move(i, action)
             live_t = self.table[:, 1:]  # a view: option 0 (local) always gains 0
-            live_t -= self.beta * (self.lam[i] + self.lam[:, None]) * self.min_k[action][None, 1:] + (2.0 * self.g[i]) * self.g[:, None]
-            live = np.isfinite(self.best)
-            best = self.table[live, 1:].max(axis=1)
-            self.best[live] = np.where(best > 0.0, best, -np.inf)
+            live_t -= self.beta * (self.lam[i] + self._lam_col) * self.min_k[action, 1:] + (2.0 * self.g[i]) * self._g_col
+            best = live_t.max(axis=1)  # rows of decided users are stale: their best stays -inf
+            self.best = np.where(np.isfinite(self.best) & (best > 0.0), best, -np.inf)
         self.total_gain += delta
         self.n_steps += 1
         self._advance()
         return delta
 
     def observation(self) -> np.ndarray:
-        """The fixed-size state of the current user (layout in the module docstring; zeros when done)."""
-        p = self.n_splits
-        out = np.zeros(obs_size(p), dtype=np.float32)
+        """The fixed-size state of the current user (layout in the module docstring; zeros when done).
+
+        Written for few numpy calls (it runs once per decision of the DRL solver, at every N).
+        """
         if self.done:
-            return out
+            return np.zeros(obs_size(self.n_splits), dtype=np.float32)
         inst, i = self.instance, self.user
-        gains = self.table[i]
         m = self.max_batch
         cap_left = m - self.moves.admitted
-        others = np.flatnonzero(np.isfinite(self.best))
-        others = others[others != i]
-        w = min(cap_left - 1, others.size)
-        if 0 < w < others.size:
-            nxt = others[np.argpartition(-self.best[others], w - 1)[:w]]
+        rest = self.best.copy()
+        rest[i] = -np.inf  # the other users still to decide: finite best gain
+        live = np.isfinite(rest)
+        n_others = int(np.count_nonzero(live))
+        w = min(cap_left - 1, n_others)
+        if 0 < w < n_others:
+            nxt = np.argpartition(-rest, w - 1)[:w]
         else:
-            nxt = others[:w]
-        k_next = self.k_opts[1:][np.argmax(self.table[nxt, 1:], axis=1)] if w else np.zeros(0)
-        mk = np.minimum(self.k_opts[None, 1:], k_next[:, None])  # (w, P)
-        own_best = max(float(self.best[i]), 1e-9)
-        runner_up = float(self.best[others].max()) if others.size else 0.0
-        out[0:3] = (inst.w_quality[i], inst.w_latency[i], inst.w_energy[i])
-        out[3 : 3 + p] = gains[1:]
-        out[3 + p : 3 + 2 * p] = self.solo[i, 1:]
-        out[3 + 2 * p : 3 + 3 * p] = self.beta * (self.lam[i] * mk.sum(axis=0) + self.lam[nxt] @ mk)
-        out[3 + 3 * p] = 2.0 * self.g[i] * self.g[nxt].sum()
-        out[4 + 3 * p : 4 + 4 * p] = self.moves.cnt[1:] / m
-        b = 4 + 4 * p
-        out[b] = cap_left / m
-        out[b + 1] = min(others.size / m, 3.0)
-        out[b + 2] = min(runner_up / own_best, 3.0)
-        out[b + 3] = inst.capacity
-        out[b + 4] = self.beta * inst.steps * self.lam[i] * m
-        out[b + 5] = self.moves.sigma
-        np.clip(out, -OBS_CLIP, OBS_CLIP, out=out)
+            nxt = np.flatnonzero(live)[: max(w, 0)]
+        mk = self.min_k[1 + np.argmax(self.table[nxt, 1:], axis=1), 1:]  # (w, P): min(k_o, k of each next user's best)
+        runner_up = float(rest.max()) if n_others else 0.0
+        lam_i = self.lam[i]
+        out = np.concatenate((
+            self._weights[i], self.table[i, 1:], self.solo[i, 1:], self.beta * (lam_i * mk.sum(axis=0) + self.lam[nxt] @ mk),
+            (2.0 * self.g[i] * self.g[nxt].sum(),), self.moves.cnt[1:] / m,
+            (cap_left / m, min(n_others / m, 3.0), min(runner_up / max(float(self.best[i]), 1e-9), 3.0), inst.capacity,
+             self.beta * inst.steps * lam_i * m, self.moves.sigma),
+        )).astype(np.float32)
+        out.clip(-OBS_CLIP, OBS_CLIP, out=out)
         return out
 
 
 @dataclass(frozen=True)
 class RoundEnvConfig:
     """Which rounds the env draws: scenarios (one picked per round, comma-separated names or paths),
-    a user-count range (log-uniform), and whether dominated options are masked."""
+    or, when ``families`` is given, families (:mod:`relaydiff.sim.families`, one drawn per round:
+    domain randomization); a user-count range (log-uniform), and whether dominated options are masked."""
 
     scenario: str = "default"
     n_min: int = 3
     n_max: int = 300
     dominated: bool = True
+    families: str = ""  # comma-separated family names; non-empty: replaces ``scenario``
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_min <= self.n_max:
             raise ValueError(f"need 1 <= n_min <= n_max, got n_min={self.n_min}, n_max={self.n_max}")
-        if not self.scenarios:
+        if not self.scenarios and not self.family_names:
             raise ValueError("scenario: give at least one scenario name or path")
+        get_families(self.family_names)  # unknown names fail here, not at the first reset
 
     @property
     def scenarios(self) -> list[str]:
         return [s.strip() for s in self.scenario.split(",") if s.strip()]
+
+    @property
+    def family_names(self) -> list[str]:
+        return [s.strip() for s in self.families.split(",") if s.strip()]
 
 
 class OffloadRoundEnv(gym.Env):
@@ -202,8 +205,12 @@ class OffloadRoundEnv(gym.Env):
         scenario: Scenario | str | Path | None = None,
     ) -> None:
         self.config = config or RoundEnvConfig()
+        # (scenario, instance transform) per source of rounds: the families, else the scenarios
+        self.families = get_families(self.config.family_names) if scenario is None else []
         if isinstance(scenario, Scenario):
             self.scenarios = [scenario]
+        elif self.families:
+            self.scenarios = [f.scenario() for f in self.families]
         else:
             self.scenarios = [load_scenario(s) for s in ([scenario] if scenario is not None else self.config.scenarios)]
         splits = {len(sc.splits) for sc in self.scenarios}
@@ -216,10 +223,12 @@ class OffloadRoundEnv(gym.Env):
         self.round: SequentialRound | None = None
 
     def _draw(self) -> RoundInstance:
-        sc = self.scenarios[int(self.np_random.integers(len(self.scenarios)))] if len(self.scenarios) > 1 else self.scenarios[0]
+        j = int(self.np_random.integers(len(self.scenarios))) if len(self.scenarios) > 1 else 0
         lo, hi = np.log(self.config.n_min), np.log(self.config.n_max + 1)
         n = int(np.clip(np.exp(self.np_random.uniform(lo, hi)), self.config.n_min, self.config.n_max))
-        return sample_instance(sc, n_users=n, seed=self.np_random)
+        if self.families:
+            return self.families[j].sample(self.scenarios[j], n, self.np_random)
+        return sample_instance(self.scenarios[j], n_users=n, seed=self.np_random)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
         super().reset(seed=seed)

@@ -43,10 +43,11 @@ class MoveState:
         edge = inst.beta_eff * float(np.sum(self.seg_len * self.lam[1:] * self.cnt[1:]))
         return float(v - edge - self.sigma**2)
 
-    def deltas(self, users: np.ndarray | None = None) -> np.ndarray:
+    def deltas(self, users: np.ndarray | None = None, capacity: bool = True) -> np.ndarray:
         """(len(users), P + 1) exact objective change of moving each user to each option.
 
-        Moves that would exceed the edge's capacity get -inf.
+        Moves that would exceed the edge's capacity get -inf (``capacity=False``: their objective
+        change all the same, for moves combined with an eviction).
         """
         inst = self.inst
         users = np.arange(inst.n_users) if users is None else np.asarray(users)
@@ -66,7 +67,7 @@ class MoveState:
         d_bw = sig_new**2 - self.sigma**2
         v = inst.value_table[users]
         d = v - v[np.arange(len(users)), a][:, None] - d_edge - d_bw
-        if self.admitted >= inst.max_batch:
+        if capacity and self.admitted >= inst.max_batch:
             d[(a == 0)[:, None] & (b > 0)] = -np.inf
         return d
 

@@ -6,7 +6,7 @@ This is what a service loads: numpy only (no torch), weights from safetensors + 
 argmax over {local} ∪ splits. Once every discrete choice is made, the downlink shares come from
 the convex half in closed form (b_i ∝ sqrt(c_i), :mod:`relaydiff.system.bandwidth`). Optionally
 (``improve=True``) the local-search baseline's best-improvement pass plus evict-and-admit swaps at
-any load (:func:`relaydiff.sched.baselines.swap_repair_options`, which can re-admit a user the
+any load (:func:`relaydiff.sched.baselines.swap_repair`, which can re-admit a user the
 policy left local) starts from the policy's choices; both
 variants are reported separately by the bench. Training: :mod:`relaydiff.sched.drl.train`.
 """
@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file as load_np
 from safetensors.numpy import save_file as save_np
 
-from relaydiff.sched.baselines import swap_repair_options
+from relaydiff.sched.baselines import swap_repair
 from relaydiff.shipped import read_json
 from relaydiff.sim.round_env import SequentialRound, obs_size
 from relaydiff.system.bandwidth import allocate_bandwidth
@@ -65,8 +65,13 @@ class NumpyPolicy:
         return h @ self._wt[-1] + self._b[-1]
 
     def act(self, obs: np.ndarray, mask: np.ndarray) -> int:
-        z = self.logits(obs)
-        return int(np.argmax(np.where(mask, z, -np.inf)))
+        """The valid option with the largest logit (the logits written out: it runs once per decision)."""
+        h = np.asarray(obs, dtype=np.float64)
+        for w, b in zip(self._wt[:-1], self._b[:-1]):
+            h = np.tanh(np.dot(h, w) + b)
+        z = np.dot(h, self._wt[-1]) + self._b[-1]
+        z[~np.asarray(mask, dtype=bool)] = -np.inf
+        return int(z.argmax())
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``path.safetensors`` (fp32) and ``path.json`` (what :meth:`from_pretrained` reads)."""
@@ -126,9 +131,8 @@ def decide(instance: RoundInstance, act: Callable[[np.ndarray, np.ndarray, Seque
     info: dict[str, Any] = {"decisions": steps, "sequential_gain": rnd.total_gain}
     if not improve:
         return rnd.k.copy(), info
-    opt, iters = swap_repair_options(instance, start=rnd.moves.opt)
-    info["improve_iterations"] = iters
-    return instance.options[opt], info
+    info["improve_iterations"] = swap_repair(rnd.moves)  # the round's own move state, repaired in place
+    return instance.options[rnd.moves.opt], info
 
 
 def solve_drl(instance: RoundInstance, policy: NumpyPolicy | str | Path | None = None, improve: bool = False) -> Solution:

@@ -27,6 +27,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from relaydiff.sched.baselines import greedy, local_search_options
 from relaydiff.sched.drl.policy import NumpyPolicy, PolicyError, solve_drl
+from relaydiff.sim.families import get_families
 from relaydiff.sim.round_env import OffloadRoundEnv, RoundEnvConfig
 from relaydiff.system.problem import RoundInstance, sample_instance
 from relaydiff.system.scenario import load_scenario
@@ -37,6 +38,7 @@ class DRLConfig:
     """Every hyperparameter of ``relaydiff train offload`` (MaskablePPO on the round MDP)."""
 
     scenario: str = "default,congested"  # comma-separated: each training round picks one
+    families: str = ""  # comma-separated family names (relaydiff.sim.families): each round draws one; replaces scenario
     n_min: int = 3  # users per training round, log-uniform in [n_min, n_max]
     n_max: int = 300
     seed: int = 0
@@ -72,6 +74,11 @@ class DRLConfig:
             raise ValueError(f"DRLConfig.bc_teacher must be 'greedy' or 'local_search', got {self.bc_teacher!r}")
         if not self.net_arch or min(self.net_arch) < 1:
             raise ValueError(f"DRLConfig.net_arch must be positive layer widths, got {self.net_arch}")
+        self.env_config()  # unknown scenario fields or family names fail here
+
+    def env_config(self) -> RoundEnvConfig:
+        """The rounds training draws (episodes, imitation and validation alike)."""
+        return RoundEnvConfig(scenario=self.scenario, n_min=self.n_min, n_max=self.n_max, families=self.families)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DRLConfig":
@@ -103,7 +110,7 @@ def imitation_data(cfg: DRLConfig, rounds: int, seed: int) -> dict[str, np.ndarr
     The greedy teacher takes the best immediate gain; the local-search teacher gives each visited
     user its option in the local-search solution of the round (greedy where that option is masked).
     """
-    env = OffloadRoundEnv(RoundEnvConfig(scenario=cfg.scenario, n_min=cfg.n_min, n_max=cfg.n_max))
+    env = OffloadRoundEnv(cfg.env_config())
     obs, masks, acts, rtg = [], [], [], []
     for r in range(rounds):
         env.reset(seed=seed + r)
@@ -151,8 +158,14 @@ def imitate(model: Any, data: dict[str, np.ndarray], cfg: DRLConfig) -> dict[str
 
 
 def _validation_set(cfg: DRLConfig) -> list[RoundInstance]:
-    scs = [load_scenario(s.strip()) for s in cfg.scenario.split(",") if s.strip()]
+    """Fixed rounds of every training scenario or family at every validation size."""
+    env_cfg = cfg.env_config()
     rng = np.random.default_rng(10_000 + cfg.seed)
+    if env_cfg.family_names:
+        fams = get_families(env_cfg.family_names)
+        per = max(cfg.val_rounds // (len(cfg.val_sizes) * len(fams)), 1)
+        return [f.sample(sc, n, rng) for f, sc in ((f, f.scenario()) for f in fams) for n in cfg.val_sizes for _ in range(per)]
+    scs = [load_scenario(s) for s in env_cfg.scenarios]
     per = max(cfg.val_rounds // (len(cfg.val_sizes) * len(scs)), 1)
     return [sample_instance(sc, n_users=n, seed=rng) for sc in scs for n in cfg.val_sizes for _ in range(per)]
 
@@ -223,7 +236,7 @@ def train(
         if diff:
             raise ValueError(f"resume: the checkpoint was trained with other values of {diff}; pass the same config")
 
-    env_cfg = RoundEnvConfig(scenario=cfg.scenario, n_min=cfg.n_min, n_max=cfg.n_max)
+    env_cfg = cfg.env_config()
     venv = DummyVecEnv([lambda: OffloadRoundEnv(env_cfg) for _ in range(cfg.n_envs)])
     model = MaskablePPO(
         "MlpPolicy", venv, learning_rate=cfg.learning_rate, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
