@@ -105,10 +105,17 @@ def test_ucb1_random_fixed_and_oracle():
     assert picks == [make_bandit("random", ARMS, 2, seed=3).decide(np.zeros(2)) for _ in range(3)]
 
 
+def _make(kind, dim, **kw):
+    """``make_bandit`` with arm features for the shared model (a fixed random matrix)."""
+    if kind == "linucb_shared":
+        kw["arm_features"] = np.random.default_rng(7).uniform(0.2, 1.0, (len(ARMS), dim))
+    return make_bandit(kind, ARMS, dim, **kw)
+
+
 @pytest.mark.parametrize("kind", sorted(set(POLICIES) - {"oracle"}))
 def test_bad_input_names_the_field_and_keeps_the_state(kind, tmp_path):
     names = [f"f{i}" for i in range(3)]
-    bandit = make_bandit(kind, ARMS, 3, feature_names=names, seed=1)
+    bandit = _make(kind, 3, feature_names=names, seed=1)
     for i in range(5):
         bandit.update(i % 3, np.array([1.0, 0.5 * i, -0.2]), 0.1 * i)
     before = {k: v.copy() for k, v in bandit.arrays().items()}
@@ -135,7 +142,7 @@ def test_bad_input_names_the_field_and_keeps_the_state(kind, tmp_path):
 @pytest.mark.parametrize("kind", sorted(set(POLICIES) - {"oracle"}))
 def test_state_round_trip_continues_identically(kind, tmp_path):
     rng = np.random.default_rng(0)
-    bandit = make_bandit(kind, ARMS, 3, seed=5, feature_names=("x", "y", "z"))
+    bandit = _make(kind, 3, seed=5, feature_names=("x", "y", "z"))
     for _ in range(40):
         x = rng.normal(0, 1, 3)
         bandit.update(bandit.decide(x), x, float(rng.uniform(-1, 1)))

@@ -39,6 +39,8 @@ def test_live_loop_serves_every_request_and_learns(tiny):
     assert all(lat > live.stream.decode_s[i] for i, lat in enumerate(fixed.latency_s))
     again = live.serve("fixed", FixedArm(names, d, arm=dev_only).decide, None)
     assert again.quality == fixed.quality  # same seeds, same images, same judge reading
+    # each (request, arm) image is made and judged once; the bandit's picks are among them
+    assert {(i, a) for i, a in enumerate(run.arms)} | {(i, dev_only) for i in range(n)} == set(live.finished)
 
 
 def test_live_edge_only_waits_for_the_edge(tiny):
@@ -48,6 +50,15 @@ def test_live_edge_only_waits_for_the_edge(tiny):
     st = live.stream
     for i, lat in enumerate(edge.latency_s):
         assert lat > st.up_s[i] + st.link_s[i] + st.decode_s[i]  # plus the measured edge steps
+
+
+def test_live_shared_bandit_serves_the_stream(tiny):
+    from relaydiff.sched.relay_policy import RELAY_BANDIT, RelayBandit
+
+    live = _live(tiny, n=3)
+    bandit = RelayBandit.make(RELAY_BANDIT, live.stream.arms, alpha=0.1, l2=0.1)
+    run = live.serve("bandit", bandit.decide, bandit.update)
+    assert bandit.bandit.t == 3 and len(run.rewards) == 3
 
 
 def test_live_summary_and_report(tmp_path):
@@ -66,5 +77,8 @@ def test_live_summary_and_report(tmp_path):
     runs.append(LiveRun("fixed_device_only", [1, 1, 1], [0.0, 0.1, 0.2], [0.7] * 3, [2.0] * 3))
     out = _summary(cfg, runs, names, np.array([2.0, 3.0, 2.5]), 0.01, edge, 0.0)
     assert out["complete"] and out["bandit_beats_every_fixed_arm"]
+    vs = out["bandit_vs_best_fixed"]
+    assert vs["best_fixed"] == "fixed_edge_only" and abs(vs["bandit_minus_best_mean"] - 0.1) < 1e-12
+    assert vs["ci95"][0] < 0.1 < vs["ci95"][1]
     files = _report(out, runs, names, tmp_path)
     assert all((tmp_path / f).exists() for f in ("bandit_live.json", "bandit_live.png")) and len(files) == 2

@@ -77,7 +77,8 @@ def bandit_live_cmd(
     requests: int = typer.Option(60, help="Requests in the live stream."),
     scenario: str = typer.Option("stationary", help="Relay scenario the users come from."),
     rate: float = typer.Option(0.0, help="Arrivals per second (0: the scenario's)."),
-    algorithm: str = typer.Option("linucb", help="linucb | lints | egreedy | swlinucb."),
+    algorithm: str = typer.Option("linucb_shared", help="linucb_shared (one model over arm-context features) | "
+                                                         "linucb | lints | egreedy | swlinucb."),
     warm_requests: int = typer.Option(3000, help="Simulated requests to train on before going live (0: cold)."),
     state: Path = typer.Option(None, help="Start from this saved bandit state (.json/.safetensors) instead."),
     save_state: Path = typer.Option(None, help="Save the bandit's state here after the live run."),
@@ -93,7 +94,7 @@ def bandit_live_cmd(
     from relaydiff.system.scenario import ScenarioError
 
     check(requests >= 1 and warm_requests >= 0 and rate >= 0, "--requests must be >= 1, --warm-requests and --rate >= 0")
-    check(algorithm in ("linucb", "lints", "egreedy", "swlinucb"), f"--algorithm: unknown {algorithm!r}")
+    check(algorithm in ("linucb_shared", "linucb", "lints", "egreedy", "swlinucb"), f"--algorithm: unknown {algorithm!r}")
     cfg = LiveConfig(family=family, requests=requests, seed=seed, scenario=scenario, arrival_rate_hz=rate or None,
                      algorithm=algorithm, warm_requests=warm_requests, state=str(state) if state else None,
                      compare_fixed=compare_fixed, threads=threads, save_state=str(save_state) if save_state else None)
@@ -112,6 +113,10 @@ def bandit_live_cmd(
                       f"latency {p['mean_latency_s']:.2f} s{extra}", highlight=False)
     if cfg.compare_fixed:
         console.print(f"bandit beats every fixed arm: {out['bandit_beats_every_fixed_arm']}")
+        vs = out.get("bandit_vs_best_fixed")
+        if vs:
+            console.print(f"bandit - best fixed arm ({vs['best_fixed']}): {vs['bandit_minus_best_mean']:+.4f}, 95% CI "
+                          f"[{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}] (paired, same requests)", highlight=False)
     console.print(f"report: {', '.join(out.get('report', []))}")
     if out.get("saved_state"):
         console.print(f"bandit state: {out['saved_state']} (+ .safetensors)")

@@ -16,6 +16,12 @@ feature names, the random generator's state); nothing is pickled.
 - :class:`SlidingWindowLinUCB`: LinUCB on the last ``window`` observations of any arm (SW-LinUCB,
   Cheung et al., AISTATS 2019): old data leaves by a Sherman-Morrison downdate, so an arm not played
   for a while regains its uncertainty and is tried again after a shift.
+- :class:`SharedLinUCB`: LinUCB with one ridge regression shared by all arms (the shared part of
+  Li et al.'s hybrid model): arm a's feature vector is ``arm_features[a] * context`` (elementwise),
+  where ``arm_features`` holds what is known about each arm beforehand (for the relay: its measured
+  fidelity per complexity, style fidelity, edge and device step fractions; one-hot columns give each
+  arm its own intercept). Every reward teaches every arm, so it learns with far fewer requests than
+  the disjoint model, which needs ``dim`` observations per arm before its estimate means anything.
 - baselines: :class:`UCB1` (context-free, Auer et al. 2002), :class:`RandomArm`, :class:`FixedArm`,
   :class:`Oracle`.
 """
@@ -309,6 +315,67 @@ class SlidingWindowLinUCB(LinUCB):
         self.buf_x, self.buf_r, self.buf_a = (arrays[k].copy() for k in ("buf_x", "buf_r", "buf_a"))
 
 
+class SharedLinUCB(Bandit):
+    """LinUCB on ``z_a = arm_features[a] * x``: one ridge regression (Sherman-Morrison) for all arms."""
+
+    kind = "linucb_shared"
+
+    def __init__(self, arms: Sequence[str], dim: int, *, arm_features: Any = None, alpha: float = 1.0,
+                 l2: float = 1.0, **kw: Any):
+        super().__init__(arms, dim, **kw)
+        if arm_features is None:
+            raise BanditError(f"arm_features: {self.kind} needs the arms' feature matrix [{len(self.arms)}, {self.dim}]")
+        feats = np.asarray(arm_features, dtype=np.float64)
+        if feats.shape != (len(self.arms), self.dim) or not np.isfinite(feats).all():
+            raise BanditError(f"arm_features: need finite numbers of shape [{len(self.arms)}, {self.dim}], "
+                              f"got shape {feats.shape}")
+        if not alpha >= 0:
+            raise BanditError(f"alpha: must be >= 0, got {alpha}")
+        if not l2 > 0:
+            raise BanditError(f"l2: must be > 0, got {l2}")
+        self.arm_features, self.alpha, self.l2 = feats, float(alpha), float(l2)
+        self.a_inv = np.eye(self.dim) / self.l2
+        self.b = np.zeros(self.dim)
+        self.theta = np.zeros(self.dim)
+        self.counts = np.zeros(len(self.arms), dtype=np.int64)
+        self._stack = np.empty((self.dim, self.dim + 1))  # [alpha^2 A^-1 | theta]: one product per decision
+        self._restack()
+
+    def _restack(self) -> None:
+        self._stack[:, : self.dim] = self.a_inv
+        self._stack[:, : self.dim] *= self.alpha * self.alpha
+        self._stack[:, self.dim] = self.theta
+
+    def _decide(self, x: np.ndarray) -> int:
+        z = self.arm_features * x  # [arms, dim]: every arm's feature row
+        s = z @ self._stack  # [arms, dim + 1]: alpha^2 z A^-1 | z . theta
+        width = (s[:, : self.dim] * z).sum(1)
+        np.abs(width, out=width)  # A^-1 is positive definite: abs only absorbs rounding
+        np.sqrt(width, out=width)
+        width += s[:, self.dim]
+        return int(width.argmax())
+
+    def _update(self, a: int, x: np.ndarray, r: float) -> None:
+        z = self.arm_features[a] * x
+        az = self.a_inv @ z
+        self.a_inv -= np.outer(az, az) / (1.0 + z @ az)
+        self.b += r * z
+        self.theta = self.a_inv @ self.b
+        self.counts[a] += 1
+        self._restack()
+
+    def params(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "l2": self.l2, "arm_features": self.arm_features.tolist()}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"a_inv": self.a_inv, "b": self.b, "theta": self.theta, "counts": self.counts}
+
+    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.a_inv, self.theta = arrays["a_inv"].copy(), arrays["theta"].copy()
+        self.b, self.counts = arrays["b"].copy(), arrays["counts"].copy()
+        self._restack()
+
+
 class UCB1(Bandit):
     """Context-free UCB1: mean + c sqrt(2 ln n / n_a); every arm once first. c is the reward's scale."""
 
@@ -385,8 +452,8 @@ class Oracle(Bandit):
         raise BanditError("oracle: decides from expected rewards (decide_expected), not from a context")
 
 
-POLICIES: dict[str, type[Bandit]] = {c.kind: c for c in (LinUCB, LinTS, EpsilonGreedy, SlidingWindowLinUCB, UCB1,
-                                                        RandomArm, FixedArm, Oracle)}
+POLICIES: dict[str, type[Bandit]] = {c.kind: c for c in (LinUCB, LinTS, EpsilonGreedy, SlidingWindowLinUCB,
+                                                        SharedLinUCB, UCB1, RandomArm, FixedArm, Oracle)}
 
 
 def make_bandit(kind: str, arms: Sequence[str], dim: int, **kw: Any) -> Bandit:
@@ -437,4 +504,4 @@ def _load_bandit(path: str | Path) -> Bandit:
 
 
 __all__ = ["POLICIES", "Bandit", "BanditError", "EpsilonGreedy", "FixedArm", "LinTS", "LinUCB", "Oracle", "RandomArm",
-           "SlidingWindowLinUCB", "UCB1", "make_bandit"]
+           "SharedLinUCB", "SlidingWindowLinUCB", "UCB1", "make_bandit"]
