@@ -381,6 +381,7 @@ def test_staging_carries_finished_parts_between_runs(tiny_run, tmp_path):
     with Progress(True) as progress:
         assert write_staging(cfg, partial, staging, progress) == ["vae"]
     vae = load_file(str(staging / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert "_name_or_path" not in json.loads((staging / "vae" / "config.json").read_text())  # no scratch path
     assert all(v.dtype == torch.float16 for v in vae.values())
     # session 2 starts from the staging folder and trains the large member
     train_reference(cfg, tmp_path / "session2", stages=["large"], staging=staging, quiet=True)

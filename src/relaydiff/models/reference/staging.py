@@ -83,8 +83,11 @@ def write_staging(cfg: ReferenceConfig, out: Path, staging: Path, progress: Prog
                 tensors = {k: (v.half() if v.is_floating_point() else v).contiguous()
                            for k, v in load_file(str(f)).items()}
                 save_file(tensors, str(tmp / f.name), metadata={"format": "pt"})
-            elif f.suffix == ".json":
-                (tmp / f.name).write_text(f.read_text())
+            elif f.suffix == ".json":  # without the run folder diffusers records (a scratch path)
+                d = json.loads(f.read_text())
+                if isinstance(d, dict):
+                    d.pop("_name_or_path", None)
+                (tmp / f.name).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
         if dest.exists():
             if _same_files(tmp, dest):
                 shutil.rmtree(tmp)
