@@ -17,7 +17,8 @@ carries a constant, so objective / optimum is 0.4-0.7 even for all-local, and a 
 hide a third of the possible improvement lost. Rounds where no gain is possible are left out of the
 gain (``no_gain_rounds`` counts them).
 ``ms_median`` is the solver's own decision wall time; ``cpu_ms_median`` the process CPU time of the
-whole call (including the final ``evaluate``), which a busy shared machine inflates far less.
+whole call (including the final ``evaluate``), which a busy shared machine inflates far less (a
+preempted call's wall time can be several times its CPU time).
 Objectives are sums of user utilities, positive by construction (:mod:`relaydiff.system.problem`).
 """
 
@@ -113,17 +114,18 @@ def run_families(families: Sequence[str], sizes: Sequence[int], rounds: int, see
             rng = np.random.default_rng([seed, fi, n])
             here = [s for s in solvers if s != "exact" or n <= exact_max_n]
             sols: dict[str, list[Any]] = {s: [] for s in here}
+            cpu: dict[str, list[float]] = {s: [] for s in here}
             local: list[float] = []
             for _ in range(rounds):
                 inst = fam.sample(sc, n, rng)
                 local.append(_all_local_objective(inst))
                 for name in here:
-                    sols[name].append(_solver(name, policy)(inst))
+                    sols[name].append(_call(_solver(name, policy), inst, cpu[name]))
                 if on_progress:
                     on_progress(f"families {fname} N={n}")
             proven = [s.status == "optimal" for s in sols["exact"]] if "exact" in sols else [False] * rounds
             ref = [sols["exact"][r].objective if proven[r] else max(sols[s][r].objective for s in here) for r in range(rounds)]
-            scores, no_gain = _quality_scores(sols, here, ref, local, {})
+            scores, no_gain = _quality_scores(sols, here, ref, local, cpu)
             row["by_n"].append({"n": n, "rounds": rounds, "reference": "exact" if all(proven) else "best_found",
                                 "exact_proven": int(sum(proven)), "no_gain_rounds": no_gain, **scores})
             for name in here:

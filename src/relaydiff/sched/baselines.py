@@ -76,11 +76,15 @@ class LocalSearchConfig:
 def local_search_options(inst: RoundInstance, start: np.ndarray | None = None, cfg: LocalSearchConfig | None = None) -> tuple[np.ndarray, int]:
     """Improve a start (default: greedy) by single-user moves, and admit/evict swaps when the edge is full."""
     st = MoveState(inst, greedy_options(inst) if start is None else start)
-    return st.opt, _descend(st, cfg or LocalSearchConfig())
+    return st.opt, _descend(st, cfg or LocalSearchConfig())[0]
 
 
-def _descend(st: MoveState, cfg: LocalSearchConfig) -> int:
-    """Local search on ``st`` in place (best single move; at a full edge, the one evict-then-admit); its iterations."""
+def _descend(st: MoveState, cfg: LocalSearchConfig) -> tuple[int, np.ndarray | None]:
+    """Local search on ``st`` in place (best single move; at a full edge, the one evict-then-admit).
+
+    Returns its iterations and, when it stopped below capacity, the last ``deltas`` (those of the final
+    state, no move capacity-masked), which :func:`swap_deltas` can reuse.
+    """
     inst = st.inst
     it = 0
     for it in range(1, cfg.max_iters + 1):
@@ -92,7 +96,7 @@ def _descend(st: MoveState, cfg: LocalSearchConfig) -> int:
             st.move(r, b)
             continue
         if st.admitted < inst.max_batch:
-            break
+            return it, d
         # Full edge: try evicting the admitted user whose removal hurts least, then the best admit.
         adm = np.flatnonzero(st.opt > 0)
         evict = adm[int(np.argmax(d[adm, 0]))]
@@ -109,21 +113,21 @@ def _descend(st: MoveState, cfg: LocalSearchConfig) -> int:
             continue
         st.move(int(evict), old)
         break
-    return it
+    return it, None
 
 
-def swap_deltas(st: MoveState) -> np.ndarray:
+def swap_deltas(st: MoveState, deltas: np.ndarray | None = None) -> np.ndarray:
     """(E, N, P + 1) exact objective change of evicting admitted user e and moving user r to option b.
 
     The objective is separable but for pairwise terms (edge batch interaction
     beta' (lam_e + lam_r) k_min(o_e, o_r) and bandwidth 2 g_e g_r), so the joint change is the two
     single-move changes plus the pair term's correction: one ``deltas`` and O(E N P) arithmetic for
     every swap at once. Rows e = r and the no-op b = o_r are -inf; the order of ``e`` is that of
-    ``np.flatnonzero(st.opt > 0)``.
+    ``np.flatnonzero(st.opt > 0)``. ``deltas``: ``st.deltas(capacity=False)`` if the caller has it.
     """
     inst = st.inst
     adm = np.flatnonzero(st.opt > 0)
-    d = st.deltas(capacity=False)  # an eviction frees the slot an admission takes
+    d = st.deltas(capacity=False) if deltas is None else deltas  # an eviction frees the slot an admission takes
     ks = inst.options.astype(float)
     lam, g = inst.edge_weight, inst.bw_weight
     oe, o = st.opt[adm], st.opt
@@ -152,17 +156,18 @@ def swap_repair(st: MoveState, cfg: LocalSearchConfig | None = None) -> int:
     swap is scored at once (:func:`swap_deltas`), so a pass where none gains costs one ``deltas``.
     """
     cfg = cfg or LocalSearchConfig()
-    iters = _descend(st, cfg)
+    iters, d = _descend(st, cfg)
     swaps = 0
     while swaps < cfg.max_iters and st.admitted > 0:
-        joint = swap_deltas(st)
+        joint = swap_deltas(st, d)
         e, r, b = np.unravel_index(int(np.argmax(joint)), joint.shape)
         if not joint[e, r, b] > cfg.tol:
             break
         st.move(int(np.flatnonzero(st.opt > 0)[e]), 0)
         st.move(int(r), int(b))
         swaps += 1
-        iters += _descend(st, cfg)
+        more, d = _descend(st, cfg)
+        iters += more
     return iters + swaps
 
 

@@ -28,6 +28,7 @@ updated for every other local user j by the pairwise terms it adds,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,8 +89,8 @@ class SequentialRound:
         self.user = -1
         if self.moves.admitted >= self.max_batch:
             return
-        i = int(np.argmax(self.best))
-        if np.isfinite(self.best[i]):
+        i = int(self.best.argmax())
+        if math.isfinite(self.best[i]):
             self.user = i
 
     def gains(self) -> np.ndarray:
@@ -100,11 +101,11 @@ class SequentialRound:
 
     def mask(self) -> np.ndarray:
         """Valid options of the current user (only local once the round is done)."""
-        m = np.zeros(self.n_splits + 1, dtype=bool)
-        m[0] = True
-        if not self.done:
-            m[1:] = self.table[self.user, 1:] >= 0.0 if self.dominated else True
-        return m
+        if self.done or not self.dominated:
+            m = np.full(self.n_splits + 1, not self.done, dtype=bool)
+            m[0] = True
+            return m
+        return self.table[self.user] >= 0.0  # the local option's gain is 0
 
     def greedy_option(self) -> int:
         """The valid option with the largest gain (always taking it is the global greedy baseline)."""
@@ -126,7 +127,7 @@ class SequentialRound:
             self.moves.move(i, action)
             live_t = self.table[:, 1:]  # a view: option 0 (local) always gains 0
             live_t -= self.beta * (self.lam[i] + self._lam_col) * self.min_k[action, 1:] + (2.0 * self.g[i]) * self._g_col
-            best = live_t.max(axis=1)  # rows of decided users are stale: their best stays -inf
+            best = np.maximum.reduce(live_t, axis=1)  # rows of decided users are stale: their best stays -inf
             self.best = np.where(np.isfinite(self.best) & (best > 0.0), best, -np.inf)
         self.total_gain += delta
         self.n_steps += 1
@@ -149,14 +150,14 @@ class SequentialRound:
         n_others = int(np.count_nonzero(live))
         w = min(cap_left - 1, n_others)
         if 0 < w < n_others:
-            nxt = np.argpartition(-rest, w - 1)[:w]
+            nxt = (-rest).argpartition(w - 1)[:w]
         else:
-            nxt = np.flatnonzero(live)[: max(w, 0)]
-        mk = self.min_k[1 + np.argmax(self.table[nxt, 1:], axis=1), 1:]  # (w, P): min(k_o, k of each next user's best)
-        runner_up = float(rest.max()) if n_others else 0.0
+            nxt = live.nonzero()[0][: max(w, 0)]
+        mk = self.min_k[1 + self.table[nxt, 1:].argmax(axis=1), 1:]  # (w, P): min(k_o, k of each next user's best)
+        runner_up = float(np.maximum.reduce(rest)) if n_others else 0.0
         lam_i = self.lam[i]
         out = np.concatenate((
-            self._weights[i], self.table[i, 1:], self.solo[i, 1:], self.beta * (lam_i * mk.sum(axis=0) + self.lam[nxt] @ mk),
+            self._weights[i], self.table[i, 1:], self.solo[i, 1:], self.beta * (lam_i * np.add.reduce(mk, axis=0) + self.lam[nxt] @ mk),
             (2.0 * self.g[i] * self.g[nxt].sum(),), self.moves.cnt[1:] / m,
             (cap_left / m, min(n_others / m, 3.0), min(runner_up / max(float(self.best[i]), 1e-9), 3.0), inst.capacity,
              self.beta * inst.steps * lam_i * m, self.moves.sigma),
