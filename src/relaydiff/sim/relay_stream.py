@@ -100,6 +100,31 @@ Decide = Callable[[np.ndarray, Callable[[], np.ndarray]], int]  # (context, expe
 Learn = Callable[[int, np.ndarray, float], None]  # (arm, context, reward)
 
 
+def relay_utility(wq: float, q: Any, latency_s: Any, ref_latency_s: float, latency_cap: float) -> Any:
+    """The reward: w_q * quality - (1 - w_q) * min(latency / the user's reference latency, cap)."""
+    return wq * q - (1.0 - wq) * np.minimum(latency_s / ref_latency_s, latency_cap)
+
+
+def relay_context(prompt_features: np.ndarray, wq: float, rho: float, device_step_s: float, decode_s: float,
+                  down_bps: float, link_s: float, rem: list[int], edge_step_s: np.ndarray, steps: int) -> np.ndarray:
+    """The context vector (:data:`CONTEXT_FEATURES`) of one request: its prompt's features, the user's
+    quality weight and style weight, the device's step and decode time, the downlink rate and the
+    handoff's time on it, and the edge's queue (remaining steps per chain; ``edge_step_s[b - 1]``: a
+    batched step of b chains, ``len(edge_step_s)``: the largest batch)."""
+    f = prompt_features
+    ref = steps * device_step_s + decode_s  # the whole chain on the user's own device
+    wl = 1.0 - wq
+    n, cap = len(rem), len(edge_step_s)
+    chain_s = steps * edge_step_s[min(n + 1, cap) - 1]
+    backlog_s = sum(rem) * edge_step_s[cap - 1] / cap
+    return np.array([
+        1.0, wq, wq * f[0], wq * f[1], wq * f[2], wq * f[3], wq * rho, wq * rho * f[0], wl,
+        wl * chain_s / ref, wl * backlog_s / ref, wl * link_s / ref, wl * decode_s / ref,
+        min(n, cap) / cap,
+        np.log10(device_step_s), np.log10(down_bps / 1e6),
+    ])
+
+
 class RelayStream:
     """The requests of one seed of a scenario, ready to be served by any policy (:meth:`run`)."""
 
@@ -206,23 +231,12 @@ class RelayStream:
 
     def context(self, i: int, rem: list[int]) -> np.ndarray:
         """The context vector of request ``i`` given the edge's queue (remaining steps per chain)."""
-        f = self.prompt_features[i]
-        wq, rho, ref = self.wq[i], self.rho[i], self.ref_latency_s[i]
-        wl = 1.0 - wq
-        n, cap, T = len(rem), self.max_batch, self.scenario.steps
-        chain_s = T * self.edge_step_s[min(n + 1, cap) - 1]
-        backlog_s = sum(rem) * self.edge_step_s[cap - 1] / cap
-        return np.array([
-            1.0, wq, wq * f[0], wq * f[1], wq * f[2], wq * f[3], wq * rho, wq * rho * f[0], wl,
-            wl * chain_s / ref, wl * backlog_s / ref, wl * self.link_s[i] / ref, wl * self.decode_s[i] / ref,
-            min(n, cap) / cap,
-            np.log10(self.device_step_s[i]), np.log10(self.down_bps[i] / 1e6),
-        ])
+        return relay_context(self.prompt_features[i], self.wq[i], self.rho[i], self.device_step_s[i], self.decode_s[i],
+                             self.down_bps[i], self.link_s[i], rem, self.edge_step_s, self.scenario.steps)
 
     def utility(self, i: int, q: Any, latency: Any) -> Any:
         """The user's utility for quality ``q`` and latency (scalars or one per arm)."""
-        cap = self.scenario.latency_cap
-        return self.wq[i] * q - (1.0 - self.wq[i]) * np.minimum(latency / self.ref_latency_s[i], cap)
+        return relay_utility(self.wq[i], q, latency, self.ref_latency_s[i], self.scenario.latency_cap)
 
     def expected_rewards(self, i: int, rem: list[int], clock: float) -> np.ndarray:
         """Each arm's expected reward for request ``i`` joining the queue now (what the oracle knows)."""
@@ -301,4 +315,5 @@ class RelayStream:
         heapq.heappush(pending, (self.arrival_s[i] + lat, i, int(a), contexts.pop(i)))
 
 
-__all__ = ["CONTEXT_FEATURES", "PROMPT_FEATURES", "PromptPool", "RelayStream", "StreamError", "StreamResult"]
+__all__ = ["CONTEXT_FEATURES", "PROMPT_FEATURES", "PromptPool", "RelayStream", "StreamError", "StreamResult",
+           "relay_context", "relay_utility"]
