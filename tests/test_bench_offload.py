@@ -71,3 +71,14 @@ def test_run_families_reports_each_family_apart() -> None:
             assert {"gain_mean", "gain_min", "ms_median", "rounds_below_0.98"} <= set(small[name])
     with pytest.raises(ValueError, match="unknown families"):
         run_families(["nope"], sizes=(4,), rounds=1)
+
+
+def test_plots_redraw_from_a_result(tmp_path) -> None:
+    from relaydiff.bench.offload import plot_offload, run
+
+    result = run(DEFAULT, seed=1, opt_sizes=(4,), opt_rounds=1, scale_sizes=(8,), scale_rounds=1,
+                 families=["default", "laptops"], family_sizes=(4,), family_rounds=1)
+    assert result["families"][0]["by_n"][0]["drl"]["cpu_ms_median"] > 0
+    paths = plot_offload(result, tmp_path)
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["bench_offload_families.png", "bench_offload_time.png"]
+    assert all((tmp_path / p.rsplit("/", 1)[1]).stat().st_size > 1000 for p in paths)

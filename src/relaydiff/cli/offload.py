@@ -107,10 +107,22 @@ def bench_offload_cmd(
     family_sizes: str = typer.Option("7,20,200", help="N values of each family (exact MILP as reference up to N = 30)."),
     family_rounds: int = typer.Option(5, help="Rounds per family and N."),
     policy: str = typer.Option("", help="A candidate DRL policy (PATH of PATH.json + PATH.safetensors) for drl and drl+ls; default the shipped one."),
+    plots: str = typer.Option("", help="Write the PNG plots (gap to exact per family; lost gain vs time) into this folder."),
+    from_json: str = typer.Option("", help="Only redraw the plots from this JSON of record (no bench run); needs --plots."),
 ) -> None:
     """Optimality (vs the exact MILP, plain ratio and share of the possible gain), speed, and held-out families: one JSON object."""
-    from relaydiff.bench.offload import run
+    from relaydiff.bench.offload import plot_offload, run
     from relaydiff.sim.families import family_names
+
+    if from_json:
+        check(bool(plots), "--from-json only redraws the plots: give --plots DIR")
+        try:
+            result = json.loads(open(from_json).read())
+        except (OSError, ValueError) as exc:
+            fail(f"--from-json: cannot read {from_json}: {exc}")
+        for p in plot_offload(result, plots):
+            console.print(f"wrote {p}")
+        return
     from relaydiff.system.scenario import ScenarioError, load_scenario
 
     opt, scl = tuple(int_list(sizes, "--sizes")), tuple(int_list(scale_sizes, "--scale-sizes"))
@@ -141,6 +153,9 @@ def bench_offload_cmd(
                      on_progress=None if as_json else (lambda msg: status.update(msg)),
                      families=fams, family_sizes=fam_n, family_rounds=family_rounds, policy=policy or None)
     print(json.dumps(result, indent=None if as_json else 2))
+    if plots:
+        for p in plot_offload(result, plots):
+            console.print(f"wrote {p}")
 
 
 def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
