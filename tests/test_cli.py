@@ -110,4 +110,3 @@ def test_public_api_relays_a_saved_diffusers_pipeline(tiny, tmp_path):
     finished = relaydiff.resume(family, relaydiff.read_handoff(wire))
     assert finished.image.shape == whole.image.shape and np.array_equal(finished.image, whole.image)
     assert set(relaydiff.__all__) >= {"load_family", "Request", "parse_plan", "generate", "resume", "run_demo"}
-
