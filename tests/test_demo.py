@@ -30,3 +30,11 @@ def test_demo_runs_on_the_shipped_family(tmp_path):
     kinds = {u["kind"] for u in report["users"]}
     assert {"edge only", "relay", "split + adapter", "device only", "shared prefix"} <= kinds
     assert all(0.0 <= u["prompt_fidelity"] <= 1.0 for u in report["users"])
+    # the service part: every device's job went through the edge server and ended done, one round
+    service = report["service"]["jobs"]
+    assert len(service) == 4 and len({j["round"] for j in service}) == 1
+    assert {j["kind"] for j in service} <= {"edge_only", "relay", "device_only"}
+    for j in service:
+        assert j["finished_by"] == ("edge" if j["kind"] == "edge_only" else "device")
+        assert 0 < j["marks_ms"]["planned"] <= j["latency_ms"]
+    assert (tmp_path / "service.png").is_file() and "## The service" in (tmp_path / "report.md").read_text()

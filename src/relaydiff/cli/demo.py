@@ -43,6 +43,13 @@ def demo_cmd(
     sp = report["shared_prefix"]
     Console().print(f"shared prefix saved {100 * sp['saved_fraction']:.0f}% of the group's U-Net evaluations; "
                     f"report: {out / 'report.md'}")
+    service = Table(title=f"the same family as a service on 127.0.0.1: one round, {report['service']['wall_s']:.1f} s")
+    for col in ("device", "class", "kind", "plan", "finished by", "latency ms", "timeline (ms after submitting)"):
+        service.add_column(col)
+    for r in report["service"]["jobs"]:
+        service.add_row(r["device"], r["device_class"], r["kind"], escape(r["plan"]), r["finished_by"],
+                        f"{r['latency_ms']:.0f}", ", ".join(f"{m} {ms:.0f}" for m, ms in r["marks_ms"].items()))
+    Console().print(service)
 
 
 def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:

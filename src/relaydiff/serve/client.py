@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -42,6 +42,8 @@ class DeviceResult:
     finished_by: str           # "device" or "edge"
     latency_ms: float          # submit to image in hand
     device_ms: float = 0.0     # the local part (decode the handoff, finish the chain, decode the image)
+    marks_ms: dict[str, float] = field(default_factory=dict)   # ms after submitting: planned, handoff, finished,
+                                                                # reported (or image): the job's timeline
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -168,22 +170,31 @@ class DeviceClient:
     def run(self, prompt: str, seed: int = 0, *, member: str | None = None, **job: Any) -> DeviceResult:
         """Submit, finish (here or on the edge), report; the image whichever side made it."""
         t0 = time.perf_counter()
+        marks: dict[str, float] = {}
+
+        def mark(name: str) -> float:
+            marks[name] = (time.perf_counter() - t0) * 1e3
+            return marks[name]
+
         view = self.submit(prompt, seed, **job)
+        mark("planned")
         if view["kind"] == "edge_only":
             png = self.fetch_image(view["job_id"])
-            return DeviceResult(self.job(view["job_id"]), png_image(png), png, "edge", (time.perf_counter() - t0) * 1e3)
+            return DeviceResult(self.job(view["job_id"]), png_image(png), png, "edge", mark("image"), marks_ms=marks)
         data = self.fetch_handoff(view["job_id"])
         t1 = time.perf_counter()
+        mark("handoff")
         try:
             image, _ = finish_locally(self.family, data, member)
         except Exception as exc:  # a handoff this device cannot finish: the edge finishes it
             self.report(view["job_id"], ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
             png = self.fetch_image(view["job_id"])
-            return DeviceResult(self.job(view["job_id"]), png_image(png), png, "edge", (time.perf_counter() - t0) * 1e3)
+            return DeviceResult(self.job(view["job_id"]), png_image(png), png, "edge", mark("image"), marks_ms=marks)
         device_ms = (time.perf_counter() - t1) * 1e3
-        latency = (time.perf_counter() - t0) * 1e3
+        latency = mark("finished")
         final = self.report(view["job_id"], latency_ms=latency)
-        return DeviceResult(final, image, png_bytes(image), "device", latency, device_ms)
+        mark("reported")
+        return DeviceResult(final, image, png_bytes(image), "device", latency, device_ms, marks)
 
 
 class AsyncDeviceClient:

@@ -271,16 +271,22 @@ class EdgeService:
                     self._mark_running(job_id)
         if cancelled:
             self.executor.active = [c for c in self.executor.active if self._chain_job.get(c.id) not in cancelled]
+        if ready:  # chains with nothing to run here (device only: the seeded noise) leave before the next step
+            self._finish(ready, cancelled)
+            ready = []
         if not self.executor.idle:
             t0 = time.perf_counter()
             n = self.executor.step()
             self.metrics.step_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(n)
         self.metrics.queue_depth.set(len(self.executor.active))
-        ready += self.executor.drain()
-        ready = [c for c in ready if self._chain_job.get(c.id) not in cancelled]
-        if ready:
-            for chain, result in zip(ready, finish_chains(self.family, ready, self.settings.max_batch)):
+        self._finish(self.executor.drain(), cancelled)
+
+    def _finish(self, chains: list[Chain], cancelled: set[str]) -> None:
+        """Chains that leave the edge: decode the finished ones, encode the others' handoffs."""
+        chains = [c for c in chains if self._chain_job.get(c.id) not in cancelled]
+        if chains:
+            for chain, result in zip(chains, finish_chains(self.family, chains, self.settings.max_batch)):
                 self._left_edge(self._chain_job.pop(chain.id), result)
 
     def _mark_running(self, job_id: str) -> None:

@@ -35,18 +35,23 @@ def render_status(service) -> str:
         if service.settings.status_thumbnails and rec.has_image:
             data = base64.b64encode(service.store.image(rec.id) or b"").decode()
             thumb = f'<img src="data:image/png;base64,{data}" width="48" height="48" alt="">'
-        rows.append(f"<tr><td><code>{rec.id[:10]}</code></td><td>{html.escape(rec.client)}</td>"
+        elif rec.state == "done" and not rec.has_image:
+            thumb = '<span class="dim">on the device</span>'
+        latency = f"{rec.latency_ms:.0f}" if rec.latency_ms is not None else ""
+        rows.append(f"<tr><td><code>{rec.id[:10]}</code></td><td>{html.escape(rec.client)}</td><td>{rec.round_id}</td>"
                     f"<td>{rec.state}{' (fallback)' if rec.fallback else ''}</td><td>{rec.kind}</td>"
-                    f"<td>{plan_timeline_svg(Plan.from_list(rec.plan))}</td><td>{thumb}</td></tr>")
+                    f"<td>{plan_timeline_svg(Plan.from_list(rec.plan))}</td><td>{latency}</td><td>{thumb}</td></tr>")
     state_cells = "".join(f"<li>{html.escape(s)}: {n}</li>" for s, n in sorted(counts.items()))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>relaydiff edge</title>
 <meta http-equiv="refresh" content="5">
-<style>body{{font-family:sans-serif;margin:1.5em}} td{{padding:2px 8px}} code{{font-size:90%}}</style></head>
+<style>body{{font-family:sans-serif;margin:1.5em}} td{{padding:2px 8px}} code{{font-size:90%}}
+.dim{{color:#888;font-size:85%}}</style></head>
 <body><h1>relaydiff edge</h1>
 <p>family <b>{html.escape(service.family.id)}@{html.escape(service.family.version)}</b>,
 scheduler <b>{html.escape(service.settings.scheduler)}</b>; executor queue: <b>{len(service.executor.active)}</b> chains,
 unfinished jobs: <b>{service.unfinished}</b>. Plans: <span style="color:{_COLORS['edge']}">edge</span> /
 <span style="color:{_COLORS['device']}">device</span> steps.</p>
 <ul>{state_cells}</ul>
-<table><tr><th>job</th><th>client</th><th>state</th><th>kind</th><th>plan</th><th>image</th></tr>
+<table><tr><th>job</th><th>client</th><th>round</th><th>state</th><th>kind</th><th>plan (steps)</th>
+<th>latency ms</th><th>image</th></tr>
 {''.join(rows)}</table></body></html>"""
