@@ -8,6 +8,11 @@ is exported to numpy (:class:`relaydiff.sched.drl.policy.NumpyPolicy`) and valid
 greedy's on fixed rounds); the best is kept. ``bc_rounds=0`` is pure PPO. Checkpoints are
 safetensors + JSON (no pickle): the policy/value weights, the Adam state and the step counter,
 which is all a resume needs. Every hyperparameter is in :class:`DRLConfig`.
+
+Domain randomization (issue 18): with ``families`` set, every episode, imitation round and
+validation round is drawn from one of those families (:mod:`relaydiff.sim.families`); the shipped
+policy is trained on :data:`relaydiff.sim.families.TRAINING_FAMILIES` and the bench reports the
+other families as held out.
 """
 
 from __future__ import annotations
