@@ -7,7 +7,7 @@ this process's core). A fraction F of devices vanish right after taking their ha
 the edge is killed (SIGKILL) and restarted on the same port and store. Afterwards every accepted
 job must end done: finished by its device, by the edge, or by the edge's fallback.
 
-Two calibrations run first, one request at a time, interleaved and paired: the same request over
+Two calibrations run first (after a warm-up pair), one request at a time, interleaved and paired: the same request over
 HTTP (end to end) and in this process through the engine (edge part, handoff encode/decode,
 device part); ``http_overhead`` = 1 - mean engine latency / mean HTTP latency (the pairs' spread beside it), and
 ``sequential_images_per_s`` = 1 / the engine's mean latency (a one-job-at-a-time server).
@@ -175,7 +175,7 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
     rng = np.random.default_rng(seed)
     http_ms, engine_ms = [], []
     with DeviceClient(url, token, family, timeout_s=120) as device:
-        for r in range(n):
+        for r in range(-1, n):   # r = -1: a warm-up pair (first calls on both sides), not counted
             prompt, s = PROMPTS[r % len(PROMPTS)], int(rng.integers(2**31))
             cls = DEVICE_CLASSES[r % len(DEVICE_CLASSES)]
 
@@ -203,8 +203,9 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
                 _, job = over_http()
                 e = in_process(job)
                 h, _ = over_http()
-            http_ms.append(h)
-            engine_ms.append(e)
+            if r >= 0:
+                http_ms.append(h)
+                engine_ms.append(e)
     h, e = np.array(http_ms), np.array(engine_ms)
     share = 1.0 - e / h   # per pair: the spread; the figure is the share of the mean latency
     return {"http_ms_mean": float(h.mean()), "engine_ms_mean": float(e.mean()),

@@ -125,6 +125,8 @@ def create_app(family: Family, settings: EdgeSettings | None = None, tokens: Tok
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        service.store.listeners.append(lambda job_id: job_changed(job_id, loop))
         await asyncio.to_thread(service.start)
         try:
             yield
@@ -155,16 +157,37 @@ def create_app(family: Family, settings: EdgeSettings | None = None, tokens: Tok
             raise HTTPException(403, f"job {job_id!r} belongs to another client")
         return rec
 
+    watchers: dict[str, set[asyncio.Event]] = {}
+
+    def job_changed(job_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        """(Any thread.) Wake the long polls waiting on ``job_id``."""
+        if job_id in watchers:
+            try:
+                loop.call_soon_threadsafe(lambda: [e.set() for e in watchers.get(job_id, ())])
+            except RuntimeError:  # the loop has closed (shutting down): nobody waits any more
+                pass
+
     async def wait_for(job_id: str, wait_s: float, done: Any) -> JobRecord:
-        """Poll the store until ``done(record)`` or ``wait_s`` passes (long poll without a socket per job)."""
+        """Long poll: re-read the job whenever the store changes it, until ``done(record)`` or ``wait_s``
+        passes (a 0.5 s re-read as well, in case a wake-up is missed)."""
         deadline = time.monotonic() + min(wait_s, settings.max_wait_s)
-        delay = 0.005
-        while True:
-            rec = service.store.get(job_id)
-            if rec is None or done(rec) or time.monotonic() >= deadline:
-                return rec  # type: ignore[return-value]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.1)
+        event = asyncio.Event()
+        watchers.setdefault(job_id, set()).add(event)   # before the read: a change after it sets the event
+        try:
+            while True:
+                rec = service.store.get(job_id)
+                left = deadline - time.monotonic()
+                if rec is None or done(rec) or left <= 0:
+                    return rec  # type: ignore[return-value]
+                try:
+                    await asyncio.wait_for(event.wait(), min(left, 0.5))
+                except asyncio.TimeoutError:
+                    pass
+                event.clear()
+        finally:
+            watchers[job_id].discard(event)
+            if not watchers[job_id]:
+                del watchers[job_id]
 
     @app.post("/v1/jobs", status_code=202, response_model=JobView, responses=_ERRORS)
     async def submit_job(job: JobRequest, client: str = Depends(authenticate)) -> Any:

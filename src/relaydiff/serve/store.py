@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from relaydiff.serve.models import TERMINAL_STATES
 
@@ -91,6 +91,7 @@ class JobStore:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10.0)
         self._lock = threading.Lock()
+        self.listeners: list[Callable[[str], None]] = []   # called with a job id after each update (any thread)
         with self._lock:
             if self.path != ":memory:":
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -139,6 +140,8 @@ class JobStore:
         with self._lock:
             self._db.execute(f"UPDATE jobs SET {cols}, updated = ? WHERE id = ?",
                              (*fields.values(), time.time(), job_id))
+        for listener in self.listeners:
+            listener(job_id)
 
     def image(self, job_id: str) -> bytes | None:
         row = self._one("SELECT image FROM jobs WHERE id = ?", (job_id,))
