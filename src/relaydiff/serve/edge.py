@@ -43,7 +43,7 @@ log = logging.getLogger("relaydiff.serve")
 class EdgeSettings:
     """Every knob of the edge service (the CLI's options map onto these one to one)."""
 
-    scheduler: str = "greedy"
+    scheduler: str = "local_search"  # bench offload: the best captured gain per CPU time (issue 18)
     scenario: str = "default"
     db_path: str = ":memory:"
     default_steps: int | None = None     # None: the family's metadata default_steps, else 8
