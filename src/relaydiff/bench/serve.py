@@ -215,7 +215,7 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
 
 
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
-                    scheduler: str = "greedy", seed: int = 0, steps: int | None = None, restart: bool = True,
+                    scheduler: str = "local_search", seed: int = 0, steps: int | None = None, restart: bool = True,
                     calibration_pairs: int = 6, log=print) -> dict[str, Any]:
     import torch
 

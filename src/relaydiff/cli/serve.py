@@ -19,7 +19,7 @@ def serve_edge_cmd(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
     tokens: Path = typer.Option(..., help="Tokens file: one 'client-id token' pair a line."),
-    scheduler: str = typer.Option("greedy", help="Round solver: greedy, exact, drl, drl+ls, local_search, ..."),
+    scheduler: str = typer.Option("local_search", help="Round solver: local_search (default: the best gain per time in bench offload), greedy, exact, drl, drl+ls, ..."),
     scenario: str = typer.Option("default", help="Scenario of the edge and wireless cell the scheduler models."),
     db: Path = typer.Option(Path("relaydiff-jobs.sqlite"), help="SQLite store of accepted jobs (re-run on restart)."),
     steps: int = typer.Option(None, help="Default denoising steps of a job (default: the family's)."),
@@ -31,6 +31,7 @@ def serve_edge_cmd(
     fetch_timeout: float = typer.Option(10.0, help="Seconds a device has to fetch its handoff (then fallback)."),
     report_timeout: float = typer.Option(30.0, help="Seconds a device has to report after fetching (then fallback)."),
     status_thumbnails: bool = typer.Option(False, help="Show finished images on the public status page."),
+    share_prefix: bool = typer.Option(True, help="Similar prompts of a round share their first edge steps."),
     threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
 ) -> None:
     """Run the edge server: jobs are decided in rounds, edge segments batched, devices finish the rest."""
@@ -58,7 +59,8 @@ def serve_edge_cmd(
         settings = EdgeSettings(scheduler=scheduler, scenario=scenario, db_path=str(db), default_steps=steps,
                                 round_window_s=round_window, max_batch=max_batch, max_queue=max_queue,
                                 rate_per_s=rate, burst=burst, fetch_timeout_s=fetch_timeout,
-                                report_timeout_s=report_timeout, status_thumbnails=status_thumbnails)
+                                report_timeout_s=report_timeout, status_thumbnails=status_thumbnails,
+                                share_prefix=share_prefix)
         app = create_app(fam, settings, table)
     except (TokenFileError, FamilyError, ScenarioError, ProfileError, ValueError, OSError) as exc:
         fail(str(exc))
@@ -104,7 +106,7 @@ def bench_serve_cmd(
     duration: float = typer.Option(30.0, help="Seconds of load."),
     dropout: float = typer.Option(0.1, help="Share of devices that vanish after taking their handoff."),
     family: str = typer.Option("tiny", help="'tiny', 'reference' or a family directory."),
-    scheduler: str = typer.Option("greedy", help="The edge's round solver."),
+    scheduler: str = typer.Option("local_search", help="The edge's round solver."),
     steps: int = typer.Option(None, help="Denoising steps of every job (default: the family's)."),
     restart: bool = typer.Option(True, help="Kill and restart the edge halfway."),
     pairs: int = typer.Option(6, help="Paired HTTP / in-process requests of the overhead calibration."),
