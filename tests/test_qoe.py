@@ -97,6 +97,25 @@ def test_sharing_saves_edge_work_and_costs_followers_fidelity() -> None:
     assert off.step(np.ones(off.action_space.shape, np.float32))[4]["unet_evals_saved"] == 0.0
 
 
+def test_best_shared_steps_is_the_per_group_optimum_and_encodes_back() -> None:
+    env = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2)
+    env.reset(seed=1)
+    g = env.round.groups
+    action = env.heuristic_action("sqrt")
+    bw, cp, _ = env.decode_action(action)
+    best = env.best_shared_steps(bw, cp)
+    assert np.all(best[g.sizes() < 2] == 0) and best.max() > 0
+    assert np.array_equal(env.decode_action(env.shared_steps_action(action, best))[2], best)
+    q_best = env.outcome(bw, cp, best).scores.sum()
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # no random choice of shared steps beats it
+        s = np.where(g.sizes() > 1, rng.integers(0, env.steps + 1, g.n_groups), 0)
+        assert env.outcome(bw, cp, s).scores.sum() <= q_best + 1e-9
+    off = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2, allow_sharing=False)
+    off.reset(seed=1)
+    assert not off.best_shared_steps(bw, cp).any()
+
+
 def test_heuristics_run_and_sqrt_follows_the_closed_form() -> None:
     env = QoEEnv(k_min=6, k_max=10)
     env.reset(seed=2)

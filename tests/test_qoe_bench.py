@@ -19,6 +19,9 @@ def test_rollout_is_paired_over_fixed_rounds() -> None:
     full = _rollout(lambda o: np.ones(env.action_space.shape, np.float32), env, 3)
     assert all(s == env.steps for _, s in full["pairs"])  # every shared group at s = T
     assert np.mean(full["per_round"]["unet_evals_saved"]) > 0
+    assert full["per_round"]["action_saturation"] == [1.0, 1.0, 1.0]  # every used entry at the box's edge
+    mid = _rollout(lambda o: np.zeros(env.action_space.shape, np.float32), env, 2)
+    assert mid["per_round"]["action_saturation"] == [0.0, 0.0]
 
 
 def test_bootstrap_ci_and_timing_helpers() -> None:

@@ -13,7 +13,9 @@ What it measures (one JSON object; plots in ``out``):
   (same seed, same evaluation rounds) ratios minus 1, with a bootstrap 95% CI over seeds;
 - ``sharing``: the trained G-DDPG policies with sharing against the same policies with the shared
   steps forced to 0, on the same rounds: edge U-Net evaluations saved, relative QoE loss (negative:
-  sharing raised QoE) and energy saved (edge + devices).
+  sharing raised QoE) and energy saved (edge + devices); and ``exact_shared_steps``: the same
+  policies' shares with each group's shared steps chosen exactly (:func:`exact_sharing`), which
+  separates the policy's step choice from what the measured quality-cost curve allows.
 
 Every training run is seeded; evaluation rounds are the same for every algorithm. The trained
 DDPG and G-DDPG actors are saved under ``out/policies/`` (safetensors + JSON, ``Policy.from_pretrained``).
@@ -21,6 +23,7 @@ DDPG and G-DDPG actors are saved under ``out/policies/`` (safetensors + JSON, ``
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -41,17 +44,20 @@ SB3_REFERENCES = ("sb3_ddpg", "sb3_td3", "sb3_sac")
 
 @dataclass(frozen=True)
 class QoEBenchConfig:
+    """Defaults sized to finish in under 30 minutes on ONE core of this host (measured: the note of
+    issue 15): 5 seeds, minibatch 64 (DDPG's, Lillicrap et al. 2016), curves every 250 rounds."""
+
     seeds: int = 5
-    steps: int = 3000  # environment steps per RL training run (QoE)
+    steps: int = 2000  # environment steps per RL training run (QoE): the curves flatten by then
     waterfill_steps: int = 3000
     eval_rounds: int = 64
-    eval_every: int = 500
+    eval_every: int = 250
     k_min: int = 5
     k_max: int = 20
     scenario: str = "congested"
     sb3: bool = True  # train the Stable-Baselines3 references (one run each, seed 0)
-    workers: int = 2  # training processes (each 1 torch thread)
-    batch_size: int = 256
+    workers: int = 1  # training processes (each 1 torch thread); 2 on a free 2-core machine halves the time
+    batch_size: int = 64
     out: str = "out/bench_qoe"
 
     def __post_init__(self) -> None:
@@ -92,7 +98,9 @@ def _rollout(policy_fn: Callable[[np.ndarray], np.ndarray], env: QoEEnv, rounds:
         obs, _ = env.reset(seed=EVAL_SEED + j)
         action = policy_fn(obs)
         _, _, _, _, info = env.step(action)
-        rows.append(info)
+        # the share of the used action entries at the box's edge (a saturated actor's gradient is ~0)
+        used = np.asarray(action, dtype=float).reshape(3, env.k_max)[:, : env.round.k]
+        rows.append({**info, "action_saturation": float(np.mean(np.abs(used) >= 0.999))})
         g = env.round.groups
         _, _, shared = env.decode_action(action)
         for gi in range(g.n_groups):
@@ -101,6 +109,18 @@ def _rollout(policy_fn: Callable[[np.ndarray], np.ndarray], env: QoEEnv, rounds:
                 pairs.append((float(np.mean(g.similarity[m])), int(shared[gi])))
     keys = rows[0].keys()
     return {"per_round": {k: [float(r[k]) for r in rows] for k in keys}, "pairs": pairs}
+
+
+def exact_sharing(policy_fn: Callable[[np.ndarray], np.ndarray], env: QoEEnv) -> Callable[[np.ndarray], np.ndarray]:
+    """The policy's bandwidth and compute shares, each group's shared steps from
+    :meth:`QoEEnv.best_shared_steps` (exact given those shares) instead of the policy's."""
+
+    def decide(obs: np.ndarray) -> np.ndarray:
+        action = policy_fn(obs)
+        bandwidth, compute, _ = env.decode_action(action)
+        return env.shared_steps_action(action, env.best_shared_steps(bandwidth, compute))
+
+    return decide
 
 
 def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
@@ -112,38 +132,65 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
     if name.startswith("waterfill_"):
         kind = name.removeprefix("waterfill_")
         fn = train if kind == "ddpg" else train_gddpg
+        c0 = time.process_time()
         res = fn(lambda s: WaterFillingEnv(seed=0), replace(_rl_config(cfg, seed, cfg.waterfill_steps), eval_episodes=cfg.eval_rounds),
                  info_keys=("ratio_to_optimum",), eval_seed=EVAL_SEED)
-        return {"name": name, "seed": seed, "ratio": res.curve[-1]["ratio_to_optimum"], "wall_s": res.wall_s}
+        return {"name": name, "seed": seed, "ratio": res.curve[-1]["ratio_to_optimum"], "wall_s": res.wall_s,
+                "cpu_s": time.process_time() - c0}
     make = _env_factory(cfg)
     env, env_off = make(0), _env_factory(cfg, allow_sharing=False)(0)
     obs_pool = [env.reset(seed=EVAL_SEED + j)[0] for j in range(min(cfg.eval_rounds, 32))]
     if name in ("ddpg", "gddpg"):
         fn = train if name == "ddpg" else train_gddpg
+        c0 = time.process_time()
         res = fn(make, _rl_config(cfg, seed, cfg.steps), info_keys=("unet_evals_saved",), eval_seed=EVAL_SEED)
         policy: Policy = res.policy
         policy.reseed(EVAL_SEED)
-        out = {"curve": res.curve, "wall_s": res.wall_s, "eval": _rollout(policy.decide, env, cfg.eval_rounds)}
+        out = {"curve": res.curve, "wall_s": res.wall_s, "cpu_s": time.process_time() - c0, "eval": _rollout(policy.decide, env, cfg.eval_rounds)}
         if name == "gddpg":
             policy.reseed(EVAL_SEED)
             out["eval_no_sharing"] = _rollout(policy.decide, env_off, cfg.eval_rounds)
+            policy.reseed(EVAL_SEED)
+            out["eval_exact_sharing"] = _rollout(exact_sharing(policy.decide, env), env, cfg.eval_rounds)
         out["decide_ms"] = decide_ms(policy.decide, obs_pool)
         out["policy"] = str(policy.save_pretrained(Path(cfg.out) / "policies" / f"{name}_seed{seed}"))
         return {"name": name, "seed": seed, **out}
-    # Stable-Baselines3 references: default hyperparameters, the same step budget
+    # Stable-Baselines3 references: the library's defaults (learning rates, networks, tau, SAC's
+    # entropy tuning) except what our two share, so that the step budget buys the same: the
+    # minibatch, the random warm-up and, for DDPG/TD3 (whose default is no noise at all), our
+    # Gaussian exploration noise. The same evaluation rounds make its curve.
     import stable_baselines3 as sb3
+    from stable_baselines3.common.callbacks import BaseCallback
+    from stable_baselines3.common.noise import NormalActionNoise
 
+    rl = _rl_config(cfg, seed, cfg.steps)
     algo = {"sb3_ddpg": sb3.DDPG, "sb3_td3": sb3.TD3, "sb3_sac": sb3.SAC}[name]
-    t0 = time.perf_counter()
-    model = algo("MlpPolicy", make(seed), seed=seed, verbose=0, device="cpu",
-                 learning_starts=min(500, cfg.steps // 5))
-    model.learn(total_timesteps=cfg.steps)
+    kw: dict[str, Any] = {}
+    if name != "sb3_sac":
+        act_dim = int(np.prod(env.action_space.shape))
+        kw["action_noise"] = NormalActionNoise(np.zeros(act_dim), np.full(act_dim, rl.exploration_noise))
+    t0, c0 = time.perf_counter(), time.process_time()
+    model = algo("MlpPolicy", make(seed), seed=seed, verbose=0, device="cpu", learning_starts=rl.learning_starts,
+                 batch_size=rl.batch_size, **kw)
 
     def fn_sb3(o: np.ndarray) -> np.ndarray:
         return model.predict(o, deterministic=True)[0]
 
-    return {"name": name, "seed": seed, "wall_s": time.perf_counter() - t0,
-            "eval": _rollout(fn_sb3, env, cfg.eval_rounds), "decide_ms": decide_ms(fn_sb3, obs_pool)}
+    eval_env, curve = make(seed), []
+
+    class Curve(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps % rl.eval_every == 0:
+                curve.append({"step": float(self.num_timesteps),
+                              **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, ("unet_evals_saved",))})
+            return True
+
+    curve.append({"step": 0.0, **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, ("unet_evals_saved",))})
+    model.learn(total_timesteps=cfg.steps, callback=Curve())
+    if curve[-1]["step"] != cfg.steps:
+        curve.append({"step": float(cfg.steps), **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, ("unet_evals_saved",))})
+    return {"name": name, "seed": seed, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
+            "curve": curve, "eval": _rollout(fn_sb3, env, cfg.eval_rounds), "decide_ms": decide_ms(fn_sb3, obs_pool)}
 
 
 def _bootstrap_ci(x: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> list[float]:
@@ -163,15 +210,21 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
     if cfg.sb3:
         jobs += [(n, cfg, 0) for n in SB3_REFERENCES]
     results: list[dict[str, Any]] = []
+    runs_dir = Path(cfg.out) / "runs"  # each run's result as it finishes (a cut-short bench keeps them)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+
+    def done(r: dict[str, Any]) -> None:
+        results.append(r)
+        (runs_dir / f"{r['name']}_seed{r['seed']}.json").write_text(json.dumps(r) + "\n")
+        say(f"{r['name']} seed {r['seed']} done ({r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s cpu)")
+
     if cfg.workers == 1:
         for j in jobs:
-            results.append(_train_one(j))
-            say(f"{j[0]} seed {j[2]} done")
+            done(_train_one(j))
     else:
         with ProcessPoolExecutor(max_workers=cfg.workers) as pool:
             for r in pool.map(_train_one, jobs):
-                results.append(r)
-                say(f"{r['name']} seed {r['seed']} done ({r.get('wall_s', 0):.0f} s)")
+                done(r)
 
     by = {(r["name"], r["seed"]): r for r in results}
     seeds = list(range(cfg.seeds))
@@ -182,7 +235,9 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
         algorithms[name] = {"qoe_mean": float(per_seed.mean()), "qoe_std": float(per_seed.std(ddof=1)) if len(runs) > 1 else 0.0,
                             "decide_ms": float(np.median([r["decide_ms"] for r in runs])), "seeds": len(runs),
                             "unet_evals_saved": float(np.mean([np.mean(r["eval"]["per_round"]["unet_evals_saved"]) for r in runs])),
-                            "train_wall_s": float(np.mean([r["wall_s"] for r in runs]))}
+                            "action_saturation": float(np.mean([np.mean(r["eval"]["per_round"]["action_saturation"]) for r in runs])),
+                            "train_wall_s": float(np.mean([r["wall_s"] for r in runs])),
+                            "train_cpu_s": float(np.mean([r["cpu_s"] for r in runs]))}
     env = _env_factory(cfg)(0)
     obs_pool = [env.reset(seed=EVAL_SEED + j)[0] for j in range(min(cfg.eval_rounds, 32))]
     for h in HEURISTICS:
@@ -202,6 +257,8 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
     without = [by[("gddpg", s)]["eval_no_sharing"]["per_round"] for s in seeds]
     q_with, q_without = np.mean([np.mean(r["qoe"]) for r in with_s]), np.mean([np.mean(r["qoe"]) for r in without])
     e_with, e_without = np.mean([np.mean(r["energy_j"]) for r in with_s]), np.mean([np.mean(r["energy_j"]) for r in without])
+    exact = [by[("gddpg", s)]["eval_exact_sharing"]["per_round"] for s in seeds]
+    q_exact, e_exact = np.mean([np.mean(r["qoe"]) for r in exact]), np.mean([np.mean(r["energy_j"]) for r in exact])
     report: dict[str, Any] = {
         "seeds": cfg.seeds,
         "hardware": hardware_info(),
@@ -213,16 +270,27 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
                       "equal": _equal_split_ratio(cfg.eval_rounds)},
         "sharing": {"unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in with_s])),
                     "qoe_loss": float(1.0 - q_with / q_without), "energy_saved": float(1.0 - e_with / e_without),
-                    "qoe_with": float(q_with), "qoe_without": float(q_without)},
+                    "qoe_with": float(q_with), "qoe_without": float(q_without),
+                    "exact_shared_steps": {  # the same shares, each group's s chosen exactly (best_shared_steps)
+                        "unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in exact])),
+                        "qoe_loss": float(1.0 - q_exact / q_without), "energy_saved": float(1.0 - e_exact / e_without),
+                        "qoe": float(q_exact)}},
     }
     report["targets"] = {
         "waterfill_gddpg>=0.98": report["waterfill"]["gddpg"] >= 0.98,
         "gddpg_gain>=0.15_ci_above_0": report["gddpg_vs_ddpg"]["gain"] >= 0.15 and report["gddpg_vs_ddpg"]["ci95"][0] > 0,
         "sharing_saves>=0.30_at_qoe_loss<=0.01": report["sharing"]["unet_evals_saved"] >= 0.30 and report["sharing"]["qoe_loss"] <= 0.01,
+        "exact_sharing_saves>=0.30_at_qoe_loss<=0.01": report["sharing"]["exact_shared_steps"]["unet_evals_saved"] >= 0.30
+        and report["sharing"]["exact_shared_steps"]["qoe_loss"] <= 0.01,
         "gddpg_decide_ms<2": algorithms["gddpg"]["decide_ms"] < 2.0,
     }
     report["policies"] = sorted(by[(n, s)]["policy"] for n in ("gddpg", "ddpg") for s in seeds)
-    report["plots"] = _plots(cfg, by, seeds)
+    report["plots"] = _plots(cfg, by, seeds, {h: algorithms[h]["qoe_mean"] for h in HEURISTICS})
+    report["timing"] = {  # where the wall time went (cpu_s < wall_s: the core was shared)
+        part: {"wall_s": float(sum(r["wall_s"] for r in results if r["name"].startswith(part))),
+               "cpu_s": float(sum(r["cpu_s"] for r in results if r["name"].startswith(part)))}
+        for part in ("waterfill_", "ddpg", "gddpg", "sb3_")}
+    report["hardware"]["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report["wall_s"] = time.perf_counter() - t0
     return report
 
@@ -236,8 +304,9 @@ def _equal_split_ratio(rounds: int) -> float:
     return float(np.mean(ratios))
 
 
-def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int]) -> list[str]:
-    """QoE vs training steps (mean and min-max band over seeds) and chosen shared steps vs similarity."""
+def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str, float]) -> list[str]:
+    """QoE vs training steps (mean and min-max band over seeds; the SB3 references' one seed; the
+    heuristics as levels) and the shared steps G-DDPG chose vs the group's similarity."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,31 +314,41 @@ def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int]) -> list[str]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, label in (("gddpg", "G-DDPG"), ("ddpg", "DDPG")):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, label in (("gddpg", "G-DDPG"), ("ddpg", "DDPG (ours)")):
         curves = [by[(name, s)]["curve"] for s in seeds]
         x = np.array([p["step"] for p in curves[0]])
         y = np.array([[p["return"] for p in c] for c in curves])
-        ax.plot(x, y.mean(0), label=label)
+        ax.plot(x, y.mean(0), label=f"{label}, mean of {len(seeds)} seeds", lw=2)
         ax.fill_between(x, y.min(0), y.max(0), alpha=0.25)
+    for name in SB3_REFERENCES:
+        if (name, 0) in by:
+            c = by[(name, 0)]["curve"]
+            ax.plot([p["step"] for p in c], [p["return"] for p in c], lw=1, ls="--",
+                    label=f"SB3 {name.removeprefix('sb3_').upper()}, seed 0")
+    for h, q in heuristics.items():
+        ax.axhline(q, lw=0.8, ls=":", color="gray")
+        ax.annotate(h, (0, q), fontsize=7, color="gray", va="bottom")
     ax.set_xlabel("training steps (rounds)")
     ax.set_ylabel("total QoE of a round (sum of 1-10 scores)")
-    ax.legend()
-    ax.set_title(f"QoE vs training, mean and range over {len(seeds)} seeds")
+    ax.legend(fontsize=7)
+    ax.set_title(f"QoE on {min(cfg.eval_rounds, 32)} fixed rounds vs training (band: min-max over seeds)", fontsize=9)
     fig.tight_layout()
     p1 = out / "qoe_vs_steps.png"
-    fig.savefig(p1, dpi=120)
+    fig.savefig(p1, dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    pairs = np.array([pr for s in seeds for pr in by[("gddpg", s)]["eval"]["pairs"]] or [(np.nan, np.nan)])
-    ax.scatter(pairs[:, 0], pairs[:, 1], s=8, alpha=0.5)
+    for key, label, dy in (("eval", "G-DDPG's choice", 0.0), ("eval_exact_sharing", "exact given G-DDPG's shares (drawn +0.3)", 0.3)):
+        pairs = np.array([pr for s in seeds for pr in by[("gddpg", s)][key]["pairs"]] or [(np.nan, np.nan)])
+        ax.scatter(pairs[:, 0], pairs[:, 1] + dy, s=8, alpha=0.5, label=label)
     ax.set_xlabel("group similarity (followers' mean cosine with the leader)")
-    ax.set_ylabel("shared steps chosen by G-DDPG")
+    ax.set_ylabel("shared steps of the group (of 20)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     p2 = out / "shared_steps_vs_similarity.png"
-    fig.savefig(p2, dpi=120)
+    fig.savefig(p2, dpi=100)
     plt.close(fig)
     return [str(p1), str(p2)]
 
 
-__all__ = ["QoEBenchConfig", "bench_qoe", "decide_ms"]
+__all__ = ["QoEBenchConfig", "bench_qoe", "decide_ms", "exact_sharing"]

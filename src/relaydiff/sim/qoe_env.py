@@ -247,6 +247,33 @@ class QoEEnv(gym.Env):
         return Outcome(np.asarray(scores, dtype=float), fidelity, latency, battery, shared, chain_steps,
                        r.k * t_steps, self.edge_power_w * r.tau_s * chain_steps)
 
+    def best_shared_steps(self, bandwidth: np.ndarray, compute: np.ndarray) -> np.ndarray:
+        """Each group's shared steps that maximize its members' summed score, given the shares.
+
+        Exact: a user's latency, fidelity and score depend on its own group's s only (the prefix
+        runs on the group's pooled share), so trying every s in 0..T for all groups at once and
+        taking each group's best is the optimum. It asks the env's agent (the surrogate: a model
+        the edge can evaluate) T + 1 times; ties go to the larger s (fewer U-Net evaluations).
+        """
+        r = self.round
+        assert r is not None
+        g = r.groups
+        multi = g.sizes() >= 2
+        if not self.allow_sharing or not multi.any():
+            return np.zeros(g.n_groups, dtype=int)
+        totals = np.stack([np.bincount(g.label, weights=self.outcome(bandwidth, compute, np.where(multi, s, 0)).scores,
+                                       minlength=g.n_groups) for s in range(self.steps + 1)])  # [T + 1, G]
+        best = self.steps - np.argmax(totals[::-1] >= totals.max(axis=0) - 1e-9, axis=0)
+        return np.where(multi, best, 0).astype(int)
+
+    def shared_steps_action(self, action: np.ndarray, shared: np.ndarray) -> np.ndarray:
+        """``action`` with its shared-steps block set so that :meth:`decode_action` gives ``shared``."""
+        r = self.round
+        assert r is not None
+        a = np.array(action, dtype=np.float32).reshape(3, self.k_max)
+        a[2, : r.k] = 2.0 * np.asarray(shared, dtype=float)[r.groups.label] / self.steps - 1.0
+        return a.ravel()
+
     def perceptions(self, fidelity: np.ndarray, latency: np.ndarray, battery: np.ndarray) -> list:
         from relaydiff.sim.agents import Perception
 
