@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from relaydiff.engine.handoff import HandoffError, decode_handoff
 from relaydiff.engine.plan import Plan, Request
-from relaydiff.engine.runner import generate
+from relaydiff.engine.runner import generate, generate_shared_prefix
 from relaydiff.sched.registry import register_solver
 from relaydiff.serve.app import create_app
 from relaydiff.serve.auth import TokenFileError, TokenTable
@@ -22,6 +22,7 @@ from relaydiff.serve.edge import EdgeService, EdgeSettings
 from relaydiff.serve.loopback import LoopbackServer
 from relaydiff.serve.models import JobRequest
 from relaydiff.serve.png import png_image
+from relaydiff.system.grouping import SharingCost
 from relaydiff.system.problem import timed
 
 ALICE, BOB = "alice-token-0123456789", "bob-token-0123456789ab"
@@ -47,7 +48,7 @@ def auth(token: str = ALICE) -> dict[str, str]:
 
 def settings(**kw) -> EdgeSettings:
     base = dict(scheduler="test_relay", default_steps=STEPS, round_window_s=0.01, fetch_timeout_s=30.0,
-                report_timeout_s=30.0)
+                report_timeout_s=30.0, share_prefix=False)
     return EdgeSettings(**{**base, **kw})
 
 
@@ -337,3 +338,88 @@ def test_round_decider_plans_every_job():
     assert decider.decide(jobs, round_id=3) == decided  # deterministic by round id
     with pytest.raises(ValueError, match="unknown device class 'toaster'"):
         decider.check_device_class("toaster")
+
+
+# ---- shared prefixes (seed 002) -----------------------------------------------------------
+
+def _two_topics(prompts: list[str]) -> np.ndarray:
+    """A stand-in for MiniLM: prompts about circles point one way, the rest the other."""
+    return np.array([[1.0, 0.0] if "circle" in p else [0.0, 1.0] for p in prompts])
+
+
+# a follower at any similarity keeps its fidelity for half the chain, then loses half of it
+HALF_CHAIN = SharingCost(np.array([0.0, 1.0]), np.array([0.0, 4.0, 8.0]), np.array([[1.0, 1.0, 0.5]]), steps=8)
+
+
+def test_round_decider_groups_similar_prompts_on_the_edge():
+    from relaydiff.serve.rounds import RoundDecider, RoundJob, SharedPrefix, plan_for
+
+    decider = RoundDecider("greedy", "large", "small", sharing_cost=HALF_CHAIN, embed=_two_topics)
+    assert decider.shared_steps(1.0, 8) == 4 and decider.shared_steps(1.0, 20) == 10
+    jobs = [RoundJob(8, p, (0.4, 0.4, 0.2), "phone-mid", None)
+            for p in ("a red circle", "a big red circle", "a green star", "a blue circle", "a red star")]
+    decided = [plan_for(k, 8, "large", "small", None) for k in (5, 8, 5, 0, 3)]
+    shared = decider.share(jobs, decided)
+    # circles 0 and 1 share min(4, k) = 4 steps; circle 3 runs on the device only; the stars 2 and 4
+    # share min(4, 5, 3) = 3 steps (never past a member's own edge part)
+    assert shared[3] is None
+    assert {shared[0], shared[1]} == {SharedPrefix(shared[0].leader, 4)} and shared[0].leader in (0, 1)
+    assert shared[2].steps == shared[4].steps == 3 and shared[2].leader == shared[4].leader
+    assert RoundDecider("greedy", "large", "small", share_prefix=False).share(jobs, decided) == [None] * 5
+
+
+def test_shared_prefix_jobs_equal_the_in_process_shared_chain(tiny):
+    """Two similar prompts in one round: one prefix on the edge, each member's image equal to the
+    engine's generate_shared_prefix for the same plans; a dissimilar one runs alone."""
+    app = create_app(tiny, settings(round_window_s=0.3, share_prefix=True), TOKENS)
+    service = app.state.service
+    service.decider.sharing, service.decider.embed = HALF_CHAIN, _two_topics
+    prompts = ["a red circle", "a big red circle", "a green star"]
+
+    async def submit_all(url: str) -> list[dict]:
+        async with httpx.AsyncClient(base_url=url) as http:
+            client = AsyncDeviceClient(url, ALICE, http=http, timeout_s=20)
+            replies = await asyncio.gather(*[client.call("POST", "/v1/jobs", json={"prompt": p, "seed": 10 + i})
+                                             for i, p in enumerate(prompts)])
+            return [r.json() for r in replies]
+
+    with LoopbackServer(app) as server, DeviceClient(server.url, ALICE, tiny, timeout_s=30) as device:
+        views = asyncio.run(submit_all(server.url))
+        assert len({v["round_id"] for v in views}) == 1
+        assert [v["shared_steps"] for v in views] == [4, 4, 0]       # k = 5 of 8 for every job (test_relay)
+        images = []
+        for v in views:
+            image, _ = finish_locally(tiny, device.fetch_handoff(v["job_id"]))
+            device.report(v["job_id"], latency_ms=1.0)
+            images.append(image)
+        leader = service.store.get(views[0]["job_id"]).shared["leader"]
+    lead = [v["job_id"] for v in views].index(leader)
+    plan = Plan.from_list(views[0]["plan"])
+    requests = [Request(p, steps=STEPS, seed=10 + i) for i, p in enumerate(prompts[:2])]
+    expected = generate_shared_prefix(tiny, requests, [plan, plan], 4, leader=lead).results
+    for image, res in zip(images[:2], expected):
+        assert np.array_equal(image, res.image)
+    follower = 1 - lead   # the leader's image is its own; the follower started from the leader's noise
+    assert np.array_equal(images[lead], reference_image(tiny, prompts[lead], 10 + lead, plan))
+    assert not np.array_equal(images[follower], reference_image(tiny, prompts[follower], 10 + follower, plan))
+    assert np.array_equal(images[2], reference_image(tiny, prompts[2], 12, plan))
+
+
+def test_restart_reruns_a_shared_group_to_the_same_images(tiny, tmp_path):
+    """A group accepted but not run before a restart re-runs its prefix from the stored leader request."""
+    db = str(tmp_path / "jobs.sqlite")
+    first = EdgeService(tiny, settings(scheduler="test_edge", db_path=db, share_prefix=True))
+    first.decider.sharing, first.decider.embed = HALF_CHAIN, _two_topics
+    prompts = ["a red circle", "a big red circle"]
+    accepted = first.admit([("alice", JobRequest(prompt=p, seed=20 + i)) for i, p in enumerate(prompts)])
+    first.stop()  # never started: nothing ran
+    assert [rec.shared["steps"] for rec in accepted] == [4, 4]
+    lead = [rec.id for rec in accepted].index(accepted[0].shared["leader"])
+    plan = Plan.from_list(accepted[0].plan)
+    expected = generate_shared_prefix(tiny, [Request(p, steps=STEPS, seed=20 + i) for i, p in enumerate(prompts)],
+                                      [plan, plan], 4, leader=lead).results
+    with TestClient(create_app(tiny, settings(scheduler="test_edge", db_path=db), TOKENS)) as client:
+        for rec, res in zip(accepted, expected):
+            img = client.get(f"/v1/jobs/{rec.id}/image", params={"wait_s": 20}, headers=auth())
+            assert img.status_code == 200, img.text
+            assert np.array_equal(png_image(img.content), res.image)

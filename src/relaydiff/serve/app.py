@@ -37,6 +37,7 @@ def job_view(rec: JobRecord) -> JobView:
     plan = Plan.from_list(rec.plan)
     return JobView(job_id=rec.id, state=rec.state, plan=list(plan.segments), plan_text=str(plan),
                    handoff_step=rec.handoff_step, kind=rec.kind, request=rec.request, round_id=rec.round_id,
+                   shared_steps=int((rec.shared or {}).get("steps", 0)),
                    fallback=rec.fallback, error=rec.error, latency_ms=rec.latency_ms, quality=rec.quality,
                    created_s=rec.created, updated_s=rec.updated)
 

@@ -12,6 +12,11 @@ A device that does not fetch its handoff within ``fetch_timeout_s``, does not re
 finishes the chain itself from the handoff (the same member, adapter and seed: the same image)
 and the image can be fetched. Any job can be cancelled until it is terminal. On start, every job
 the store holds unfinished is re-run from its request and plan.
+
+Shared prefixes (seed 002, :meth:`RoundDecider.share`): the members of a group run one chain, the
+leader's request and plan, for the group's first s steps; then each continues as a fork with its
+own prompt, plan and handoff step. Each member's record holds the leader's request and plan, so a
+member re-run after a restart rebuilds the same prefix (the same image).
 """
 
 from __future__ import annotations
@@ -60,6 +65,10 @@ class EdgeSettings:
     handoff_dtype: str = "fp32"          # fp32: the device's image equals the edge's fallback image
     handoff_compress: bool = True
     status_thumbnails: bool = False      # the public status page shows finished images (operators only)
+    share_prefix: bool = True            # similar prompts of a round share their first edge steps (seed 002)
+
+
+_JOINED_PREFIX: Any = object()   # _chain_for's answer for a job that waits on its group's prefix chain
 
 
 class JobConflict(Exception):
@@ -72,7 +81,8 @@ class EdgeService:
         large, small = ("large", "small") if {"large", "small"} <= set(members) else (members[0], members[-1])
         self.family, self.settings = family, settings
         self.default_steps = settings.default_steps or int(family.metadata.get("default_steps", 8))
-        self.decider = RoundDecider(settings.scheduler, large, small, settings.scenario)
+        self.decider = RoundDecider(settings.scheduler, large, small, settings.scenario,
+                                    share_prefix=settings.share_prefix)
         self.store = JobStore(settings.db_path)
         self.metrics = metrics or ServiceMetrics()
         self.executor = Executor(family, node=None, max_batch=settings.max_batch)
@@ -82,6 +92,8 @@ class EdgeService:
         self._deadlines: dict[str, float] = {}             # job id -> when it falls back
         self._handoffs: dict[str, bytes] = {}
         self._chain_job: dict[int, str] = {}
+        self._prefixes: dict[tuple, Chain] = {}                       # group key -> its prefix chain
+        self._prefix_members: dict[int, list[tuple[str, int | None]]] = {}   # prefix chain id -> (job, stop_at)
         self._unfinished = 0
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -141,15 +153,22 @@ class EdgeService:
             round_id = self.store.next_round_id()
             requests = [batch[i][1].engine_request(self.default_steps) for i in fresh]
             jobs = [RoundJob(r.steps, r.prompt, batch[i][1].preferences.normalized(), batch[i][1].device_class,
-                             batch[i][1].adapter) for i, r in zip(fresh, requests)]
+                             batch[i][1].adapter, r.sampler) for i, r in zip(fresh, requests)]
             decided = self.decider.decide(jobs, round_id)
+            shared = self.decider.share(jobs, decided)
             self.metrics.rounds.inc()
             self.metrics.round_jobs.observe(len(fresh))
-            for i, request, d in zip(fresh, requests, decided):
+            ids = [uuid.uuid4().hex for _ in fresh]
+            queued = []
+            for n, (i, request, d) in enumerate(zip(fresh, requests, decided)):
                 client, job = batch[i]
-                rec = JobRecord(id=uuid.uuid4().hex, client=client, idempotency_key=job.idempotency_key,
+                group = shared[n]
+                share = None if group is None else {
+                    "steps": group.steps, "leader": ids[group.leader],
+                    "leader_request": requests[group.leader].to_dict(), "leader_plan": decided[group.leader].plan.to_list()}
+                rec = JobRecord(id=ids[n], client=client, idempotency_key=job.idempotency_key,
                                 request=job.model_dump(), engine_request=request.to_dict(), plan=d.plan.to_list(),
-                                kind=d.kind, handoff_step=d.k, round_id=round_id, state="queued")
+                                kind=d.kind, handoff_step=d.k, round_id=round_id, state="queued", shared=share)
                 try:
                     self.store.add(rec)
                 except Exception:  # the same idempotency key twice in one round: the first one wins
@@ -159,10 +178,11 @@ class EdgeService:
                     out[i] = existing
                     continue
                 out[i] = rec
-                with self._cv:
-                    self._unfinished += 1
-                    self._inbox.append((rec.id, "start"))
-                    self._cv.notify()
+                queued.append(rec.id)
+            with self._cv:   # the round's jobs reach the worker together (a group's prefix runs once)
+                self._unfinished += len(queued)
+                self._inbox.extend((job_id, "start") for job_id in queued)
+                self._cv.notify()
         return [r for r in out if r is not None]
 
     # ---- device side (called from handlers) ----------------------------------------------
@@ -262,6 +282,10 @@ class EdgeService:
                 continue
             if chain is None:
                 continue
+            if chain is _JOINED_PREFIX:
+                if what == "start":
+                    self._mark_running(job_id)
+                continue
             self._chain_job[chain.id] = job_id
             if chain.done or chain.stopped:
                 ready.append(chain)
@@ -283,11 +307,47 @@ class EdgeService:
         self._finish(self.executor.drain(), cancelled)
 
     def _finish(self, chains: list[Chain], cancelled: set[str]) -> None:
-        """Chains that leave the edge: decode the finished ones, encode the others' handoffs."""
+        """Chains that leave the edge: decode the finished ones, encode the others' handoffs; a group's
+        prefix forks into its members' chains."""
+        forks_leaving = []
+        for prefix in [c for c in chains if c.id in self._prefix_members]:
+            forks_leaving += self._fork_members(prefix, cancelled)
+        chains = [c for c in chains if c.id not in self._prefix_members] + forks_leaving
         chains = [c for c in chains if self._chain_job.get(c.id) not in cancelled]
         if chains:
             for chain, result in zip(chains, finish_chains(self.family, chains, self.settings.max_batch)):
                 self._left_edge(self._chain_job.pop(chain.id), result)
+
+    def _join_prefix(self, job: JobRecord, stop_at: int | None) -> None:
+        """Queue ``job`` behind its group's prefix chain (started here if the group has none running)."""
+        share = job.shared or {}
+        key = (job.round_id, share["leader"], share["steps"])
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = new_chain(self.family, Request.from_dict(share["leader_request"]),
+                               Plan.from_list(share["leader_plan"]), stop_at=share["steps"])
+            self._prefixes[key] = prefix
+            self._prefix_members[prefix.id] = []
+            self.executor.submit(prefix)
+        self._prefix_members[prefix.id].append((job.id, stop_at))
+
+    def _fork_members(self, prefix: Chain, cancelled: set[str]) -> list[Chain]:
+        """The prefix reached s: each member continues as a fork (own prompt, plan and stop); the forks
+        with nothing left to run here are returned (they leave the edge now)."""
+        self._prefixes = {k: c for k, c in self._prefixes.items() if c is not prefix}
+        leaving = []
+        for job_id, stop_at in self._prefix_members.pop(prefix.id, []):
+            rec = self.store.get(job_id)
+            if job_id in cancelled or rec is None or rec.terminal:
+                continue
+            fork = prefix.fork(Request.from_dict(rec.engine_request), Plan.from_list(rec.plan), self.family)
+            fork.stop_at = stop_at
+            self._chain_job[fork.id] = job_id
+            if fork.done or fork.stopped:
+                leaving.append(fork)
+            else:
+                self.executor.submit(fork)
+        return leaving
 
     def _mark_running(self, job_id: str) -> None:
         with self._cv:  # a cancel that came in while the chain was built wins
@@ -300,12 +360,15 @@ class EdgeService:
         if job is None or job.terminal:
             return None
         request, plan = Request.from_dict(job.engine_request), Plan.from_list(job.plan)
+        stop_at = None if job.kind == "edge_only" else job.handoff_step
         if what == "fallback":
             data = self._handoffs.pop(job_id, None)
             if data is not None:
                 return from_handoff(self.family, decode_handoff(data))
-            return new_chain(self.family, request, plan)   # after a restart: the whole chain, same seed
-        stop_at = None if job.kind == "edge_only" else job.handoff_step
+            stop_at = None   # after a restart: the whole chain, same seed (and the same prefix)
+        if job.shared:
+            self._join_prefix(job, stop_at)
+            return _JOINED_PREFIX
         return new_chain(self.family, request, plan, stop_at=stop_at)
 
     def _left_edge(self, job_id: str, result: Any) -> None:

@@ -79,6 +79,8 @@ class JobView(_Strict):
     kind: Literal["edge_only", "relay", "device_only"]
     request: dict
     round_id: int
+    shared_steps: int = Field(0, description="edge steps run once for a group of similar prompts in its round "
+                                             "(0: none), conditioned on the group leader's prompt and seed")
     fallback: bool = False
     error: str | None = None
     latency_ms: float | None = None

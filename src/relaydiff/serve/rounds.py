@@ -7,16 +7,28 @@ scenario (the channel draw is seeded by the round id: the edge does not see the 
 scheduler's split k per job becomes an engine plan: k = 0 runs on the device alone, 0 < k < T is
 a relay (the large member on the edge for 0..k, the small member with the user's adapter on the
 device), k = T runs on the edge alone.
+
+Shared prefixes (seed 002): among a round's jobs that start on the edge (k >= 1) with the same
+step count and sampler, prompts are grouped by MiniLM cosine similarity
+(:func:`~relaydiff.system.grouping.group_prompts`, complete linkage at ``SHARE_SIMILARITY``); a
+group's edge runs its first s steps once, conditioned on the leader's prompt and seed, then every
+member continues with its own prompt. No scheduler decides s yet, so the documented default is
+the largest s that keeps the group's least similar follower at >= ``SHARE_RETENTION`` of its
+prompt fidelity on the family's measured shared-prefix curves
+(:func:`~relaydiff.system.grouping.load_sharing_cost`, read as a share of T), and never past any
+member's own edge part (its k).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from relaydiff.engine.plan import Plan
+from relaydiff.system.grouping import SharingCost, group_prompts, load_sharing_cost
 from relaydiff.system.problem import RoundInstance, device_numbers, sample_instance
 from relaydiff.system.profiles import ProfileError, load_profile
 from relaydiff.system.quality import QualityModel, load_quality
@@ -25,6 +37,10 @@ from relaydiff.system.scenario import Scenario, load_scenario
 # a prompt of this many words counts as fully complex (the reference world's longest prompts: ~16)
 COMPLEX_PROMPT_WORDS = 16
 PERSONALIZATION_WITH_ADAPTER = 0.5
+SHARE_SIMILARITY = 0.75      # group_prompts' default threshold: every two prompts of a group at least this similar
+SHARE_RETENTION = 0.95       # a follower keeps at least this share of its prompt fidelity (measured curves)
+SHARE_MAX_GROUP = 8
+_EMBEDDING_CACHE = 4096      # prompts whose embedding the decider keeps
 
 
 @dataclass(frozen=True)
@@ -36,6 +52,15 @@ class RoundJob:
     weights: tuple[float, float, float]   # quality, latency, energy (sum 1)
     device_class: str
     adapter: str | None
+    sampler: str = "ddim"
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """A job's place in a shared-prefix group: the round's ``leader`` job index runs ``steps`` for all."""
+
+    leader: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -58,7 +83,8 @@ class RoundDecider:
     """Turns a list of jobs into plans with one solver call per distinct step count."""
 
     def __init__(self, scheduler: str, large: str, small: str, scenario: str | Scenario = "default",
-                 quality: QualityModel | None = None):
+                 quality: QualityModel | None = None, share_prefix: bool = True,
+                 sharing_cost: SharingCost | None = None, embed: Callable[[list[str]], np.ndarray] | None = None):
         from relaydiff.sched.registry import get_solver
 
         self.solver = get_solver(scheduler)      # ValueError listing the known names
@@ -71,6 +97,9 @@ class RoundDecider:
         self.device_classes = tuple(sorted(self.scenario.devices))
         self._devices = {c: device_numbers(load_profile(c), self.scenario.device_member)
                          for c in self.device_classes}
+        self.sharing = (sharing_cost or load_sharing_cost()) if share_prefix else None
+        self.embed = embed or _minilm
+        self._embeddings: dict[str, np.ndarray] = {}
 
     def check_device_class(self, name: str) -> None:
         if name not in self._devices:
@@ -113,3 +142,48 @@ class RoundDecider:
             for i, k in zip(idx, np.asarray(solution.decision.k).tolist()):
                 out[i] = plan_for(int(k), steps, self.large, self.small, jobs[i].adapter)
         return [d for d in out if d is not None]
+
+    def shared_steps(self, similarity: float, steps: int) -> int:
+        """The default s for a follower at ``similarity`` (see the module docstring)."""
+        cost = self.sharing
+        if cost is None:
+            return 0
+        keeps = cost.retain(np.full(cost.shared_steps.shape, similarity), cost.shared_steps) >= SHARE_RETENTION
+        share = float(cost.shared_steps[keeps].max() / cost.steps) if keeps.any() else 0.0
+        return int(np.floor(share * steps + 1e-9))
+
+    def _vectors(self, prompts: list[str]) -> np.ndarray:
+        missing = sorted({p for p in prompts if p not in self._embeddings})
+        if missing:
+            if len(self._embeddings) + len(missing) > _EMBEDDING_CACHE:
+                self._embeddings.clear()
+            self._embeddings.update(zip(missing, np.asarray(self.embed(missing), dtype=float)))
+        return np.stack([self._embeddings[p] for p in prompts])
+
+    def share(self, jobs: list[RoundJob], decided: list[Decided]) -> list[SharedPrefix | None]:
+        """Shared-prefix groups of a decided round (``None``: the job runs alone)."""
+        out: list[SharedPrefix | None] = [None] * len(jobs)
+        if self.sharing is None:
+            return out
+        keys = sorted({(j.steps, j.sampler) for j, d in zip(jobs, decided) if d.k >= 1})
+        for steps, sampler in keys:
+            idx = [i for i, (j, d) in enumerate(zip(jobs, decided)) if d.k >= 1 and (j.steps, j.sampler) == (steps, sampler)]
+            if len(idx) < 2:
+                continue
+            groups = group_prompts(self._vectors([jobs[i].prompt for i in idx]), SHARE_SIMILARITY, SHARE_MAX_GROUP)
+            for g in range(groups.n_groups):
+                members = groups.members(g)
+                if members.size < 2:
+                    continue
+                s = min(self.shared_steps(float(groups.similarity[members].min()), steps),
+                        min(decided[idx[m]].k for m in members))
+                if s >= 1:
+                    for m in members:
+                        out[idx[m]] = SharedPrefix(idx[int(groups.leader[g])], s)
+        return out
+
+
+def _minilm(prompts: list[str]) -> np.ndarray:
+    from relaydiff.quality.similarity import prompt_embeddings  # lazy: loads MiniLM (transformers)
+
+    return prompt_embeddings(prompts)

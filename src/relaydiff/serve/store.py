@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     latency_ms REAL,
     quality REAL,
     image BLOB,
+    shared TEXT,
     created REAL NOT NULL,
     updated REAL NOT NULL,
     UNIQUE (client, idempotency_key)
@@ -62,6 +63,7 @@ class JobRecord:
     latency_ms: float | None = None
     quality: float | None = None
     has_image: bool = False
+    shared: dict[str, Any] | None = None   # a shared-prefix member: {"steps", "leader", "leader_request", "leader_plan"}
     created: float = 0.0
     updated: float = 0.0
 
@@ -71,15 +73,15 @@ class JobRecord:
 
 
 _COLUMNS = ("id, client, idempotency_key, request, engine_request, plan, kind, handoff_step, round_id, state, "
-            "fallback, error, latency_ms, quality, image IS NOT NULL, created, updated")
+            "fallback, error, latency_ms, quality, image IS NOT NULL, shared, created, updated")
 
 
 def _record(row: tuple) -> JobRecord:
     (id_, client, key, request, engine_request, plan, kind, k, round_id, state, fallback, error, latency,
-     quality, has_image, created, updated) = row
+     quality, has_image, shared, created, updated) = row
     return JobRecord(id_, client, key, json.loads(request), json.loads(engine_request), json.loads(plan), kind,
                      int(k), int(round_id), state, bool(fallback), error, latency, quality, bool(has_image),
-                     created, updated)
+                     json.loads(shared) if shared else None, created, updated)
 
 
 class JobStore:
@@ -97,6 +99,9 @@ class JobStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "shared" not in columns:   # a store written before shared prefixes
+                self._db.execute("ALTER TABLE jobs ADD COLUMN shared TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -120,9 +125,10 @@ class JobStore:
         with self._lock:
             self._db.execute(
                 "INSERT INTO jobs (id, client, idempotency_key, request, engine_request, plan, kind, handoff_step, "
-                "round_id, state, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "round_id, state, shared, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job.id, job.client, job.idempotency_key, json.dumps(job.request), json.dumps(job.engine_request),
-                 json.dumps(job.plan), job.kind, job.handoff_step, job.round_id, job.state, now, now))
+                 json.dumps(job.plan), job.kind, job.handoff_step, job.round_id, job.state,
+                 json.dumps(job.shared) if job.shared else None, now, now))
 
     def get(self, job_id: str) -> JobRecord | None:
         row = self._one(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
