@@ -338,21 +338,28 @@ class SharedLinUCB(Bandit):
         self.b = np.zeros(self.dim)
         self.theta = np.zeros(self.dim)
         self.counts = np.zeros(len(self.arms), dtype=np.int64)
-        self._stack = np.empty((self.dim, self.dim + 1))  # [alpha^2 A^-1 | theta]: one product per decision
+        # With z_a = f_a * x (f_a: arm a's features), z_a' A^-1 z_a = x' (f_a f_a' * A^-1) x and
+        # theta . z_a = (f_a * theta) . x: per arm, the matrix alpha^2 f_a f_a' * A^-1 and the row
+        # f_a * theta are kept in one stack (refreshed on update), so that a decision is two
+        # matrix-vector products, as for the disjoint model.
+        k, d = len(self.arms), self.dim
+        self._outer = feats[:, :, None] * feats[:, None, :]
+        self._stack = np.empty((k * d + k, d))
+        self._quad = self._stack[: k * d].reshape(k, d, d)
+        self._means = self._stack[k * d:]
         self._restack()
 
     def _restack(self) -> None:
-        self._stack[:, : self.dim] = self.a_inv
-        self._stack[:, : self.dim] *= self.alpha * self.alpha
-        self._stack[:, self.dim] = self.theta
+        np.multiply(self._outer, (self.alpha * self.alpha) * self.a_inv, out=self._quad)
+        np.multiply(self.arm_features, self.theta, out=self._means)
 
     def _decide(self, x: np.ndarray) -> int:
-        z = self.arm_features * x  # [arms, dim]: every arm's feature row
-        s = z @ self._stack  # [arms, dim + 1]: alpha^2 z A^-1 | z . theta
-        width = (s[:, : self.dim] * z).sum(1)
+        k = len(self.arms)
+        s = self._stack @ x
+        width = s[: k * self.dim].reshape(k, self.dim) @ x  # alpha^2 z_a' A^-1 z_a per arm
         np.abs(width, out=width)  # A^-1 is positive definite: abs only absorbs rounding
         np.sqrt(width, out=width)
-        width += s[:, self.dim]
+        width += s[k * self.dim:]
         return int(width.argmax())
 
     def _update(self, a: int, x: np.ndarray, r: float) -> None:
