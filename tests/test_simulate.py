@@ -42,7 +42,7 @@ def test_simulate_errors(tmp_path):
 
 def test_bench_offload_json_shape():
     res = runner.invoke(app, ["bench", "offload", "--json", "--sizes", "4", "--rounds", "2", "--scale-sizes", "40",
-                              "--scale-rounds", "1", "--families", "default,steps_10", "--family-sizes", "3",
+                              "--scale-rounds", "1", "--families", "default,steps_50", "--family-sizes", "3",
                               "--family-rounds", "1"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
@@ -50,7 +50,7 @@ def test_bench_offload_json_shape():
     assert opt["n"] == 4
     for name in ("exact", "drl", "greedy"):
         assert {"ratio_mean", "ratio_min", "gain_mean", "gain_min", "ms_median"} <= set(opt[name])
-    assert [f["family"] for f in out["families"]] == ["default", "steps_10"]
+    assert [f["family"] for f in out["families"]] == ["default", "steps_50"]  # steps_50 is held out
     assert [f["in_training"] for f in out["families"]] == [True, False]
     assert out["targets"]["held_out_families"] == 1 and "drl_held_out_gain_mean" in out["targets"]
     assert opt["exact"]["ratio_mean"] <= 1.0 + 1e-9 and opt["drl"]["ratio_mean"] <= 1.0 + 1e-9
