@@ -205,10 +205,11 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
 
     t0 = time.perf_counter()
     say = log or (lambda m: None)
-    jobs: list[tuple[str, QoEBenchConfig, int]] = [("waterfill_ddpg", cfg, 0), ("waterfill_gddpg", cfg, 0)]
-    jobs += [(n, cfg, s) for s in range(cfg.seeds) for n in ("gddpg", "ddpg")]
+    # the paired comparison first, so that a cut-short run's runs/ folder holds whole pairs
+    jobs: list[tuple[str, QoEBenchConfig, int]] = [(n, cfg, s) for s in range(cfg.seeds) for n in ("gddpg", "ddpg")]
     if cfg.sb3:
         jobs += [(n, cfg, 0) for n in SB3_REFERENCES]
+    jobs += [("waterfill_ddpg", cfg, 0), ("waterfill_gddpg", cfg, 0)]
     results: list[dict[str, Any]] = []
     runs_dir = Path(cfg.out) / "runs"  # each run's result as it finishes (a cut-short bench keeps them)
     runs_dir.mkdir(parents=True, exist_ok=True)
