@@ -32,6 +32,9 @@ def _no_model_loads(*args, **kwargs):
     (["generate", "--prompt", "x", "--stop-at", "9", "--handoff-out", "h.rdh"], "--stop-at must be in 1..7"),
     (["profile", "--batch-sizes", "1,two"], "--batch-sizes must be comma-separated integers"),
     (["bench", "offload", "--scenario", "nowhere"], "scenario nowhere not found"),
+    (["bench", "offload", "--policy", "/nowhere/policy"], "policy /nowhere/policy not found"),
+    (["bench", "offload", "--from-json", "x.json"], "--from-json only redraws the plots"),
+    (["train", "offload", "--families", "default,nope"], "unknown families ['nope']"),
 ])
 def test_user_mistakes_end_in_one_error_line_before_any_model_loads(monkeypatch, args, says):
     import relaydiff.demo
