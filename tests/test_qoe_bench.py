@@ -43,3 +43,19 @@ def test_bench_qoe_rejects_bad_options() -> None:
         assert "k_min" in str(exc)
     else:
         raise AssertionError("k_min > k_max accepted")
+
+
+def test_resume_reuses_only_runs_made_with_the_same_settings(tmp_path) -> None:
+    import json
+
+    from relaydiff.bench.qoe import _load_run, _run_settings
+
+    cfg = QoEBenchConfig(steps=100, out=str(tmp_path))
+    settings = _run_settings(cfg)
+    assert settings == _run_settings(QoEBenchConfig(steps=100, out="elsewhere", workers=2, resume=True))
+    path = tmp_path / "ddpg_seed0.json"
+    path.write_text(json.dumps({"name": "ddpg", "seed": 0, "wall_s": 1.0, "settings": settings}))
+    assert _load_run(path, settings) == {"name": "ddpg", "seed": 0, "wall_s": 1.0}
+    assert _load_run(path, _run_settings(QoEBenchConfig(steps=200))) is None
+    path.write_text("not json")
+    assert _load_run(path, settings) is None and _load_run(tmp_path / "missing.json", settings) is None

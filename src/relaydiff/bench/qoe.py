@@ -59,6 +59,7 @@ class QoEBenchConfig:
     workers: int = 1  # training processes (each 1 torch thread); 2 on a free 2-core machine halves the time
     batch_size: int = 64
     out: str = "out/bench_qoe"
+    resume: bool = False  # reuse the runs a cut-short bench left in out/runs (same settings only)
 
     def __post_init__(self) -> None:
         if self.seeds < 2:
@@ -193,6 +194,22 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
             "curve": curve, "eval": _rollout(fn_sb3, env, cfg.eval_rounds), "decide_ms": decide_ms(fn_sb3, obs_pool)}
 
 
+def _run_settings(cfg: QoEBenchConfig) -> dict[str, Any]:
+    """What a run's result depends on (not where it is written, how many workers, or resuming)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "resume")}
+
+
+def _load_run(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run's result if ``path`` holds one made with the same settings (else None)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.pop("settings", None) != settings:
+        return None
+    return data
+
+
 def _bootstrap_ci(x: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> list[float]:
     idx = rng.integers(0, len(x), size=(n, len(x)))
     means = x[idx].mean(axis=1)
@@ -213,12 +230,23 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
     results: list[dict[str, Any]] = []
     runs_dir = Path(cfg.out) / "runs"  # each run's result as it finishes (a cut-short bench keeps them)
     runs_dir.mkdir(parents=True, exist_ok=True)
+    settings = _run_settings(cfg)
+
+    def run_file(name: str, seed: int) -> Path:
+        return runs_dir / f"{name}_seed{seed}.json"
 
     def done(r: dict[str, Any]) -> None:
         results.append(r)
-        (runs_dir / f"{r['name']}_seed{r['seed']}.json").write_text(json.dumps(r) + "\n")
+        run_file(r["name"], r["seed"]).write_text(json.dumps({**r, "settings": settings}) + "\n")
         say(f"{r['name']} seed {r['seed']} done ({r['wall_s']:.0f} s wall, {r['cpu_s']:.0f} s cpu)")
 
+    if cfg.resume:
+        for j in list(jobs):
+            kept = _load_run(run_file(j[0], j[2]), settings)
+            if kept is not None:
+                results.append(kept)
+                jobs.remove(j)
+                say(f"{j[0]} seed {j[2]} reused from {run_file(j[0], j[2])}")
     if cfg.workers == 1:
         for j in jobs:
             done(_train_one(j))

@@ -22,6 +22,7 @@ def bench_qoe_cmd(
     sb3: bool = typer.Option(True, help="Also train Stable-Baselines3's DDPG, TD3 and SAC as library references."),
     workers: int = typer.Option(1, help="Training processes (each one torch thread; 2 on a free 2-core machine)."),
     out: Path = typer.Option(Path("out/bench_qoe"), help="Folder for the plots and report.json."),
+    resume: bool = typer.Option(False, "--resume", help="Reuse the runs a cut-short bench left in OUT/runs (same settings)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """G-DDPG vs DDPG (and SB3 references, heuristics) on the QoE round, after the water-filling check."""
@@ -35,7 +36,8 @@ def bench_qoe_cmd(
 
     try:
         cfg = QoEBenchConfig(seeds=seeds, steps=steps, waterfill_steps=waterfill_steps, eval_rounds=eval_rounds,
-                             k_min=k_min, k_max=k_max, scenario=scenario, sb3=sb3, workers=workers, out=str(out))
+                             k_min=k_min, k_max=k_max, scenario=scenario, sb3=sb3, workers=workers, out=str(out),
+                             resume=resume)
     except ValueError as exc:
         fail(str(exc))
     check(k_max <= 64, "--k-max must be <= 64")
