@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from relaydiff.sched.bandit import FixedArm, make_bandit
@@ -82,3 +84,14 @@ def test_live_summary_and_report(tmp_path):
     assert vs["ci95"][0] < 0.1 < vs["ci95"][1]
     files = _report(out, runs, names, tmp_path)
     assert all((tmp_path / f).exists() for f in ("bandit_live.json", "bandit_live.png")) and len(files) == 2
+
+
+def test_step_latency_uses_the_given_clock(tiny):
+    from itertools import count
+
+    from relaydiff.engine.profile import measure_step_latency
+
+    ticks = count()
+    lat = measure_step_latency(tiny, "large", [1, 2], steps=2, warmup=1, clock=lambda: 0.5 * next(ticks))
+    assert lat == {1: 0.5, 2: 0.5}  # each step: two clock reads, half a unit apart
+    assert LiveConfig().clock is time.thread_time and LiveConfig(cpu_clock=False).clock is time.perf_counter

@@ -18,7 +18,7 @@ def bench_bandit_cmd(
                                        "the first is the stream of the top-level figures."),
     seeds: int = typer.Option(3, help="Seeds per scenario (means over seeds)."),
     requests: int = typer.Option(0, help="Requests per stream (0: each scenario's own; phases scale along)."),
-    alpha: float = typer.Option(0.1, help="LinUCB's (and MABWiser LinUCB's) exploration alpha."),
+    alpha: float = typer.Option(0.1, help="Exploration alpha of LinUCB, shared LinUCB and MABWiser LinUCB."),
     l2: float = typer.Option(0.1, help="Ridge l2 of every linear policy and the peers."),
     peers: bool = typer.Option(True, help="Run MABWiser's LinUCB and LinTS (needs the 'bench' extra)."),
     jobs: int = typer.Option(2, help="Processes over the (scenario, seed) streams."),
@@ -86,6 +86,9 @@ def bandit_live_cmd(
     seed: int = typer.Option(0, help="Seed of the stream (users, prompts, noise)."),
     report: Path = typer.Option(Path("runs/bandit_live"), help="Folder for bandit_live.json and bandit_live.png."),
     threads: int = typer.Option(1, help="torch threads (the machine is shared)."),
+    cpu_clock: bool = typer.Option(True, "--cpu-clock/--wall-clock",
+                                   help="Time compute by this thread's CPU time (needs --threads 1; other jobs on a "
+                                        "shared host then do not count) or by wall time."),
 ) -> None:
     """Serve a request stream through the real engine with the relay bandit choosing each request's plan."""
     from relaydiff.engine.family import FamilyError
@@ -94,10 +97,12 @@ def bandit_live_cmd(
     from relaydiff.system.scenario import ScenarioError
 
     check(requests >= 1 and warm_requests >= 0 and rate >= 0, "--requests must be >= 1, --warm-requests and --rate >= 0")
+    check(threads == 1 or not cpu_clock, "--cpu-clock times one thread: use --threads 1 or --wall-clock")
     check(algorithm in ("linucb_shared", "linucb", "lints", "egreedy", "swlinucb"), f"--algorithm: unknown {algorithm!r}")
     cfg = LiveConfig(family=family, requests=requests, seed=seed, scenario=scenario, arrival_rate_hz=rate or None,
                      algorithm=algorithm, warm_requests=warm_requests, state=str(state) if state else None,
-                     compare_fixed=compare_fixed, threads=threads, save_state=str(save_state) if save_state else None)
+                     compare_fixed=compare_fixed, threads=threads, save_state=str(save_state) if save_state else None,
+                     cpu_clock=cpu_clock)
     try:
         out = run_live(cfg, say=lambda s: console.print(s, highlight=False), report_dir=report)
     except (BanditError, ScenarioError, FamilyError, ValueError) as exc:

@@ -46,10 +46,13 @@ def hardware() -> str:
 
 
 def measure_step_latency(family: Family, member: str, batch_sizes: list[int], steps: int = 5,
-                         guidance: float = 3.0, adapter: str | None = None, warmup: int = 2) -> dict[int, float]:
+                         guidance: float = 3.0, adapter: str | None = None, warmup: int = 2,
+                         clock: Any = time.perf_counter) -> dict[int, float]:
     """Median seconds per batched denoising step of ``member`` (CFG included when guidance > 1).
 
     Runs the real executor on ``b`` chains at once, so sampler work and batching overhead count.
+    ``clock``: wall time by default; ``time.thread_time`` gives this thread's CPU time (on CPU with
+    one torch thread: the compute alone, whatever else the host runs).
     """
     if member not in family.members:
         raise ValueError(f"unknown member {member!r}; this family has {sorted(family.members)}")
@@ -66,11 +69,11 @@ def measure_step_latency(family: Family, member: str, batch_sizes: list[int], st
         times = []
         for s in range(total):
             sync()
-            t0 = time.perf_counter()
+            t0 = clock()
             ex.step()
             sync()
             if s >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(clock() - t0)
         times.sort()
         out[b] = times[len(times) // 2]
     return out

@@ -4,8 +4,11 @@ One request stream (users, links, preferences, prompts, arrival times: a seed of
 :class:`relaydiff.sim.relay_stream.RelayStream`) is served through the engine, on a virtual clock
 driven by measured compute:
 
+- compute is timed as this thread's CPU time (``cpu_clock``, the default; torch runs one thread):
+  policies are served one after another, and on a shared host wall time would charge other jobs'
+  load to whichever policy ran then (the device's time, scaled up 4-14x, most of all).
 - edge: the large member's steps of every chain go through the continuous-batching executor on
-  this machine (node ``edge``); each batched call advances the clock by its measured wall time,
+  this machine (node ``edge``); each batched call advances the clock by its measured time,
   and requests that arrive meanwhile join the next call. The context's edge features use an edge
   profile measured on this machine at the start of the run (batches 1..max_batch).
 - network: the prompt up and the handoff latent down at the user's link rate (the system model).
@@ -64,6 +67,11 @@ class LiveConfig:
     compare_fixed: bool = True
     max_batch: int = 16
     threads: int = 1
+    cpu_clock: bool = True  # time compute by this thread's CPU time (False: wall time)
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        return time.thread_time if self.cpu_clock else time.perf_counter
 
 
 @dataclass
@@ -77,12 +85,13 @@ class LiveRun:
     latency_s: list[float]
 
 
-def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: float, folder: Path) -> Path:
+def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: float, folder: Path,
+                           clock: Callable[[], float]) -> Path:
     """This machine as the edge: the member's batched step latency, written as a profile file."""
     from relaydiff.engine.profile import hardware, measure_step_latency
 
     sizes = sorted({1, 4, max_batch})
-    lat = measure_step_latency(family, member, sizes, steps=3, guidance=guidance, warmup=1)
+    lat = measure_step_latency(family, member, sizes, steps=3, guidance=guidance, warmup=1, clock=clock)
     prof = {"format": "relaydiff.profile/1", "kind": "edge", "name": "this-machine", "hardware": hardware(),
             "max_batch": max_batch,
             "members": {member: {"step_latency_s": {str(b): t for b, t in lat.items()},
@@ -92,11 +101,12 @@ def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: f
     return path
 
 
-def _device_scale(family: Any, stream: RelayStream, member: str, guidance: float) -> tuple[np.ndarray, float]:
+def _device_scale(family: Any, stream: RelayStream, member: str, guidance: float,
+                  clock: Callable[[], float]) -> tuple[np.ndarray, float]:
     """Per request: device profile step latency / this machine's measured step of ``member``."""
     from relaydiff.engine.profile import measure_step_latency
 
-    here = measure_step_latency(family, member, [1], steps=6, guidance=guidance, warmup=1)[1]
+    here = measure_step_latency(family, member, [1], steps=6, guidance=guidance, warmup=1, clock=clock)[1]
     return stream.device_step_s / here, here
 
 
@@ -138,12 +148,12 @@ class LiveStream:
             a = run.arms[idx]
             arm = st.arms[a]
             if (idx, a) not in self.finished:
-                t0 = time.perf_counter()
+                t0 = self.cfg.clock()
                 if not chain.done:
                     dev = Executor(fam, node="device", max_batch=1)
                     dev.submit(chain)
                     dev.run()
-                here_s = time.perf_counter() - t0
+                here_s = self.cfg.clock() - t0
                 image = fam.decode(chain.latents)
                 pf = prompt_fidelity(image, [self.scenes[st.prompt_index[idx]]], self.judge).per_image[0]
                 q = float(pf)
@@ -183,9 +193,9 @@ class LiveStream:
                     finish(i, chain, None)
                 i += 1
             if not edge.idle:
-                t0 = time.perf_counter()
+                t0 = self.cfg.clock()
                 edge.step()
-                clock += time.perf_counter() - t0
+                clock += self.cfg.clock() - t0
                 for c in edge.drain():
                     finish(req_of.pop(c.id), c, clock)
         while pending:
@@ -214,12 +224,13 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
     table = json.loads(Path(_table_path(scenario.quality_table)).read_text())
     guidance = float(table.get("config", {}).get("guidance", 3.0))
     with tempfile.TemporaryDirectory() as tmp:
-        edge_profile = _measured_edge_profile(family, "large", cfg.max_batch, guidance, Path(tmp))
+        edge_profile = _measured_edge_profile(family, "large", cfg.max_batch, guidance, Path(tmp), cfg.clock)
         edge_measured = load_profile(edge_profile)
         scenario = scenario.model_copy(update={**updates, "edge": scenario.edge.model_copy(
             update={"profile": str(edge_profile), "member": "large", "max_batch": cfg.max_batch})})
         say(f"edge = this machine ({hardware()}): large-member step {edge_measured.member('large').at(1) * 1e3:.1f} ms "
-            f"at batch 1, {edge_measured.member('large').at(cfg.max_batch) * 1e3:.1f} ms at {cfg.max_batch} (measured now)")
+            f"at batch 1, {edge_measured.member('large').at(cfg.max_batch) * 1e3:.1f} ms at {cfg.max_batch} (measured now, "
+            f"{'CPU' if cfg.cpu_clock else 'wall'} time)")
         featurizer = calibration_featurizer(cfg.seed, n=150)
         per_class = max(4, -(-cfg.requests // 3))
         prompts, scenes = sample_prompts(per_class, seed=cfg.seed + 777)
@@ -241,7 +252,7 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
                 mean = train_in_simulator(bandit, warm_stream)
                 say(f"policy: {bandit.kind} trained on {cfg.warm_requests} simulated requests of '{cfg.scenario}' "
                     f"(this machine's edge profile; mean reward {mean:.3f})")
-        scale, here = _device_scale(family, stream, "small", guidance)
+        scale, here = _device_scale(family, stream, "small", guidance, cfg.clock)
     say(f"device latency = measured small-member time here x (device profile step / {here * 1e3:.2f} ms measured "
         f"here): x{scale.min():.0f}..x{scale.max():.0f} by device class; plus the profile's decode time")
     live = LiveStream(cfg, family, judge, stream, prompts, scenes, scale, guidance)
@@ -297,6 +308,7 @@ def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale
                    "ci95": [float(diff.mean() - half), float(diff.mean() + half)],
                    "note": "paired over the same requests; 95% t-interval of the per-request difference"}
     return {"config": asdict(cfg), "hardware": hardware(), "requests": cfg.requests,
+            "clock": "this thread's CPU time" if cfg.cpu_clock else "wall time",
             "edge": {"profile": "measured on this machine at the start of the run",
                      "step_latency_s": dict(zip(map(str, edge_measured.member("large").batch_sizes),
                                                 edge_measured.member("large").step_latency_s))},
