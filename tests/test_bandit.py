@@ -423,3 +423,14 @@ def test_relay_bandit_checks_the_relay_context_and_round_trips(tmp_path):
     disjoint = RelayBandit.make("linucb", st.arms)
     disjoint.save_pretrained(tmp_path / "d")
     assert RelayBandit.from_pretrained(tmp_path / "d").decide(x) == disjoint.decide(x)
+
+
+def test_bandit_live_cli_rejects_cpu_clock_with_threads():
+    from typer.testing import CliRunner
+
+    from relaydiff.cli import app
+
+    res = CliRunner().invoke(app, ["bandit", "live", "--threads", "2"])
+    assert res.exit_code == 2 and "--cpu-clock times one thread" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(app, ["bandit", "live", "--algorithm", "nope"])
+    assert res.exit_code == 2 and "--algorithm: unknown 'nope'" in res.output
