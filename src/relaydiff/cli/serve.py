@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import typer
@@ -33,6 +34,11 @@ def serve_edge_cmd(
     status_thumbnails: bool = typer.Option(False, help="Show finished images on the public status page."),
     share_prefix: bool = typer.Option(True, help="Similar prompts of a round share their first edge steps."),
     threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
+    ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: an ingress and --replicas engine replicas "
+                                                  "(the optional extra 'ray')."),
+    replicas: int = typer.Option(2, help="With --ray: engine replicas, each with its own executor and store."),
+    ray_address: str = typer.Option(None, help="With --ray: a running cluster ('auto' after `ray start`); "
+                                               "default: a local Ray on this machine."),
 ) -> None:
     """Run the edge server: jobs are decided in rounds, edge segments batched, devices finish the rest."""
     check(1 <= port <= 65535, f"--port must be in 1..65535, got {port}")
@@ -41,6 +47,12 @@ def serve_edge_cmd(
           "must be positive")
     check(fetch_timeout > 0 and report_timeout > 0 and round_window >= 0, "timeouts must be > 0, --round-window >= 0")
     check(threads >= 0, "--threads must be >= 0")
+    check(replicas >= 1, "--replicas must be >= 1")
+    if ray:
+        try:
+            from relaydiff.serve.ray_app import build_ray_app, run_on_ray
+        except ImportError:
+            fail("--ray needs Ray Serve: pip install 'relaydiff[ray]'")
     import torch
     import uvicorn
 
@@ -61,10 +73,23 @@ def serve_edge_cmd(
                                 rate_per_s=rate, burst=burst, fetch_timeout_s=fetch_timeout,
                                 report_timeout_s=report_timeout, status_thumbnails=status_thumbnails,
                                 share_prefix=share_prefix)
-        app = create_app(fam, settings, table)
+        app = build_ray_app(family, settings, table, replicas, threads=threads or 1) if ray else \
+            create_app(fam, settings, table)
     except (TokenFileError, FamilyError, ScenarioError, ProfileError, ValueError, OSError) as exc:
         fail(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if ray:
+        from ray import serve
+
+        run_on_ray(app, host, port, ray_address)
+        console.print(f"edge on Ray Serve: {replicas} engine replicas of {fam.id}@{fam.version} behind "
+                      f"http://{host}:{port}/ (Ctrl-C stops)")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+        return
     console.print(f"edge: family {fam.id}@{fam.version}, scheduler {scheduler}, store {db}; http://{host}:{port}/docs")
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -66,6 +66,7 @@ class EdgeSettings:
     handoff_compress: bool = True
     status_thumbnails: bool = False      # the public status page shows finished images (operators only)
     share_prefix: bool = True            # similar prompts of a round share their first edge steps (seed 002)
+    job_id_prefix: str = ""              # an engine replica's mark on its job ids (Ray Serve routes by it)
 
 
 _JOINED_PREFIX: Any = object()   # _chain_for's answer for a job that waits on its group's prefix chain
@@ -158,7 +159,7 @@ class EdgeService:
             shared = self.decider.share(jobs, decided)
             self.metrics.rounds.inc()
             self.metrics.round_jobs.observe(len(fresh))
-            ids = [uuid.uuid4().hex for _ in fresh]
+            ids = [self.settings.job_id_prefix + uuid.uuid4().hex for _ in fresh]
             queued = []
             for n, (i, request, d) in enumerate(zip(fresh, requests, decided)):
                 client, job = batch[i]
