@@ -283,42 +283,42 @@ def plot_offload(result: dict[str, Any], plot_dir: str | Path) -> list[str]:
     fams = result.get("families", [])
     names = [s for s in ("drl", "drl+ls", "greedy", "local_search") if fams and s in fams[0]]
     paths: list[str] = []
+
+    def lost(entry: dict[str, Any]) -> float:  # 1 - gain, floored for the log scale (None: no gain possible)
+        return max(1.0 - (entry["gain_mean"] if entry["gain_mean"] is not None else 1.0), 1e-6)
+
+    def finish(fig: Any, ax: Any, title: str, name: str) -> None:
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(plot_dir / name)
+        plt.close(fig)
+        paths.append(str(plot_dir / name))
+
     if fams:
         fig, ax = plt.subplots(figsize=(9.0, 4.0), dpi=80)
         x = np.arange(len(fams))
         width = 0.8 / len(names)
         for j, name in enumerate(names):
-            lost = [max(1.0 - (f[name]["gain_mean"] if f[name]["gain_mean"] is not None else 1.0), 1e-6) for f in fams]
-            ax.bar(x + (j - (len(names) - 1) / 2) * width, lost, width, label=name)
+            ax.bar(x + (j - (len(names) - 1) / 2) * width, [lost(f[name]) for f in fams], width, label=name)
         ax.set_yscale("log")
         ax.set_xticks(x)
         ax.set_xticklabels([f["family"] + ("" if f["in_training"] else " *") for f in fams], rotation=40, ha="right", fontsize=7)
         ax.set_ylabel("share of the possible gain lost (1 - gain), mean")
-        ax.set_title("gap to exact per family (* = held out of the policy's training); 1e-6 = none lost", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        gap_png = plot_dir / "bench_offload_families.png"
-        fig.savefig(gap_png)
-        plt.close(fig)
-        paths.append(str(gap_png))
+        finish(fig, ax, "gap to exact per family (* = held out of the policy's training); 1e-6 = none lost",
+               "bench_offload_families.png")
     rows = [r for r in result.get("optimality", []) if "exact" in r]
     if rows:
         fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=80)
         for name in [s for s in ("exact", *names) if s in rows[0]]:
             t = [r[name].get("cpu_ms_median", r[name]["ms_median"]) for r in rows]
-            lost = [max(1.0 - (r[name]["gain_mean"] if r[name]["gain_mean"] is not None else 1.0), 1e-6) for r in rows]
-            ax.plot(t, lost, marker="o", label=name)
-            for r, ti, li in zip(rows, t, lost):
+            gap = [lost(r[name]) for r in rows]
+            ax.plot(t, gap, marker="o", label=name)
+            for r, ti, li in zip(rows, t, gap):
                 ax.annotate(f"N={r['n']}", (ti, li), fontsize=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("decision CPU time per round, median (ms)")
         ax.set_ylabel("share of the possible gain lost, mean")
-        ax.set_title(f"{result.get('scenario', '')}: lost gain vs time (1e-6 = none lost)", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        time_png = plot_dir / "bench_offload_time.png"
-        fig.savefig(time_png)
-        plt.close(fig)
-        paths.append(str(time_png))
+        finish(fig, ax, f"{result.get('scenario', '')}: lost gain vs time (1e-6 = none lost)", "bench_offload_time.png")
     return paths
