@@ -310,10 +310,10 @@ class EdgeService:
     def _finish(self, chains: list[Chain], cancelled: set[str]) -> None:
         """Chains that leave the edge: decode the finished ones, encode the others' handoffs; a group's
         prefix forks into its members' chains."""
-        forks_leaving = []
-        for prefix in [c for c in chains if c.id in self._prefix_members]:
-            forks_leaving += self._fork_members(prefix, cancelled)
-        chains = [c for c in chains if c.id not in self._prefix_members] + forks_leaving
+        prefixes = [c for c in chains if c.id in self._prefix_members]
+        chains = [c for c in chains if c.id not in self._prefix_members]
+        for prefix in prefixes:
+            chains += self._fork_members(prefix, cancelled)
         chains = [c for c in chains if self._chain_job.get(c.id) not in cancelled]
         if chains:
             for chain, result in zip(chains, finish_chains(self.family, chains, self.settings.max_batch)):
