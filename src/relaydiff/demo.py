@@ -315,6 +315,7 @@ def _timeline(jobs: list[ServedJob], path: Path) -> None:
     import matplotlib  # lazy: plotting is the slowest import and only the report's plot needs it
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.5 * len(jobs)))

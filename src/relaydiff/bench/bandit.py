@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class MabwiserPeer:
     """MABWiser's LinUCB or LinTS behind the bandit interface (arms before any feedback: in turn)."""
 
     def __init__(self, n_arms: int, policy: str, alpha: float, l2: float, seed: int):
+        # lazy: MABWiser is optional (the bench extra); only the peer runs need it
         from mabwiser.mab import MAB, LearningPolicy
 
         lp = (LearningPolicy.LinUCB if policy == "linucb" else LearningPolicy.LinTS)(alpha=alpha, l2_lambda=l2)
@@ -198,8 +200,6 @@ def bench_bandit(cfg: BanditBenchConfig, pool: PromptPool, say: Callable[[str], 
         curves[sc_name], shares[sc_name] = {}, {}
         tasks += [(cfg, sc_name, seed, pool) for seed in range(cfg.seeds)]
     if cfg.jobs > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=cfg.jobs) as ex:
             results = list(ex.map(_run_task, tasks))
     else:
@@ -307,6 +307,7 @@ def _run_task(task: tuple, say: Callable[[str], None] = lambda s: None) -> dict[
 
 def _paired(curves: dict[str, np.ndarray], cfg: BanditBenchConfig) -> dict[str, Any]:
     """Per-seed paired difference of total reward (common random numbers), mean and 95% t-interval."""
+    # lazy: scipy.stats is slow to import; only the paired interval needs it
     from scipy import stats
 
     out = {}
@@ -346,9 +347,11 @@ def _targets(out: dict[str, Any], arms: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _plots(curves, shares, phase_starts, arm_names, cfg: BanditBenchConfig, plot_dir: Path) -> list[str]:
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib.pyplot as plt
 
     plot_dir.mkdir(parents=True, exist_ok=True)

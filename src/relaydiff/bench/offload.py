@@ -273,9 +273,11 @@ def _family_targets(families: list[dict[str, Any]]) -> dict[str, Any]:
 def plot_offload(result: dict[str, Any], plot_dir: str | Path) -> list[str]:
     """PNGs of a ``run`` result: the gain lost to the optimum per family and solver (held-out families
     marked), and lost gain against decision CPU time. Redraws from the JSON of record alone."""
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib.pyplot as plt
 
     plot_dir = Path(plot_dir)

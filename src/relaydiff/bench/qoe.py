@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
-from relaydiff.sched.rl.ddpg import Policy, RLConfig, evaluate, train
+from relaydiff.engine.profile import hardware_info
+from relaydiff.sched.rl.ddpg import evaluate, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import train_gddpg
 from relaydiff.sim.qoe_env import HEURISTICS, QoEEnv
 from relaydiff.sim.waterfill_env import WaterFillingEnv
@@ -127,8 +129,6 @@ def exact_sharing(policy_fn: Callable[[np.ndarray], np.ndarray], env: QoEEnv) ->
 def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
     """One training run (a worker process): returns its curve, evaluations and timing."""
     name, cfg, seed = args
-    import torch
-
     torch.set_num_threads(1)
     if name.startswith("waterfill_"):
         kind = name.removeprefix("waterfill_")
@@ -160,6 +160,7 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
     # entropy tuning) except what our two share, so that the step budget buys the same: the
     # minibatch, the random warm-up and, for DDPG/TD3 (whose default is no noise at all), our
     # Gaussian exploration noise. The same evaluation rounds make its curve.
+    # lazy: Stable-Baselines3 is slow to import; only the library references need it
     import stable_baselines3 as sb3
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.noise import NormalActionNoise
@@ -218,8 +219,6 @@ def _bootstrap_ci(x: np.ndarray, rng: np.random.Generator, n: int = 10_000) -> l
 
 def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run everything the module docstring lists; returns the JSON-ready report."""
-    from relaydiff.engine.profile import hardware_info
-
     t0 = time.perf_counter()
     say = log or (lambda m: None)
     # the paired comparison first, so that a cut-short run's runs/ folder holds whole pairs
@@ -336,9 +335,11 @@ def _equal_split_ratio(rounds: int) -> float:
 def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str, float]) -> list[str]:
     """QoE vs training steps (mean and min-max band over seeds; the SB3 references' one seed; the
     heuristics as levels) and the shared steps G-DDPG chose vs the group's similarity."""
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib.pyplot as plt
 
     out = Path(cfg.out)

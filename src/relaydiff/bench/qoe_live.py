@@ -22,9 +22,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
+from PIL import Image
 
+from relaydiff.bench.qoe_pool import pool_scenes
+from relaydiff.engine.family import load_family
+from relaydiff.engine.plan import Plan, Request
+from relaydiff.engine.profile import hardware_info
+from relaydiff.engine.runner import generate_shared_prefix
+from relaydiff.quality.judge import load_judge
+from relaydiff.quality.metrics import prompt_fidelity
 from relaydiff.sched.rl.ddpg import Policy
 from relaydiff.sim.agents import Perception, SurrogateAgent
+from relaydiff.sim.agents_llm import LLMAgent
 from relaydiff.sim.qoe_env import QoEEnv
 
 
@@ -43,8 +53,6 @@ class LiveQoEConfig:
 
 
 def _png(image: np.ndarray, scale: int = 4) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST).save(buf, "PNG")
     return buf.getvalue()
@@ -52,16 +60,6 @@ def _png(image: np.ndarray, scale: int = 4) -> bytes:
 
 def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the round; writes ``out``/report.json and one PNG strip per group; returns the report."""
-    import torch
-
-    from relaydiff.bench.qoe_pool import pool_scenes
-    from relaydiff.engine.family import load_family
-    from relaydiff.engine.plan import Plan, Request
-    from relaydiff.engine.profile import hardware_info
-    from relaydiff.engine.runner import generate_shared_prefix
-    from relaydiff.quality.judge import load_judge
-    from relaydiff.quality.metrics import prompt_fidelity
-
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(cfg.policy, seed=cfg.seed)
@@ -98,8 +96,6 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
             for i in range(rnd.k)]
     reasons: list[str] = []
     if cfg.llm:
-        from relaydiff.sim.agents_llm import LLMAgent
-
         agent = LLMAgent(images=True)
         scores = agent.score(rnd.traits, seen, [_png(images[i]) for i in range(rnd.k)])
         reasons, agent_info = agent.reasons, {"kind": "llm", "model": agent.model, **asdict(agent.stats)}

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from relaydiff.bench.quality import _variant
+from relaydiff.models.world import World
+from relaydiff.quality.similarity import prompt_embeddings
 from relaydiff.sim.qoe_env import PROMPT_POOL
 
 VARIANTS = ("leader", "paraphrase", "one_attribute", "two_attributes")
@@ -23,9 +26,6 @@ VARIANTS = ("leader", "paraphrase", "one_attribute", "two_attributes")
 
 def pool_entries(n_topics: int = 48, seed: int = 0) -> tuple[list, list[str], list[int], list[str]]:
     """(scenes, prompts, topic ids, variant names) of the pool, deterministic from ``seed``."""
-    from relaydiff.bench.quality import _variant
-    from relaydiff.models.world import World
-
     world, rng = World(), np.random.default_rng(seed)
     scenes, prompts, topics, variants = [], [], [], []
     for t in range(n_topics):
@@ -50,8 +50,6 @@ def pool_scenes(path: Path = PROMPT_POOL) -> dict[str, object]:
 
 def build_prompt_pool(n_topics: int = 48, seed: int = 0, out: Path = PROMPT_POOL) -> Path:
     """Write the pool (prompts, topic ids, variant names, fp16 unit embeddings) next to ``out``."""
-    from relaydiff.quality.similarity import prompt_embeddings
-
     _, prompts, topics, variants = pool_entries(n_topics, seed)
     emb = prompt_embeddings(prompts).astype(np.float16)
     out.parent.mkdir(parents=True, exist_ok=True)

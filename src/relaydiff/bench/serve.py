@@ -31,8 +31,13 @@ from typing import Any
 
 import httpx
 import numpy as np
+import torch
 
-from relaydiff.serve.client import AsyncDeviceClient, ServiceError, finish_locally, job_payload
+from relaydiff.engine.family import load_family
+from relaydiff.engine.handoff import decode_handoff, encode_handoff
+from relaydiff.engine.plan import Plan, Request
+from relaydiff.engine.runner import generate, resume
+from relaydiff.serve.client import AsyncDeviceClient, DeviceClient, finish_locally, job_payload, ServiceError
 
 PROMPTS = ("a red circle left of a blue square", "a green star", "two yellow triangles", "a purple square above a circle",
            "a small blue star", "a big red circle below a green triangle", "an orange square", "three pink circles")
@@ -167,11 +172,6 @@ async def _confirm_done(url: str, owner: dict[str, str], timeout_s: float) -> tu
 
 def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:
     """Paired, interleaved: each request over HTTP and in-process, order alternating."""
-    from relaydiff.engine.handoff import decode_handoff, encode_handoff
-    from relaydiff.engine.plan import Plan, Request
-    from relaydiff.engine.runner import generate, resume
-    from relaydiff.serve.client import DeviceClient
-
     rng = np.random.default_rng(seed)
     http_ms, engine_ms = [], []
     with DeviceClient(url, token, family, timeout_s=120) as device:
@@ -219,10 +219,6 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
                     scheduler: str = "local_search", seed: int = 0, steps: int | None = None, restart: bool = True,
                     calibration_pairs: int = 6, log=print) -> dict[str, Any]:
-    import torch
-
-    from relaydiff.engine.family import load_family
-
     torch.set_num_threads(1)
     family = load_family(family_name)
     token = "bench-token-0123456789-"

@@ -27,6 +27,7 @@ def bench_bandit_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Relay bandits vs MABWiser, baselines and the oracle on simulated request streams (defaults: < 10 min on 2 cores)."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.system.relay_scenario import load_relay_scenario
     from relaydiff.system.scenario import ScenarioError
 
@@ -41,9 +42,11 @@ def bench_bandit_cmd(
         fail(str(exc))
     if peers:
         try:
+            # lazy: MABWiser is optional (the bench extra): checked before the bench runs
             import mabwiser  # noqa: F401
         except ImportError:
             fail("--peers needs mabwiser: pip install 'relaydiff[bench]' (or pass --no-peers)")
+    # lazy: the CLI starts without torch; only this command loads what it runs
     import numpy as np
     import torch
 
@@ -91,6 +94,7 @@ def bandit_live_cmd(
                                         "shared host then do not count) or by wall time."),
 ) -> None:
     """Serve a request stream through the real engine with the relay bandit choosing each request's plan."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.engine.family import FamilyError
     from relaydiff.sched.bandit import BanditError
     from relaydiff.serve.bandit_live import LiveConfig, run_live

@@ -20,6 +20,7 @@ def demo_cmd(
     check(threads >= 0, "--threads must be >= 0")
     check(seed >= 0, "--seed must be >= 0")
 
+    # lazy: the CLI starts without torch; only this command loads what it runs
     import torch
     from rich.console import Console
     from rich.markup import escape

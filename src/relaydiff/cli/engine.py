@@ -18,6 +18,7 @@ PLAN_HELP = ("Segments member[+adapter][@node]:start-end joined by commas, e.g. 
 
 def write_image(image, path: Path) -> str:
     """Write an image; the format follows the suffix (.png, .jpg, .webp ...). Returns the format's name."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +29,7 @@ def write_image(image, path: Path) -> str:
 
 def check_image_path(path: Path, option: str = "--out") -> None:
     """An output path whose suffix names an image format PIL writes (before anything runs)."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from PIL import Image
 
     if path.suffix.lower() not in Image.registered_extensions():
@@ -36,6 +38,7 @@ def check_image_path(path: Path, option: str = "--out") -> None:
 
 def check_device(device: str) -> None:
     """A torch device this build and machine have, or a clear error."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     import torch
 
     try:
@@ -65,6 +68,7 @@ def generate_cmd(
     compress: bool = typer.Option(False, help="zstd-compress the handoff payload."),
 ) -> None:
     """Generate one image, or stop mid-chain and write a handoff for `relaydiff resume`."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.engine.plan import Plan, PlanError, Request, parse_plan, validate_plan
     from relaydiff.engine.samplers import SAMPLERS
 
@@ -84,6 +88,7 @@ def generate_cmd(
     except PlanError as exc:
         fail(str(exc))
 
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.engine.family import FamilyError, load_family
     from relaydiff.engine.handoff import HandoffError, write_handoff
     from relaydiff.engine.runner import generate
@@ -123,6 +128,7 @@ def resume_cmd(
     """Finish a chain from a handoff, in this process."""
     check_image_path(out)
 
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.engine.family import FamilyError
     from relaydiff.engine.handoff import HandoffError, read_handoff
     from relaydiff.engine.runner import resume
@@ -144,6 +150,7 @@ def _family_for_handoff(family_id: str, version: str, given: str | None):
     fingerprint of its members' configs), never by a path, so a directory family is found only
     where a folder of that name is at hand; otherwise the message says to pass --family.
     """
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from pathlib import Path
 
     from relaydiff.engine.family import FamilyError, load_family
@@ -176,6 +183,7 @@ def profile_cmd(
     check(kind in ("edge", "device"), f"--kind must be edge or device, got {kind!r}")
     check_device(device)
 
+    # lazy: the CLI starts without torch; only this command loads what it runs
     import torch
 
     from relaydiff.bench.profile import measure_profile
@@ -224,6 +232,7 @@ def bench_engine_cmd(
 ) -> None:
     """Sequential (one request at a time) vs continuous batching, same machine, same run; or, with
     --overhead, what the executor adds to the U-Net forward per step."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.engine import DTYPES, bench_engine, bench_engine_overhead
 
     check(requests >= 1, "--requests must be >= 1")
@@ -234,12 +243,14 @@ def bench_engine_cmd(
     check(dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     check_device(device)
 
+    # lazy: the CLI starts without torch; only this command loads what it runs
     import torch
 
     from relaydiff.engine.family import FamilyError
 
     torch.set_num_threads(threads)
     if overhead:
+        # lazy: the CLI starts without torch; only this command loads what it runs
         from relaydiff.engine.samplers import SAMPLERS
 
         names = tuple(n.strip() for n in samplers.split(",") if n.strip())
@@ -256,6 +267,7 @@ def bench_engine_cmd(
         if as_json:
             print(json.dumps(result))
             return
+        # lazy: the CLI starts without torch; only this command loads what it runs
         from rich.console import Console
         from rich.table import Table
 
@@ -279,6 +291,7 @@ def bench_engine_cmd(
     if as_json:
         print(json.dumps(result))
     else:
+        # lazy: the CLI starts without torch; only this command loads what it runs
         from rich.console import Console
         from rich.table import Table
 

@@ -24,6 +24,7 @@ def train_offload_cmd(
     install: bool = typer.Option(False, "--install", help="Copy the best policy over the shipped one when done."),
 ) -> None:
     """Train the DRL + convex policy (MaskablePPO on the round MDP), checkpointed and resumable."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     import shutil
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -70,6 +71,7 @@ def simulate_cmd(
     seed: int = typer.Option(0, help="Seed: the same rounds for every policy."),
 ) -> None:
     """Run policies against a multi-round scenario (arrivals, capacity, fading); write CSV/JSON/PNG."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from relaydiff.bench.simulate import simulate
@@ -111,6 +113,7 @@ def bench_offload_cmd(
     from_json: str = typer.Option("", help="Only redraw the plots from this JSON of record (no bench run); needs --plots."),
 ) -> None:
     """Optimality (vs the exact MILP, plain ratio and share of the possible gain), speed, and held-out families: one JSON object."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.offload import plot_offload, run
     from relaydiff.sim.families import family_names
 
@@ -123,6 +126,7 @@ def bench_offload_cmd(
         for p in plot_offload(result, plots):
             console.print(f"wrote {p}")
         return
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.system.scenario import ScenarioError, load_scenario
 
     opt, scl = tuple(int_list(sizes, "--sizes")), tuple(int_list(scale_sizes, "--scale-sizes"))
@@ -142,6 +146,7 @@ def bench_offload_cmd(
     except ScenarioError as exc:
         fail(str(exc))
     if policy:
+        # lazy: the CLI starts without torch; only this command loads what it runs
         from relaydiff.sched.drl.policy import PolicyError, load_policy
 
         try:

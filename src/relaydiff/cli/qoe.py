@@ -26,12 +26,14 @@ def bench_qoe_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """G-DDPG vs DDPG (and SB3 references, heuristics) on the QoE round, after the water-filling check."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.system.scenario import ScenarioError, load_scenario
 
     try:
         load_scenario(scenario)
     except ScenarioError as exc:
         fail(str(exc))
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.qoe import QoEBenchConfig, bench_qoe
 
     try:
@@ -73,6 +75,7 @@ def qoe_live_cmd(
     """One QoE round: the policy's decisions, shared prefixes and continuations on the engine, agents' scores."""
     check((policy / "policy.json").is_file(), f"no saved policy in {policy} (run relaydiff bench qoe, or pass --policy)")
     check(1 <= k_min <= k_max, "--k-min must be >= 1 and <= --k-max")
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.qoe_live import LiveQoEConfig, run_qoe_live
     from relaydiff.engine.family import FamilyError
     from relaydiff.sim.agents_llm import LLMConfigError

@@ -21,6 +21,7 @@ def train_judge_cmd(
     eval_size: int = typer.Option(2000, help="Held-out renders for the accuracy written next to the weights."),
 ) -> None:
     """Train the judge on renders of the world (train split, every style); resumes from --out."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from dataclasses import asdict
 
     from relaydiff.quality.judge import JudgeTrainConfig, train_judge
@@ -66,6 +67,7 @@ def bench_quality_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Quality vs speed of a family on held-out prompts: members, relay, shared prefix, personalization."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.quality import QualityBenchConfig, bench_quality
 
     check(steps >= 2 and n_prompts >= 2 and repeats >= 1, "--steps must be >= 2, --n-prompts >= 2 and --repeats >= 1")
@@ -88,6 +90,7 @@ def bench_quality_cmd(
     if as_json:
         print(text)
         return
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from rich.console import Console
     from rich.table import Table
 

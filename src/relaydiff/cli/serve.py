@@ -50,9 +50,11 @@ def serve_edge_cmd(
     check(replicas >= 1, "--replicas must be >= 1")
     if ray:
         try:
+            # lazy: the CLI starts without torch; only this command loads what it runs
             from relaydiff.serve.ray_app import build_ray_app, run_on_ray
         except ImportError:
             fail("--ray needs Ray Serve: pip install 'relaydiff[ray]'")
+    # lazy: the CLI starts without torch; only this command loads what it runs
     import torch
     import uvicorn
 
@@ -79,6 +81,7 @@ def serve_edge_cmd(
         fail(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if ray:
+        # lazy: Ray is optional (the ray extra); only --ray needs it
         from ray import serve
 
         run_on_ray(app, host, port, ray_address)
@@ -109,6 +112,7 @@ def device_run_cmd(
 ) -> None:
     """Submit a job, fetch the handoff, finish the chain here, report, save the image."""
     check(timeout > 0, "--timeout must be > 0")
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.engine.family import FamilyError, load_family
     from relaydiff.engine.handoff import HandoffError
     from relaydiff.serve.client import DeviceClient, ServiceError
@@ -142,6 +146,7 @@ def bench_serve_cmd(
     """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
     check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
     check(0.0 <= dropout <= 1.0, f"--dropout must be in [0, 1], got {dropout}")
+    # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.serve import run_serve_bench
 
     log = (lambda *a: None) if as_json else console.print

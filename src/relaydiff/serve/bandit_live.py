@@ -42,12 +42,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from relaydiff.engine.chain import new_chain
+from relaydiff.engine.executor import Executor
+from relaydiff.engine.family import load_family
+from relaydiff.engine.plan import Plan, Request
+from relaydiff.engine.profile import hardware, measure_step_latency
+from relaydiff.quality.judge import load_judge
+from relaydiff.quality.metrics import prompt_fidelity
 from relaydiff.sched.bandit import FixedArm
 from relaydiff.sched.relay_policy import RELAY_BANDIT, RelayBandit
 from relaydiff.serve.bandit_prompts import calibration_featurizer, prompt_pool, sample_prompts
 from relaydiff.sim.relay_stream import CONTEXT_FEATURES, PromptPool, RelayStream
 from relaydiff.system.profiles import load_profile
+from relaydiff.system.quality import REFERENCE_TABLE
 from relaydiff.system.relay_scenario import load_relay_scenario
 
 
@@ -88,8 +97,6 @@ class LiveRun:
 def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: float, folder: Path,
                            clock: Callable[[], float]) -> Path:
     """This machine as the edge: the member's batched step latency, written as a profile file."""
-    from relaydiff.engine.profile import hardware, measure_step_latency
-
     sizes = sorted({1, 4, max_batch})
     lat = measure_step_latency(family, member, sizes, steps=3, guidance=guidance, warmup=1, clock=clock)
     prof = {"format": "relaydiff.profile/1", "kind": "edge", "name": "this-machine", "hardware": hardware(),
@@ -104,8 +111,6 @@ def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: f
 def _device_scale(family: Any, stream: RelayStream, member: str, guidance: float,
                   clock: Callable[[], float]) -> tuple[np.ndarray, float]:
     """Per request: device profile step latency / this machine's measured step of ``member``."""
-    from relaydiff.engine.profile import measure_step_latency
-
     here = measure_step_latency(family, member, [1], steps=6, guidance=guidance, warmup=1, clock=clock)[1]
     return stream.device_step_s / here, here
 
@@ -130,11 +135,6 @@ class LiveStream:
     def serve(self, name: str, decide: Callable[[np.ndarray], int], learn: Callable[[int, np.ndarray, float], None] | None,
               say: Callable[[str], None] = lambda s: None) -> LiveRun:
         """Serve every request of the stream with ``decide`` on the engine (see the module docstring)."""
-        from relaydiff.engine.chain import new_chain
-        from relaydiff.engine.executor import Executor
-        from relaydiff.engine.plan import Plan, Request
-        from relaydiff.quality.metrics import prompt_fidelity
-
         st, fam, n = self.stream, self.family, self.stream.scenario.requests
         steps = st.scenario.steps
         edge = Executor(fam, node="edge", max_batch=self.cfg.max_batch)
@@ -207,12 +207,6 @@ class LiveStream:
 
 def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: str | Path | None = None) -> dict[str, Any]:
     """Warm-start (or load) the bandit, serve the stream live with it and with every fixed arm."""
-    import torch
-
-    from relaydiff.engine.family import load_family
-    from relaydiff.engine.profile import hardware
-    from relaydiff.quality.judge import load_judge
-
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     scenario = load_relay_scenario(cfg.scenario)
@@ -274,16 +268,12 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
 
 
 def _table_path(table: str) -> Path:
-    from relaydiff.system.quality import REFERENCE_TABLE
-
     return REFERENCE_TABLE if table == "auto" else Path(table)
 
 
 def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale: np.ndarray, here: float,
              edge_measured: Any, t_start: float) -> dict[str, Any]:
     """The report's figures: per policy mean utility, quality, latency, arm counts, paired difference."""
-    from relaydiff.engine.profile import hardware
-
     bandit = runs[0]
     policies = {}
     for r in runs:
@@ -299,6 +289,7 @@ def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale
     complete = len(fixed) == len(names) or not cfg.compare_fixed
     vs_best = None
     if fixed and len(bandit.rewards) > 1:
+        # lazy: scipy.stats is slow to import; only the paired interval needs it
         from scipy import stats
 
         best = max(fixed, key=fixed.get)
@@ -324,9 +315,11 @@ def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale
 
 
 def _report(out: dict[str, Any], runs: list[LiveRun], names: tuple[str, ...], folder: Path) -> list[str]:
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib
 
     matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)

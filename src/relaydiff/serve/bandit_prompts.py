@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relaydiff.models.world import Scene, World
+from relaydiff.quality.similarity import prompt_embeddings
 from relaydiff.sim.relay_stream import PromptPool
 
 WORDS_SCALE = 16.0
@@ -29,8 +30,6 @@ class PromptFeaturizer:
 
     @classmethod
     def fit(cls, prompts: list[str]) -> "PromptFeaturizer":
-        from relaydiff.quality.similarity import prompt_embeddings
-
         emb = prompt_embeddings(prompts)
         mean = emb.mean(0)
         _, _, vt = np.linalg.svd(emb - mean, full_matrices=False)
@@ -39,8 +38,6 @@ class PromptFeaturizer:
         return cls(mean=mean, components=comps / scale[:, None])  # unit variance on the calibration set
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
-        from relaydiff.quality.similarity import prompt_embeddings
-
         words = np.array([len(p.split()) for p in prompts], float) / WORDS_SCALE
         pcs = (prompt_embeddings(prompts) - self.mean) @ self.components.T
         return np.column_stack([words, pcs])

@@ -27,7 +27,8 @@ import numpy as np
 
 from relaydiff.engine.plan import Plan
 from relaydiff.sched.relay_policy import RELAY_BANDIT, RelayBandit
-from relaydiff.serve.rounds import PERSONALIZATION_WITH_ADAPTER, Decided, RoundJob
+from relaydiff.serve.bandit_prompts import calibration_featurizer
+from relaydiff.serve.rounds import Decided, PERSONALIZATION_WITH_ADAPTER, RoundJob
 from relaydiff.sim.relay_stream import relay_context, relay_utility
 from relaydiff.system import channel
 from relaydiff.system.profiles import load_profile
@@ -73,8 +74,6 @@ class BanditScheduler:
 
     def _features(self, prompts: list[str]) -> np.ndarray:
         if self._featurizer is None:
-            from relaydiff.serve.bandit_prompts import calibration_featurizer
-
             self._featurizer = calibration_featurizer(0)
         return np.asarray(self._featurizer(prompts), dtype=float)
 

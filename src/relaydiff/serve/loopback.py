@@ -12,11 +12,11 @@ import threading
 import time
 from typing import Any
 
+import uvicorn
+
 
 class LoopbackServer:
     def __init__(self, app: Any, port: int = 0, start_timeout_s: float = 30.0):
-        import uvicorn
-
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", port))

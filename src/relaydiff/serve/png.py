@@ -5,17 +5,14 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from PIL import Image
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
 
 
 def png_image(data: bytes) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

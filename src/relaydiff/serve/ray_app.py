@@ -20,6 +20,7 @@ import re
 from typing import Any, Optional
 
 import httpx
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from ray import serve
@@ -38,8 +39,6 @@ class EngineReplica:
     """One edge service (its executor, decider and store) answering forwarded HTTP requests in-process."""
 
     def __init__(self, family: str, settings: dict[str, Any], tokens: TokenTable, index: int, threads: int = 1):
-        import torch
-
         if threads:
             torch.set_num_threads(threads)
         db = settings.get("db_path", ":memory:")
@@ -128,6 +127,7 @@ def build_ray_app(family: str, settings: EdgeSettings, tokens: TokenTable, repli
 
 def run_on_ray(app: Any, host: str, port: int, address: str | None = None, num_cpus: int | None = None) -> None:
     """Start (or join) Ray, serve ``app`` on host:port; returns once it is deployed."""
+    # lazy: Ray is optional (the ray extra); only --ray needs it
     import ray
 
     if not ray.is_initialized():

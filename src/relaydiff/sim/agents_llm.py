@@ -101,6 +101,7 @@ class LLMAgent:
             raise LLMConfigError("LLM agent: set a base URL and a model (RELAYDIFF_LLM_BASE_URL, RELAYDIFF_LLM_MODEL)")
         if self.timeout_s <= 0 or self.retries < 0 or self.max_calls < 0:
             raise LLMConfigError("LLM agent: timeout_s must be > 0, retries and max_calls >= 0")
+        # lazy: openai is optional in use: only a configured LLM endpoint needs it
         from openai import OpenAI
 
         self._client = OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s, max_retries=0)

@@ -36,13 +36,13 @@ import gymnasium as gym
 import numpy as np
 from safetensors.numpy import load_file
 
-from relaydiff.sim.agents import QoEAgent, SurrogateAgent
+from relaydiff.sim.agents import Perception, QoEAgent, SurrogateAgent
 from relaydiff.system.bandwidth import inverse_cost_shares
-from relaydiff.system.grouping import Groups, SharingCost, group_prompts, load_sharing_cost
+from relaydiff.system.grouping import group_prompts, Groups, load_sharing_cost, SharingCost
 from relaydiff.system.problem import sample_instance
 from relaydiff.system.profiles import load_profile
 from relaydiff.system.quality import load_quality
-from relaydiff.system.scenario import Scenario, load_scenario
+from relaydiff.system.scenario import load_scenario, Scenario
 
 PROMPT_POOL = Path(__file__).resolve().parent.parent / "assets" / "qoe" / "prompt_pool.json"
 SHARE_SCALE = 3.0  # softmax temperature of the share actions: shares span e^6 ~ 400x
@@ -275,8 +275,6 @@ class QoEEnv(gym.Env):
         return a.ravel()
 
     def perceptions(self, fidelity: np.ndarray, latency: np.ndarray, battery: np.ndarray) -> list:
-        from relaydiff.sim.agents import Perception
-
         r = self.round
         assert r is not None
         return [Perception(p, float(f), float(l), float(b)) for p, f, l, b in zip(r.prompts, fidelity, latency, battery)]

@@ -18,6 +18,7 @@ F_bin(s) / F_bin(0), interpolated linearly in s. The leader keeps its own fideli
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
-from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
+from relaydiff.system.quality import QualityTableError, REFERENCE_TABLE
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,6 @@ class SharingCost:
 def load_sharing_cost(path: str | Path = REFERENCE_TABLE) -> SharingCost:
     """The shared-prefix curves of a ``relaydiff bench quality --json`` file (the shipped family's
     by default), smoothed and normalized as the module docstring says."""
-    import json
-
     path = Path(path)
     try:
         data = json.loads(path.read_text())

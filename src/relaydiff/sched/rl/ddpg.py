@@ -169,6 +169,7 @@ def actor_factory(kind: str) -> ActorFactory:
     if kind == "mlp":
         return MLPActor
     if kind == "diffusion":
+        # lazy: gddpg imports this module (its actor plugs into this skeleton)
         from relaydiff.sched.rl.gddpg import DiffusionActor
 
         return DiffusionActor
