@@ -159,11 +159,14 @@ async def _confirm_done(url: str, owner: dict[str, str], timeout_s: float) -> tu
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(60.0, connect=5.0)) as http:
         clients = {t: AsyncDeviceClient(url, t, http=http, timeout_s=timeout_s) for t in set(owner.values())}
 
+        limit = asyncio.Semaphore(32)   # thousands of long polls at once exhaust the connection pool
+
         async def one(job: str) -> dict[str, Any] | None:
-            try:
-                return (await clients[owner[job]].call("GET", f"/v1/jobs/{job}", params={"wait_s": 30})).json()
-            except ServiceError:
-                return None
+            async with limit:
+                try:
+                    return (await clients[owner[job]].call("GET", f"/v1/jobs/{job}", params={"wait_s": 30})).json()
+                except ServiceError:
+                    return None
 
         views = await asyncio.gather(*[one(j) for j in sorted(owner)])
     done = {v["job_id"] for v in views if v and v["state"] == "done"}
