@@ -25,6 +25,7 @@ from relaydiff.serve.auth import RateLimiter, TokenTable
 from relaydiff.serve.edge import EdgeService, EdgeSettings, JobConflict
 from relaydiff.serve.metrics import ServiceMetrics
 from relaydiff.serve.models import CompletionReport, ErrorBody, JobRequest, JobView
+from relaydiff.serve.status import render_status
 from relaydiff.serve.store import JobRecord
 
 HANDOFF_MEDIA_TYPE = "application/x-relaydiff-handoff"
@@ -288,8 +289,6 @@ def create_app(family: Family, settings: EdgeSettings | None = None, tokens: Tok
 
     @app.get("/", response_class=HTMLResponse)
     async def status_page() -> str:
-        from relaydiff.serve.status import render_status
-
         return render_status(service)
 
     return app

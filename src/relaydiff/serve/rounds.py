@@ -28,11 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from relaydiff.engine.plan import Plan
-from relaydiff.system.grouping import SharingCost, group_prompts, load_sharing_cost
-from relaydiff.system.problem import RoundInstance, device_numbers, sample_instance
-from relaydiff.system.profiles import ProfileError, load_profile
-from relaydiff.system.quality import QualityModel, load_quality
-from relaydiff.system.scenario import Scenario, load_scenario
+from relaydiff.sched.registry import get_solver
+from relaydiff.system.grouping import group_prompts, load_sharing_cost, SharingCost
+from relaydiff.system.problem import device_numbers, RoundInstance, sample_instance
+from relaydiff.system.profiles import load_profile, ProfileError
+from relaydiff.system.quality import load_quality, QualityModel
+from relaydiff.system.scenario import load_scenario, Scenario
 
 # a prompt of this many words counts as fully complex (the reference world's longest prompts: ~16)
 COMPLEX_PROMPT_WORDS = 16
@@ -85,8 +86,6 @@ class RoundDecider:
     def __init__(self, scheduler: str, large: str, small: str, scenario: str | Scenario = "default",
                  quality: QualityModel | None = None, share_prefix: bool = True,
                  sharing_cost: SharingCost | None = None, embed: Callable[[list[str]], np.ndarray] | None = None):
-        from relaydiff.sched.registry import get_solver
-
         self.solver = get_solver(scheduler)      # ValueError listing the known names
         self._greedy = get_solver("greedy")
         self.fallbacks: list[str] = []           # rounds the configured solver could not decide
