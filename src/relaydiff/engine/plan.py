@@ -46,7 +46,7 @@ def describe_validation_error(exc: ValidationError, where: str) -> str:
 
 
 class _Schema(BaseModel):
-    """Frozen and strict; built in Python it takes positional fields in order, and a bad value
+    """Frozen, with strict field types; built in Python it takes positional fields in order, and a bad value
     raises PlanError with one line that names the field (pydantic's ValidationError elsewhere,
     e.g. when the service's HTTP models nest these)."""
 
