@@ -144,12 +144,7 @@ class RoundDecider:
 
     def shared_steps(self, similarity: float, steps: int) -> int:
         """The default s for a follower at ``similarity`` (see the module docstring)."""
-        cost = self.sharing
-        if cost is None:
-            return 0
-        keeps = cost.retain(np.full(cost.shared_steps.shape, similarity), cost.shared_steps) >= SHARE_RETENTION
-        share = float(cost.shared_steps[keeps].max() / cost.steps) if keeps.any() else 0.0
-        return int(np.floor(share * steps + 1e-9))
+        return 0 if self.sharing is None else self.sharing.longest_sharing(similarity, steps, SHARE_RETENTION)
 
     def _vectors(self, prompts: list[str]) -> np.ndarray:
         missing = sorted({p for p in prompts if p not in self._embeddings})

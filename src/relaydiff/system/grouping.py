@@ -110,6 +110,13 @@ class SharingCost:
             out[m] = np.interp(s[m], self.shared_steps, self.retention[j])
         return out
 
+    def longest_sharing(self, similarity: float, steps: int, retention: float) -> int:
+        """The largest s (of ``steps``) that keeps a follower at ``similarity`` at >= ``retention`` of
+        its prompt fidelity on these curves, read as a share of the measured T (0 if none does)."""
+        keeps = self.retain(np.full(self.shared_steps.shape, similarity), self.shared_steps) >= retention
+        share = float(self.shared_steps[keeps].max() / self.steps) if keeps.any() else 0.0
+        return int(np.floor(share * steps + 1e-9))
+
 
 def load_sharing_cost(path: str | Path = REFERENCE_TABLE) -> SharingCost:
     """The shared-prefix curves of a ``relaydiff bench quality --json`` file (the shipped family's
