@@ -4,9 +4,14 @@ directory families, the public Python API, and a plain diffusers `save_pretraine
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 import relaydiff
@@ -70,8 +75,6 @@ def test_long_prompt_warns_and_out_says_what_it_wrote(tmp_path):
 
 
 def test_handoff_of_a_directory_family_resumes_elsewhere_with_family(tiny, tmp_path, monkeypatch):
-    import json
-
     fam_dir = tiny.save_pretrained(tmp_path / "fam")
     manifest = json.loads((fam_dir / "family.json").read_text())
     (fam_dir / "family.json").write_text(json.dumps({**manifest, "id": "myfam"}))  # not a built-in name
@@ -113,3 +116,46 @@ def test_public_api_relays_a_saved_diffusers_pipeline(tiny, tmp_path):
     finished = relaydiff.resume(family, relaydiff.read_handoff(wire))
     assert finished.image.shape == whole.image.shape and np.array_equal(finished.image, whole.image)
     assert set(relaydiff.__all__) >= {"load_family", "Request", "parse_plan", "generate", "resume", "run_demo"}
+
+
+OPTIONS_RECORD = Path(__file__).with_name("cli_options.json")
+
+
+def _command_options(command=None, words=()) -> dict[str, dict[str, str]]:
+    """Every command's parameters, through click's introspection: {'bench qoe': {'--seeds': 'int = 5', ...}}."""
+    command = typer.main.get_command(app) if command is None else command
+    if hasattr(command, "commands"):  # a group
+        return {k: v for name, sub in command.commands.items() for k, v in _command_options(sub, (*words, name)).items()}
+    params = {}
+    for p in command.params:
+        kind = getattr(p.type_descriptor.annotation, "__name__", str(p.type_descriptor.annotation))
+        flags = "/".join(p.opts + p.secondary_opts) if p.opts[0].startswith("-") else p.name.upper()
+        params[flags] = f"{kind} = {'required' if p.required else repr(p.default)}"
+    return {" ".join(words): params}
+
+
+def test_every_command_keeps_its_options():
+    """A refactor of the command line (shared options, options from configs) keeps every recorded command's
+    flags, types and defaults; new commands and flags may come. A deliberate change of a recorded one:
+    rewrite the record with RELAYDIFF_RECORD_CLI_OPTIONS=1 pytest tests/test_cli.py -k keeps_its_options."""
+    now = _command_options()
+    if os.environ.get("RELAYDIFF_RECORD_CLI_OPTIONS"):
+        OPTIONS_RECORD.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+    record = json.loads(OPTIONS_RECORD.read_text())
+    lost = {f"{words} {flag}": was for words, options in record.items() for flag, was in options.items()
+            if now.get(words, {}).get(flag) != was}
+    assert not lost, f"changed or gone (recorded -> now): {lost}"
+    assert len(record) >= 18 and "--json" in record["bench qoe"] and "--ray" in record["serve edge"]
+
+
+def test_shared_options_say_the_same_in_every_command():
+    """An option defined once in relaydiff.cli.options shows its one help text in each command that takes it."""
+    for words, flag, says in [(["bench", "serve"], "--json", "Print one JSON object."),
+                              (["bench", "quality"], "--out", "Also write the JSON here."),
+                              (["bandit", "live"], "--threads", "torch threads (the machine is shared)."),
+                              (["serve", "edge"], "--threads", "CPU threads for torch (0: torch's default)."),
+                              (["generate"], "--sampler", "ddim | euler | dpmpp_2m."),
+                              (["train", "reference"], "--seed", "Seed: the run is a pure function of it.")]:
+        res = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "300"})
+        line = next(line for line in res.output.splitlines() if line.strip().startswith(flag))
+        assert says in line, (words, line)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console, fail
+from relaydiff.cli.options import JsonFlag, JsonOut, SharedThreads, save_json
 
 bandit_app = typer.Typer(no_args_is_help=True, help="The relay contextual bandit (RISE): live runs on the engine.")
 
@@ -23,8 +24,8 @@ def bench_bandit_cmd(
     peers: bool = typer.Option(True, help="Run MABWiser's LinUCB and LinTS (needs the 'bench' extra)."),
     jobs: int = typer.Option(2, help="Processes over the (scenario, seed) streams."),
     plots: Path = typer.Option(None, help="Write the PNG plots into this folder."),
-    out: Path = typer.Option(None, help="Also write the JSON here."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: JsonOut = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Relay bandits vs MABWiser, baselines and the oracle on simulated request streams (defaults: < 10 min on 2 cores)."""
     # lazy: the CLI starts without torch; only this command loads what it runs
@@ -63,9 +64,7 @@ def bench_bandit_cmd(
     result = {"requests": result.pop("requests"), "seeds": result.pop("seeds"),
               "hardware": f"{hardware()}; shared host, niced", **result}
     text = json.dumps(result, indent=1, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    save_json(text, out)
     if as_json:
         print(text)
     else:
@@ -88,7 +87,7 @@ def bandit_live_cmd(
     compare_fixed: bool = typer.Option(True, help="Also serve the same stream with every fixed arm."),
     seed: int = typer.Option(0, help="Seed of the stream (users, prompts, noise)."),
     report: Path = typer.Option(Path("runs/bandit_live"), help="Folder for bandit_live.json and bandit_live.png."),
-    threads: int = typer.Option(1, help="torch threads (the machine is shared)."),
+    threads: SharedThreads = 1,
     cpu_clock: bool = typer.Option(True, "--cpu-clock/--wall-clock",
                                    help="Time compute by this thread's CPU time (needs --threads 1; other jobs on a "
                                         "shared host then do not count) or by wall time."),

@@ -7,13 +7,14 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console
+from relaydiff.cli.options import TorchThreads
 
 
 def demo_cmd(
     out: Path = typer.Option(Path("out/demo"), help="Folder for the report, image grid and plots."),
     seed: int = typer.Option(0, help="Seed of the users' prompts and noise."),
     steps: int = typer.Option(None, help="Denoising steps (default: the family's)."),
-    threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
+    threads: TorchThreads = 0,
 ) -> None:
     """Serve a handful of users across an edge and their devices; write a report."""
     check(steps is None or steps >= 2, f"--steps must be >= 2 (a relay needs an edge and a device step), got {steps}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console, fail, int_list
+from relaydiff.cli.options import JsonFlag, Sampler, Trace
 
 PLAN_HELP = ("Segments member[+adapter][@node]:start-end joined by commas, e.g. large:0-4,small:4-8; "
              "[g=G] after a segment sets its guidance. Default: the family's first member for all steps.")
@@ -60,7 +61,7 @@ def generate_cmd(
     seed: int = typer.Option(0, help="Seed of the initial noise (and of stochastic samplers)."),
     guidance: float = typer.Option(3.0, help="Classifier-free guidance scale (<= 1 disables it)."),
     negative_prompt: str = typer.Option("", help="Negative prompt."),
-    sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m."),
+    sampler: Sampler = "ddim",
     out: Path = typer.Option(None, help="Write the image here; the suffix picks the format (.png lossless, .jpg ...)."),
     stop_at: int = typer.Option(None, help="Stop after this many steps and write a handoff instead."),
     handoff_out: Path = typer.Option(None, help="Where --stop-at writes the handoff."),
@@ -217,8 +218,8 @@ def bench_engine_cmd(
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16."),
     relay: bool = typer.Option(False, help="Relay plans (first member to T/2, then the second) instead of one member."),
     threads: int = typer.Option(1, help="CPU threads for torch (1 keeps shared machines comparable)."),
-    trace: bool = typer.Option(True, help="Run the U-Nets as TorchScript traces (exact, less Python per call)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    trace: Trace = True,
+    as_json: JsonFlag = False,
     overhead: bool = typer.Option(False, help="Instead: the executor's step vs the bare U-Net forward of the same "
                                               "rows, per member and sampler, timed interleaved (min over rounds, "
                                               "spread over repeats; thread CPU time and wall time)."),

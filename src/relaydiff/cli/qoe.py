@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console, fail
+from relaydiff.cli.options import JsonFlag
 
 
 def bench_qoe_cmd(
@@ -23,7 +24,7 @@ def bench_qoe_cmd(
     workers: int = typer.Option(1, help="Training processes (each one torch thread; 2 on a free 2-core machine)."),
     out: Path = typer.Option(Path("out/bench_qoe"), help="Folder for the plots and report.json."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the runs a cut-short bench left in OUT/runs (same settings)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    as_json: JsonFlag = False,
 ) -> None:
     """G-DDPG vs DDPG (and SB3 references, heuristics) on the QoE round, after the water-filling check."""
     # lazy: the CLI starts without torch; only this command loads what it runs

@@ -8,14 +8,15 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console, fail
+from relaydiff.cli.options import FamilyDir, JsonFlag, JsonOut, RunSeed, Sampler, SharedThreads, Trace, save_json
 
 
 def train_judge_cmd(
     out: Path = typer.Option(Path("runs/judge"), help="Run directory (checkpoint.safetensors + checkpoint.json)."),
-    seed: int = typer.Option(0, help="Seed: the run is a pure function of it."),
+    seed: RunSeed = 0,
     steps: int = typer.Option(2000, help="Optimizer steps."),
     until: int = typer.Option(0, help="Stop after this many total steps (0: run to the end); rerun to continue."),
-    threads: int = typer.Option(1, help="torch threads (the machine is shared)."),
+    threads: SharedThreads = 1,
     export: Path = typer.Option(None, help="Write the final judge here (fp16 safetensors + config.json); the "
                                            "shipped one is src/relaydiff/assets/judge."),
     eval_size: int = typer.Option(2000, help="Held-out renders for the accuracy written next to the weights."),
@@ -50,21 +51,21 @@ def train_judge_cmd(
 
 
 def bench_quality_cmd(
-    family: str = typer.Option("reference", help="'reference', 'tiny' or a family directory."),
+    family: FamilyDir = "reference",
     steps: int = typer.Option(20, help="Denoising steps T of every chain."),
     n_prompts: int = typer.Option(256, help="Held-out prompts for members and relay (the paired relay decision's sample)."),
-    sampler: str = typer.Option("ddim", help="ddim | euler | dpmpp_2m."),
+    sampler: Sampler = "ddim",
     guidance: float = typer.Option(3.0, help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, help="Seed of prompts and noise."),
     repeats: int = typer.Option(3, help="Timing runs per handoff step (the minimum is kept)."),
     quick: bool = typer.Option(False, help="A small, fast run (smoke test; numbers are noisy)."),
     judge: Path = typer.Option(None, help="A judge directory (default: the shipped judge)."),
-    trace: bool = typer.Option(True, help="Run the U-Nets as TorchScript traces (exact, less Python per call)."),
+    trace: Trace = True,
     device_guidance: float = typer.Option(1.0, help="Guidance of the device segment in the second relay curve "
                                           "(1: no CFG on the device)."),
     device_curve: bool = typer.Option(True, help="Measure that second relay curve."),
-    out: Path = typer.Option(None, help="Also write the JSON here."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: JsonOut = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Quality vs speed of a family on held-out prompts: members, relay, shared prefix, personalization."""
     # lazy: the CLI starts without torch; only this command loads what it runs
@@ -84,9 +85,7 @@ def bench_quality_cmd(
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     text = json.dumps(result, allow_nan=False)
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    save_json(text, out)
     if as_json:
         print(text)
         return

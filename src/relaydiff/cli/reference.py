@@ -8,11 +8,12 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import console, fail
+from relaydiff.cli.options import RunSeed
 
 
 def train_reference_cmd(
     out: str = typer.Option("runs/reference", help="Run directory (checkpoints, data cache, trained parts)."),
-    seed: int = typer.Option(0, help="Seed: the run is a pure function of it."),
+    seed: RunSeed = 0,
     resume: bool = typer.Option(False, "--resume", help="Continue the checkpoints found in --out."),
     stages: str = typer.Option("data,vae,decoder,large,large-continue,small,styles,export",
                                help="Comma-separated stages to run (finished ones are skipped)."),

@@ -10,13 +10,14 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console, fail
+from relaydiff.cli.options import FamilyDir, JsonFlag, JsonOut, TorchThreads, save_json
 
 serve_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The edge server (FastAPI + uvicorn).")
 device_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="A device client of an edge server.")
 
 
 def serve_edge_cmd(
-    family: str = typer.Option("reference", help="'reference', 'tiny' or a family directory."),
+    family: FamilyDir = "reference",
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
     tokens: Path = typer.Option(..., help="Tokens file: one 'client-id token' pair a line."),
@@ -33,7 +34,7 @@ def serve_edge_cmd(
     report_timeout: float = typer.Option(30.0, help="Seconds a device has to report after fetching (then fallback)."),
     status_thumbnails: bool = typer.Option(False, help="Show finished images on the public status page."),
     share_prefix: bool = typer.Option(True, help="Similar prompts of a round share their first edge steps."),
-    threads: int = typer.Option(0, help="CPU threads for torch (0: torch's default)."),
+    threads: TorchThreads = 0,
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: an ingress and --replicas engine replicas "
                                                   "(the optional extra 'ray')."),
     replicas: int = typer.Option(2, help="With --ray: engine replicas, each with its own executor and store."),
@@ -140,8 +141,8 @@ def bench_serve_cmd(
     restart: bool = typer.Option(True, help="Kill and restart the edge halfway."),
     pairs: int = typer.Option(6, help="Paired HTTP / in-process requests of the overhead calibration."),
     seed: int = typer.Option(0, help="Seed of the clients' prompts, seeds and dropouts."),
-    out: Path = typer.Option(None, help="Also write the JSON here."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    out: JsonOut = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
     check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
@@ -155,9 +156,7 @@ def bench_serve_cmd(
     except RuntimeError as exc:
         fail(str(exc))
     text = json.dumps(report, indent=2)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+    save_json(text, out)
     print(text)
 
 
