@@ -21,7 +21,7 @@ def serve_edge_cmd(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
     port: int = typer.Option(8000, help="TCP port."),
     tokens: Path = typer.Option(..., help="Tokens file: one 'client-id token' pair a line."),
-    scheduler: str = typer.Option("local_search", help="Round solver: local_search (default: the best gain per time in bench offload), greedy, exact, drl, drl+ls, ..."),
+    scheduler: str = typer.Option("local_search", help="Round solver: local_search (default: the best gain per time in bench offload), greedy, exact, drl, drl+ls, ...; or bandit (the relay contextual bandit, learning from each completion)."),
     scenario: str = typer.Option("default", help="Scenario of the edge and wireless cell the scheduler models."),
     db: Path = typer.Option(Path("relaydiff-jobs.sqlite"), help="SQLite store of accepted jobs (re-run on restart)."),
     steps: int = typer.Option(None, help="Default denoising steps of a job (default: the family's)."),

@@ -155,7 +155,7 @@ class EdgeService:
             requests = [batch[i][1].engine_request(self.default_steps) for i in fresh]
             jobs = [RoundJob(r.steps, r.prompt, batch[i][1].preferences.normalized(), batch[i][1].device_class,
                              batch[i][1].adapter, r.sampler) for i, r in zip(fresh, requests)]
-            decided = self.decider.decide(jobs, round_id)
+            decided = self.decider.decide(jobs, round_id, self._edge_remaining())
             shared = self.decider.share(jobs, decided)
             self.metrics.rounds.inc()
             self.metrics.round_jobs.observe(len(fresh))
@@ -221,10 +221,18 @@ class EdgeService:
         return self.store.get(job.id)  # type: ignore[return-value]
 
     def decider_observe(self, job: JobRecord, report: CompletionReport) -> None:
-        """Hand the device's measurement to a learning scheduler (one that has ``observe``)."""
+        """Hand a completion to a learning scheduler (one that has ``observe``): the device's report, or
+        the edge's own (an edge-only job or a fallback: its time from acceptance to the image)."""
         observe = getattr(self.decider.solver, "observe", None)
         if observe is not None and report.ok:
-            observe(job, report)
+            try:
+                observe(job, report)
+            except Exception:  # a scheduler's defect must not fail the job
+                log.exception("scheduler observe failed for job %s", job.id)
+
+    def _edge_remaining(self) -> list[int]:
+        """Edge steps left per chain in the executor now (the bandit's edge-load context; a snapshot)."""
+        return [(c.steps if c.stop_at is None else c.stop_at) - c.step for c in list(self.executor.active)]
 
     def cancel(self, job: JobRecord) -> JobRecord:
         with self._cv:
@@ -381,13 +389,18 @@ class EdgeService:
                 self.store.update(job_id, state="done", image=png_bytes(result.image))
                 self._unfinished -= 1
                 self.metrics.completed.labels(by="fallback" if rec.fallback else "edge").inc()
-                return
-            data = encode_handoff(result.handoff, dtype=self.settings.handoff_dtype,
-                                  compress=self.settings.handoff_compress)
-            self.metrics.handoff_bytes.observe(len(data))
-            self._handoffs[job_id] = data
-            self.store.update(job_id, state="awaiting_device")
-            self._deadlines[job_id] = time.monotonic() + self.settings.fetch_timeout_s
+                waited_ms = min(max(0.0, (time.time() - rec.created) * 1e3), 86_400_000.0)  # the report's range
+                edge_done = CompletionReport(latency_ms=waited_ms)
+            else:
+                edge_done = None
+                data = encode_handoff(result.handoff, dtype=self.settings.handoff_dtype,
+                                      compress=self.settings.handoff_compress)
+                self.metrics.handoff_bytes.observe(len(data))
+                self._handoffs[job_id] = data
+                self.store.update(job_id, state="awaiting_device")
+                self._deadlines[job_id] = time.monotonic() + self.settings.fetch_timeout_s
+        if edge_done is not None:
+            self.decider_observe(rec, edge_done)
 
     def _fail(self, job_id: str, reason: str) -> None:
         log.error("job %s failed: %s", job_id, reason)

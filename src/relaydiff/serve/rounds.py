@@ -8,6 +8,11 @@ scheduler's split k per job becomes an engine plan: k = 0 runs on the device alo
 a relay (the large member on the edge for 0..k, the small member with the user's adapter on the
 device), k = T runs on the edge alone.
 
+``bandit`` is the one scheduler that is not a round solver: the relay contextual bandit
+(:class:`relaydiff.serve.bandit_scheduler.BanditScheduler`) decides each job of the round from its
+own context (prompt text, preferences, device class, link, the edge's queue), picks the device
+segment's guidance too, and learns from each job's completion (``observe``).
+
 Shared prefixes (seed 002): among a round's jobs that start on the edge (k >= 1) with the same
 step count and sampler, prompts are grouped by MiniLM cosine similarity
 (:func:`~relaydiff.system.grouping.group_prompts`, complete linkage at ``SHARE_SIMILARITY``); a
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from relaydiff.engine.plan import Plan
-from relaydiff.sched.registry import get_solver
+from relaydiff.sched.registry import available_solvers, get_solver
 from relaydiff.system.grouping import group_prompts, load_sharing_cost, SharingCost
 from relaydiff.system.problem import device_numbers, RoundInstance, sample_instance
 from relaydiff.system.profiles import load_profile, ProfileError
@@ -42,6 +47,12 @@ SHARE_SIMILARITY = 0.75      # group_prompts' default threshold: every two promp
 SHARE_RETENTION = 0.95       # a follower keeps at least this share of its prompt fidelity (measured curves)
 SHARE_MAX_GROUP = 8
 _EMBEDDING_CACHE = 4096      # prompts whose embedding the decider keeps
+BANDIT_SCHEDULER = "bandit"  # the relay contextual bandit (not a round solver; see the module docstring)
+
+
+def scheduler_names() -> list[str]:
+    """What ``--scheduler`` accepts: the relay bandit and every registered round solver."""
+    return [BANDIT_SCHEDULER, *available_solvers()]
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,16 @@ class RoundDecider:
     def __init__(self, scheduler: str, large: str, small: str, scenario: str | Scenario = "default",
                  quality: QualityModel | None = None, share_prefix: bool = True,
                  sharing_cost: SharingCost | None = None, embed: Callable[[list[str]], np.ndarray] | None = None):
-        self.solver = get_solver(scheduler)      # ValueError listing the known names
+        if scheduler != BANDIT_SCHEDULER and scheduler not in available_solvers():
+            raise ValueError(f"unknown scheduler {scheduler!r}; available: {', '.join(scheduler_names())}")
+        self.bandit = None
+        if scheduler == BANDIT_SCHEDULER:
+            # lazy: serve.bandit_scheduler imports this module (RoundJob, Decided)
+            from relaydiff.serve.bandit_scheduler import BanditScheduler
+
+            self.bandit = BanditScheduler(large, small).prepare()
+        # the bandit has observe(): EdgeService.decider_observe hands it every completion
+        self.solver = self.bandit if self.bandit is not None else get_solver(scheduler)
         self._greedy = get_solver("greedy")
         self.fallbacks: list[str] = []           # rounds the configured solver could not decide
         self.scheduler = scheduler
@@ -128,7 +148,10 @@ class RoundDecider:
             device_class=tuple(j.device_class for j in jobs),
             meta={**base.meta, "round_id": round_id, "source": "live jobs"})
 
-    def decide(self, jobs: list[RoundJob], round_id: int) -> list[Decided]:
+    def decide(self, jobs: list[RoundJob], round_id: int, edge_remaining: list[int] | None = None) -> list[Decided]:
+        """One plan per job (``edge_remaining``: edge steps left per chain on the edge now; the bandit reads it)."""
+        if self.bandit is not None:
+            return self.bandit.decide_jobs(jobs, round_id, edge_remaining or ())
         out: list[Decided | None] = [None] * len(jobs)
         for steps in sorted({j.steps for j in jobs}):
             idx = [i for i, j in enumerate(jobs) if j.steps == steps]
