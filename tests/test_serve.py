@@ -57,6 +57,12 @@ def reference_image(family, prompt: str, seed: int, plan: Plan) -> np.ndarray:
     return generate(family, [Request(prompt, steps=STEPS, seed=seed)], [plan])[0].image
 
 
+def batch_numerics_only(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to the float rounding of a different batch: a few levels in under 2% of the values."""
+    diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
+    return bool(diff.max() <= 4 and (diff > 0).mean() < 0.02)
+
+
 def wait_state(client: TestClient, job_id: str, states: set[str], timeout_s: float = 30.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -402,13 +408,14 @@ def test_shared_prefix_jobs_equal_the_in_process_shared_chain(tiny, caplog, sche
     plan = Plan.from_list(views[0]["plan"])
     requests = [Request(p, steps=STEPS, seed=10 + i) for i, p in enumerate(prompts[:2])]
     expected = generate_shared_prefix(tiny, requests, [plan, plan], s, leader=lead).results
-    for image, res in zip(images[:2], expected):
-        assert np.array_equal(image, res.image)
+    for image, res in zip(images[:2], expected):   # the service may batch the forks with other jobs
+        assert batch_numerics_only(image, res.image)
     follower = 1 - lead   # the leader's image is its own; the follower started from the leader's noise
-    assert np.array_equal(images[lead], reference_image(tiny, prompts[lead], 10 + lead, plan))
-    assert not np.array_equal(images[follower], reference_image(tiny, prompts[follower], 10 + follower, plan))
-    if k == 5:   # at k = 3 the job alone differs from its solo run in a few pixels (batch numerics; noted)
-        assert np.array_equal(images[2], reference_image(tiny, prompts[2], 12, plan))
+    # against a solo run, an image batched with other jobs may differ in a few pixels: the rows of a
+    # batch change which kernels the CPU's conv library picks (seen on Intel Xeon, not on AMD EPYC)
+    assert batch_numerics_only(images[lead], reference_image(tiny, prompts[lead], 10 + lead, plan))
+    assert not batch_numerics_only(images[follower], reference_image(tiny, prompts[follower], 10 + follower, plan))
+    assert batch_numerics_only(images[2], reference_image(tiny, prompts[2], 12, plan))
     assert "edge worker step failed" not in caplog.text
 
 
