@@ -396,6 +396,33 @@ def test_shared_model_learns_faster_than_one_model_per_arm():
     assert got[RELAY_BANDIT] > 0.9 and got[RELAY_BANDIT] > got["linucb"] + 0.03, got
 
 
+def test_projected_decision_equals_the_full_one():
+    """The relay's 28 columns are a 0/1 map of 17 numbers: deciding from those (SharedLinUCB.project) gives
+    the same UCB scores as the full quadratic forms, before and after updates, and a bad map is refused."""
+    from relaydiff.sim.relay_arm_features import arm_context, arm_context_lift, arm_context_projection
+
+    st = _stream(3, requests=200)
+    proj = arm_context_projection(len(st.arms))
+    relay = RelayBandit.make(RELAY_BANDIT, st.arms, seed=1, alpha=0.1, l2=0.1)
+    bandit = relay.bandit
+    rng = np.random.default_rng(5)
+    for i in range(200):
+        x = st.context(i, list(rng.integers(1, 20, size=i % 9)))
+        g, u = arm_context(x, len(st.arms)), arm_context_lift(x)
+        np.testing.assert_array_equal(proj @ u, g)
+        if bandit.t:
+            k = len(st.arms)
+            zs = bandit.arm_features * g
+            ucb = zs @ bandit.theta + 0.1 * np.sqrt(np.einsum("ki,ij,kj->k", zs, bandit.a_inv, zs))
+            s = bandit._pstack @ u
+            np.testing.assert_allclose(np.sqrt(np.abs(s[: k * len(u)].reshape(k, -1) @ u)) + s[k * len(u):], ucb,
+                                       rtol=1e-9, atol=1e-12)
+            assert relay.decide(x) == bandit.decide_projected(u) == int(np.argmax(ucb))
+        relay.update(int(rng.integers(len(st.arms))), x, float(rng.uniform(-1, 1)))
+    with pytest.raises(BanditError, match=r"proj: need finite numbers of shape \[28, m\]"):
+        bandit.project(np.ones((5, 3)))
+
+
 def test_relay_bandit_checks_the_relay_context_and_round_trips(tmp_path):
     st = _stream(1, requests=80)
     bandit = RelayBandit.make(RELAY_BANDIT, st.arms, seed=2, alpha=0.1, l2=0.1)

@@ -347,11 +347,49 @@ class SharedLinUCB(Bandit):
         self._stack = np.empty((k * d + k, d))
         self._quad = self._stack[: k * d].reshape(k, d, d)
         self._means = self._stack[k * d:]
+        self._proj: np.ndarray | None = None
+        self._restack()
+
+    def project(self, proj: Any) -> None:
+        """Also keep the decision's stack for contexts ``proj @ u`` ([dim, m], m < dim; see ``decide_projected``).
+
+        When the context is a fixed linear map of fewer numbers (the relay's 28 columns repeat 17 numbers),
+        z_a' A^-1 z_a = u' (M_a' A^-1 M_a) u and theta . z_a = (M_a' theta) . u with M_a = diag(f_a) proj:
+        a decision reads k (m x m) matrices instead of k (dim x dim) ones. It is not saved: the caller who
+        knows the map sets it again after loading."""
+        proj = np.asarray(proj, dtype=np.float64)
+        if proj.ndim != 2 or proj.shape[0] != self.dim or not np.isfinite(proj).all():
+            raise BanditError(f"proj: need finite numbers of shape [{self.dim}, m], got shape {proj.shape}")
+        k, d, m = len(self.arms), self.dim, proj.shape[1]
+        arm_proj = self.arm_features[:, :, None] * proj[None]                # M_a: [k, d, m]
+        self._proj = proj
+        self._arm_proj = arm_proj
+        self._arm_proj_t = np.ascontiguousarray(arm_proj.transpose(0, 2, 1))  # M_a': [k, m, d]
+        self._arm_proj_flat = np.ascontiguousarray(arm_proj.transpose(1, 0, 2).reshape(d, k * m))
+        self._pstack = np.empty((k * m + k, m))
+        self._pquad = self._pstack[: k * m].reshape(k, m, m)
+        self._pmeans = self._pstack[k * m:]
         self._restack()
 
     def _restack(self) -> None:
         np.multiply(self._outer, (self.alpha * self.alpha) * self.a_inv, out=self._quad)
         np.multiply(self.arm_features, self.theta, out=self._means)
+        if self._proj is not None:
+            k, m = len(self.arms), self._proj.shape[1]
+            t = ((self.alpha * self.alpha) * self.a_inv) @ self._arm_proj_flat             # [d, k m]
+            np.matmul(self._arm_proj_t, t.reshape(self.dim, k, m).transpose(1, 0, 2), out=self._pquad)
+            np.matmul(self.theta, self._arm_proj, out=self._pmeans)
+
+    def decide_projected(self, u: np.ndarray) -> int:
+        """``decide(proj @ u)`` for a checked, finite ``u`` (after ``project``; before the first update the
+        caller takes ``decide``, which serves the arms in turn)."""
+        k, m = len(self.arms), len(u)
+        s = self._pstack @ u
+        width = s[: k * m].reshape(k, m) @ u  # alpha^2 z_a' A^-1 z_a per arm
+        np.abs(width, out=width)
+        np.sqrt(width, out=width)
+        width += s[k * m:]
+        return int(width.argmax())
 
     def _decide(self, x: np.ndarray) -> int:
         k = len(self.arms)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from relaydiff.sched.bandit import Bandit, BanditError, SharedLinUCB, make_bandit
-from relaydiff.sim.relay_arm_features import arm_context, arm_context_features, arm_feature_matrix
+from relaydiff.sim.relay_arm_features import (arm_context, arm_context_features, arm_context_lift,
+                                              arm_context_projection, arm_feature_matrix)
 from relaydiff.sim.relay_stream import CONTEXT_FEATURES
 from relaydiff.system.relay_arms import RelayArm
 
@@ -35,6 +36,8 @@ class RelayBandit:
         dim = len(arm_context_features(bandit.arms)) if self.shared else len(CONTEXT_FEATURES)
         if bandit.needs_context and bandit.dim != dim:
             raise BanditError(f"bandit state: dim {bandit.dim} does not fit the relay context ({dim} for {bandit.kind})")
+        if self.shared:  # decisions from the 17 numbers the 28 columns repeat (SharedLinUCB.project)
+            bandit.project(arm_context_projection(len(bandit.arms)))
 
     @classmethod
     def make(cls, kind: str, arms: Sequence[RelayArm], seed: int = 0, **params: Any) -> "RelayBandit":
@@ -62,10 +65,7 @@ class RelayBandit:
     def arms(self) -> tuple[str, ...]:
         return self.bandit.arms
 
-    def policy_context(self, context: Any) -> np.ndarray:
-        """The bandit's own context for a relay context (checked: shape and finite numbers)."""
-        if not self.shared:
-            return context  # the bandit checks it
+    def _checked(self, context: Any) -> np.ndarray:
         x = np.asarray(context, dtype=np.float64)
         if x.shape != (len(CONTEXT_FEATURES),):
             raise BanditError(f"context: expected {len(CONTEXT_FEATURES)} relay features, got shape {x.shape}")
@@ -73,13 +73,18 @@ class RelayBandit:
             bad = np.flatnonzero(~np.isfinite(x))
             j = int(bad[0]) if len(bad) else 0
             raise BanditError(f"context[{j}] ({CONTEXT_FEATURES[j]}): not a finite number ({x[j]})")
-        return arm_context(x, len(self.bandit.arms))
+        return x
+
+    def policy_context(self, context: Any) -> np.ndarray:
+        """The bandit's own context for a relay context (checked: shape and finite numbers)."""
+        if not self.shared:
+            return context  # the bandit checks it
+        return arm_context(self._checked(context), len(self.bandit.arms))
 
     def decide(self, context: Any) -> int:
-        g = self.policy_context(context)
-        if self.shared and self.bandit.t > 0:  # checked above, and g is made of checked numbers: no second check
-            return self.bandit._decide(g)
-        return self.bandit.decide(g)
+        if self.shared and self.bandit.t > 0:  # checked here; the lifted numbers are products of checked ones
+            return self.bandit.decide_projected(arm_context_lift(self._checked(context)))
+        return self.bandit.decide(self.policy_context(context))
 
     def update(self, arm: int | str, context: Any, reward: float) -> None:
         self.bandit.update(arm, self.policy_context(context), reward)

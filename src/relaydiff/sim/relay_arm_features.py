@@ -64,18 +64,43 @@ def arm_feature_matrix(arms: Sequence[RelayArm]) -> np.ndarray:
 _INDEX = {n: i for i, n in enumerate(CONTEXT_FEATURES)}
 _OCCUPANCY = [j for j, (src, _) in enumerate(_COLUMNS) if src == "wl*edge_occupancy"][0]
 _WL = _INDEX["wl"]
+_OCC_SRC = _INDEX["edge_occupancy"]
 _SOURCES: dict[int, np.ndarray] = {}  # per number of arms: where each column's context quantity is read
 
 
-def arm_context(x: np.ndarray, n_arms: int) -> np.ndarray:
-    """The relay context ``x`` (CONTEXT_FEATURES) as the shared model's context (one entry per column)."""
+def _sources(n_arms: int) -> np.ndarray:
+    """Where each column's context quantity is read in the relay context."""
     src = _SOURCES.get(n_arms)
     if src is None:
         src = _SOURCES[n_arms] = np.array([_INDEX.get(s, _INDEX["edge_occupancy"]) for s, _ in _COLUMNS]
                                           + [_INDEX["bias"]] * n_arms)
-    g = x.take(src)
+    return src
+
+
+def arm_context(x: np.ndarray, n_arms: int) -> np.ndarray:
+    """The relay context ``x`` (CONTEXT_FEATURES) as the shared model's context (one entry per column)."""
+    g = x.take(_sources(n_arms))
     g[_OCCUPANCY] *= x[_WL]
     return g
 
 
-__all__ = ["arm_context", "arm_context_features", "arm_feature_matrix"]
+def arm_context_lift(x: np.ndarray) -> np.ndarray:
+    """The relay context with its one product appended, ``w_l * edge_occupancy``: ``arm_context(x)`` is a
+    0/1 matrix (:func:`arm_context_projection`) times this vector (17 numbers for 28 columns)."""
+    u = np.empty(len(x) + 1)
+    u[:-1] = x
+    u[-1] = x[_OCC_SRC] * x[_WL]
+    return u
+
+
+def arm_context_projection(n_arms: int) -> np.ndarray:
+    """[columns, len(CONTEXT_FEATURES) + 1]: ``arm_context(x, n_arms) == proj @ arm_context_lift(x)``."""
+    src = _sources(n_arms)
+    proj = np.zeros((len(src), len(CONTEXT_FEATURES) + 1))
+    proj[np.arange(len(src)), src] = 1.0
+    proj[_OCCUPANCY] = 0.0
+    proj[_OCCUPANCY, -1] = 1.0
+    return proj
+
+
+__all__ = ["arm_context", "arm_context_features", "arm_context_lift", "arm_context_projection", "arm_feature_matrix"]
