@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from relaydiff.demo import personal_split, run_demo
+from relaydiff.demo import PHASES, personal_split, run_demo
 
 
 def _table(style: list[float], prompt: list[float]) -> dict:
@@ -23,13 +23,23 @@ def test_personal_split_balances_style_and_prompt():
 
 
 def test_demo_runs_on_the_shipped_family(tmp_path):
-    report = run_demo(tmp_path, steps=6, log=lambda _m: None)
+    phases: list[str] = []
+    report = run_demo(tmp_path, steps=6, log=lambda _m: None, phase=phases.append)
+    assert phases == list(PHASES)
     assert (tmp_path / "grid.png").is_file() and (tmp_path / "report.md").is_file()
     assert json.loads((tmp_path / "report.json").read_text())["steps"] == 6
     assert 0 < report["handoff_k"] < 6 and 0 < report["personal_split_k"] < 6
     kinds = {u["kind"] for u in report["users"]}
     assert {"edge only", "relay", "split + adapter", "device only", "shared prefix"} <= kinds
     assert all(0.0 <= u["prompt_fidelity"] <= 1.0 for u in report["users"])
+    # the group shares what the measured curves allow, never past its edge part k; the edge saves
+    # (members - 1) / members of the group's large-member work on the s shared of k; cost measured paired
+    sp = report["shared_prefix"]
+    assert sp["grouped"] and 0 <= sp["steps"] <= report["personal_split_k"]
+    group = [u for u in report["users"] if u["kind"] == "shared prefix"]
+    assert all(u["shared_steps"] == sp["steps"] for u in group)
+    assert abs(sp["edge_evals_saved_fraction"] - 2 / 3 * sp["steps"] / report["personal_split_k"]) < 1e-9
+    assert all("prompt_fidelity_unshared" in u for u in group) and sp["prompt_fidelity_unshared"] is not None
     # the service part: every device's job went through the edge server and ended done, one round
     service = report["service"]["jobs"]
     assert len(service) == 4 and len({j["round"] for j in service}) == 1

@@ -128,6 +128,8 @@ class SharedPrefixResult:
     conditioning: str
     unet_evals: dict[str, int] = field(default_factory=dict)           # what the group actually ran
     unet_evals_unshared: dict[str, int] = field(default_factory=dict)  # what the requests would run alone
+    # the prefix's own accounting (its segments' wall and compute time): run once, for the whole group
+    prefix_accounting: dict[str, Any] = field(default_factory=dict)
 
     @property
     def saved_fraction(self) -> float:
@@ -177,7 +179,8 @@ def generate_shared_prefix(family: Family, requests: list[Request], plans: list[
         for seg in p.segments:
             alone[seg.member] = alone.get(seg.member, 0) + (seg.end - seg.start) * fork.rows_at(seg)
     return SharedPrefixResult(results=results, shared_steps=shared_steps, leader=leader, conditioning=conditioning,
-                              unet_evals=group_evals, unet_evals_unshared=alone)
+                              unet_evals=group_evals, unet_evals_unshared=alone,
+                              prefix_accounting=prefix.accounting.to_dict())
 
 
 def _prefix(plan: Plan, k: int) -> list[tuple]:
