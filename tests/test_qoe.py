@@ -61,13 +61,15 @@ def test_share_actions_round_trip() -> None:
     assert np.allclose(softmax_shares(share_action(s)), s)
 
 
-def test_qoe_env_passes_check_env_and_is_deterministic() -> None:
-    env = QoEEnv(k_min=5, k_max=8)
+@pytest.mark.parametrize("learned", [False, True])
+def test_qoe_env_passes_check_env_and_is_deterministic(learned: bool) -> None:
+    env = QoEEnv(k_min=5, k_max=8, learned_shared_steps=learned)
     check_env(env, skip_render_check=True)
+    assert env.action_space.shape == ((3 if learned else 2) * 8,)
     a = np.random.default_rng(0).uniform(-1, 1, env.action_space.shape).astype(np.float32)
     o1, _ = env.reset(seed=4)
     r1 = env.step(a)[1]
-    other = QoEEnv(k_min=5, k_max=8)
+    other = QoEEnv(k_min=5, k_max=8, learned_shared_steps=learned)
     o2, _ = other.reset(seed=4)
     assert np.array_equal(o1, o2) and other.step(a)[1] == r1
     assert not np.array_equal(o1, env.reset(seed=5)[0])
@@ -98,7 +100,7 @@ def test_sharing_saves_edge_work_and_costs_followers_fidelity() -> None:
 
 
 def test_best_shared_steps_is_the_per_group_optimum_and_encodes_back() -> None:
-    env = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2)
+    env = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2, learned_shared_steps=True)
     env.reset(seed=1)
     g = env.round.groups
     action = env.heuristic_action("sqrt")
@@ -106,6 +108,11 @@ def test_best_shared_steps_is_the_per_group_optimum_and_encodes_back() -> None:
     best = env.best_shared_steps(bw, cp)
     assert np.all(best[g.sizes() < 2] == 0) and best.max() > 0
     assert np.array_equal(env.decode_action(env.shared_steps_action(action, best))[2], best)
+    # the one [T + 1, K] evaluation equals trying each s through outcome() (ties to the larger s)
+    multi = g.sizes() >= 2
+    totals = np.stack([np.bincount(g.label, weights=env.outcome(bw, cp, np.where(multi, s, 0)).scores, minlength=g.n_groups)
+                       for s in range(env.steps + 1)])
+    assert np.array_equal(best, np.where(multi, env.steps - np.argmax(totals[::-1] >= totals.max(0) - 1e-9, axis=0), 0))
     q_best = env.outcome(bw, cp, best).scores.sum()
     rng = np.random.default_rng(0)
     for _ in range(50):  # no random choice of shared steps beats it
@@ -116,6 +123,44 @@ def test_best_shared_steps_is_the_per_group_optimum_and_encodes_back() -> None:
     assert not off.best_shared_steps(bw, cp).any()
 
 
+def test_default_decoding_takes_the_shares_and_picks_the_shared_steps_exactly() -> None:
+    env = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2)
+    learned = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2, learned_shared_steps=True)
+    env.reset(seed=1)
+    learned.reset(seed=1)
+    a = np.random.default_rng(3).uniform(-1, 1, env.action_space.shape)
+    bw, cp, s = env.decode_action(a)
+    assert np.array_equal(s, env.best_shared_steps(bw, cp)) and s.max() > 0
+    # the same shares as the learned decoding's first two blocks; its best steps encoded back score the same
+    a3 = np.concatenate([a, -np.ones(12)])
+    bw3, cp3, _ = learned.decode_action(a3)
+    assert np.allclose(bw, bw3) and np.allclose(cp, cp3)
+    r_exact = env.step(a.astype(np.float32))[1]
+    assert learned.step(learned.shared_steps_action(a3, s))[1] == pytest.approx(r_exact)
+    assert r_exact >= learned.step(a3.astype(np.float32))[1]  # no sharing (s = 0) is one of the candidates
+    with pytest.raises(ValueError, match="decides the shared steps itself"):
+        env.shared_steps_action(a, s)
+    # the used entries at the box's edge, in the step's info
+    env.reset(seed=1)
+    sat = np.zeros(env.action_space.shape, np.float32)
+    sat[:6] = 1.0  # 6 of the 24 used entries
+    assert env.step(sat)[4]["action_saturation"] == pytest.approx(0.25)
+
+
+def test_exact_steps_never_ask_a_non_surrogate_agent() -> None:
+    class Counting:
+        calls = 0
+
+        def score(self, traits: np.ndarray, perceptions) -> np.ndarray:
+            Counting.calls += 1
+            return np.full(len(perceptions), 5.0)
+
+    env = QoEEnv(k_min=8, k_max=8, agent=Counting(), topics_per_user=0.2)
+    env.reset(seed=0)
+    _, r, *_ = env.step(np.zeros(env.action_space.shape, np.float32))
+    assert Counting.calls == 1 and r == 40.0  # the steps came from the planner (a surrogate), the reward from the agent
+
+
 def test_heuristics_run_and_sqrt_follows_the_closed_form() -> None:
     env = QoEEnv(k_min=6, k_max=10)
     env.reset(seed=2)
@@ -124,7 +169,10 @@ def test_heuristics_run_and_sqrt_follows_the_closed_form() -> None:
         assert 6 <= r <= 100
     bw, cp, s = env.decode_action(env.heuristic_action("proportional"))
     assert np.allclose(bw * env.round.spectral_eff, (bw * env.round.spectral_eff)[0])  # equal download times
-    assert np.all(s == 0)
+    assert np.array_equal(s, env.best_shared_steps(bw, cp))  # the env's exact steps, as for any policy
+    learned = QoEEnv(k_min=6, k_max=10, learned_shared_steps=True)
+    learned.reset(seed=2)
+    assert np.all(learned.decode_action(learned.heuristic_action("proportional"))[2] == 0)  # no sharing there
     with pytest.raises(ValueError, match="unknown heuristic"):
         env.heuristic_action("best")
 

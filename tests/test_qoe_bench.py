@@ -15,13 +15,19 @@ def test_rollout_is_paired_over_fixed_rounds() -> None:
     a = _rollout(lambda o: env.heuristic_action("equal"), env, 3)
     b = _rollout(lambda o: env.heuristic_action("equal"), QoEEnv(k_min=4, k_max=6), 3)
     assert a["per_round"]["qoe"] == b["per_round"]["qoe"] and len(a["per_round"]["qoe"]) == 3
-    env.reset(seed=EVAL_SEED)
-    full = _rollout(lambda o: np.ones(env.action_space.shape, np.float32), env, 3)
-    assert all(s == env.steps for _, s in full["pairs"])  # every shared group at s = T
+    learned = QoEEnv(k_min=4, k_max=6, learned_shared_steps=True)
+    full = _rollout(lambda o: np.ones(learned.action_space.shape, np.float32), learned, 3)
+    assert all(s == learned.steps for _, s in full["pairs"])  # every shared group at s = T
     assert np.mean(full["per_round"]["unet_evals_saved"]) > 0
     assert full["per_round"]["action_saturation"] == [1.0, 1.0, 1.0]  # every used entry at the box's edge
     mid = _rollout(lambda o: np.zeros(env.action_space.shape, np.float32), env, 2)
     assert mid["per_round"]["action_saturation"] == [0.0, 0.0]
+    # the default decoding: the pairs are the env's exact choice for the policy's shares
+    env.reset(seed=EVAL_SEED)
+    bw, cp, _ = env.decode_action(np.zeros(env.action_space.shape))
+    exact = env.best_shared_steps(bw, cp)
+    g = env.round.groups
+    assert [s for _, s in mid["pairs"][: sum(g.sizes() > 1)]] == [int(exact[j]) for j in range(g.n_groups) if g.sizes()[j] > 1]
 
 
 def test_bootstrap_ci_and_timing_helpers() -> None:
@@ -37,6 +43,8 @@ def test_bench_qoe_rejects_bad_options() -> None:
     assert r.exit_code == 2 and "seeds must be >= 2" in r.output
     r = runner.invoke(app, ["bench", "qoe", "--scenario", "no-such-scenario"])
     assert r.exit_code == 2 and "not found" in r.output
+    r = runner.invoke(app, ["bench", "qoe", "--action-penalty", "-1"])
+    assert r.exit_code == 2 and "action_penalty must be >= 0" in r.output
     try:
         QoEBenchConfig(k_min=5, k_max=3)
     except ValueError as exc:

@@ -8,7 +8,7 @@ import torch
 from gymnasium.utils.env_checker import check_env
 from scipy.optimize import minimize
 
-from relaydiff.sched.rl.ddpg import MLPActor, Policy, RLConfig, train
+from relaydiff.sched.rl.ddpg import actor_loss, MLPActor, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import DiffusionActor, train_gddpg, vp_betas
 from relaydiff.sim.waterfill_env import WaterFillingEnv, powers_from_action
 from relaydiff.system.waterfill import sum_rate, water_filling
@@ -94,3 +94,36 @@ def test_mlp_policy_is_deterministic_and_batches() -> None:
     assert np.allclose(p.decide(x[0]), p.decide(x)[0], atol=1e-6)
     with pytest.raises(ValueError, match="not a saved"):
         Policy.from_pretrained("/nonexistent")
+
+
+@pytest.mark.parametrize("actor_cls", [MLPActor, DiffusionActor])
+def test_action_penalty_pulls_a_saturated_actor_back_where_the_squash_passes_gradient(actor_cls) -> None:
+    # an actor pushed far past the box's edge: its last layer's bias at +6 on every entry
+    torch.manual_seed(0)
+    cfg = RLConfig(hidden=16)
+    pi = actor_cls(5, 3, cfg)
+    last = [m for m in pi.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.bias.fill_(6.0 if actor_cls is MLPActor else -60.0)  # the diffusion net predicts eps: x0 ~ -eps
+    obs = torch.randn(32, 5)
+    act, pre = pi.forward_pre(obs, generator=torch.Generator().manual_seed(1))
+    assert torch.all(act > 0.99) and torch.all(pre > 1.0)  # saturated
+    assert torch.allclose(act, torch.tanh(pre) if actor_cls is MLPActor else pre.clamp(-1, 1))
+
+    class Critic(torch.nn.Module):  # Q is best at a = 0.3: the critic says "come back inside"
+        def forward(self, o: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q = 10.0 - ((a - 0.3) ** 2).sum(-1)
+            return q, q
+
+    def bias_grad(penalty: float) -> torch.Tensor:
+        pi.zero_grad()
+        actor_loss(pi, Critic(), obs, RLConfig(hidden=16, action_penalty=penalty),
+                   torch.Generator().manual_seed(1)).backward()
+        return last.bias.grad.clone()
+
+    no_fix, fix = bias_grad(0.0), bias_grad(0.1)
+    # without the penalty the squash blocks the critic's pull (tanh' ~ 2e-5; the clip's is 0) ...
+    assert no_fix.abs().max() < 1e-3
+    # ... with it, a descent step moves the pre-squash output back toward the box (+: MLP's u = bias)
+    inward = fix if actor_cls is MLPActor else -fix
+    assert torch.all(inward > 1e-3)

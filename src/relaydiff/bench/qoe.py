@@ -13,9 +13,12 @@ What it measures (one JSON object; plots in ``out``):
   (same seed, same evaluation rounds) ratios minus 1, with a bootstrap 95% CI over seeds;
 - ``sharing``: the trained G-DDPG policies with sharing against the same policies with the shared
   steps forced to 0, on the same rounds: edge U-Net evaluations saved, relative QoE loss (negative:
-  sharing raised QoE) and energy saved (edge + devices); and ``exact_shared_steps``: the same
-  policies' shares with each group's shared steps chosen exactly (:func:`exact_sharing`), which
-  separates the policy's step choice from what the measured quality-cost curve allows.
+  sharing raised QoE) and energy saved (edge + devices). By default the env decides each group's
+  shared steps exactly for the policy's shares (:meth:`QoEEnv.best_shared_steps`) and the actors
+  set bandwidth and compute only; with ``learned_shared_steps`` the actors set the steps too, and
+  ``exact_shared_steps`` adds the same policies' shares with the steps chosen exactly
+  (:func:`exact_sharing`), which separates the policy's step choice from what the curves allow.
+  The heuristics run under the same decoding, and once more with no sharing (``*_no_sharing``).
 
 Every training run is seeded; evaluation rounds are the same for every algorithm. The trained
 DDPG and G-DDPG actors are saved under ``out/policies/`` (safetensors + JSON, ``Policy.from_pretrained``).
@@ -42,6 +45,7 @@ from relaydiff.sim.waterfill_env import WaterFillingEnv
 
 EVAL_SEED = 10_000  # evaluation rounds are env.reset(seed=EVAL_SEED + j), for every algorithm
 SB3_REFERENCES = ("sb3_ddpg", "sb3_td3", "sb3_sac")
+CURVE_KEYS = ("unet_evals_saved", "action_saturation")  # recorded at each point of the training curves
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class QoEBenchConfig:
     sb3: bool = True  # train the Stable-Baselines3 references (one run each, seed 0)
     workers: int = 1  # training processes (each 1 torch thread); 2 on a free 2-core machine halves the time
     batch_size: int = 64
+    learned_shared_steps: bool = False  # the actors set each group's shared steps (the first attempt's decoding)
+    action_penalty: float = RLConfig.action_penalty  # the actors' pre-squash penalty (0: the plain -Q1 loss)
     out: str = "out/bench_qoe"
     resume: bool = False  # reuse the runs a cut-short bench left in out/runs (same settings only)
 
@@ -70,15 +76,18 @@ class QoEBenchConfig:
             raise ValueError("steps, waterfill_steps, eval_rounds, eval_every and workers must be >= 1")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if self.action_penalty < 0:
+            raise ValueError(f"action_penalty must be >= 0, got {self.action_penalty}")
 
 
-def _rl_config(cfg: QoEBenchConfig, seed: int, steps: int) -> RLConfig:
+def rl_config(cfg: QoEBenchConfig, seed: int, steps: int) -> RLConfig:
     return RLConfig(seed=seed, total_steps=steps, learning_starts=min(500, steps // 5), batch_size=cfg.batch_size,
-                    eval_every=cfg.eval_every, eval_episodes=min(cfg.eval_rounds, 32))
+                    eval_every=cfg.eval_every, eval_episodes=min(cfg.eval_rounds, 32), action_penalty=cfg.action_penalty)
 
 
 def _env_factory(cfg: QoEBenchConfig, **kw: Any) -> Callable[[int], QoEEnv]:
-    return lambda seed: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario, **kw)
+    return lambda seed: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
+                               learned_shared_steps=cfg.learned_shared_steps, **kw)
 
 
 def decide_ms(fn: Callable[[np.ndarray], np.ndarray], observations: list[np.ndarray], repeats: int = 3) -> float:
@@ -101,9 +110,7 @@ def _rollout(policy_fn: Callable[[np.ndarray], np.ndarray], env: QoEEnv, rounds:
         obs, _ = env.reset(seed=EVAL_SEED + j)
         action = policy_fn(obs)
         _, _, _, _, info = env.step(action)
-        # the share of the used action entries at the box's edge (a saturated actor's gradient is ~0)
-        used = np.asarray(action, dtype=float).reshape(3, env.k_max)[:, : env.round.k]
-        rows.append({**info, "action_saturation": float(np.mean(np.abs(used) >= 0.999))})
+        rows.append(info)  # action_saturation: the share of the used entries at |a| > 0.99
         g = env.round.groups
         _, _, shared = env.decode_action(action)
         for gi in range(g.n_groups):
@@ -134,7 +141,7 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
         kind = name.removeprefix("waterfill_")
         fn = train if kind == "ddpg" else train_gddpg
         c0 = time.process_time()
-        res = fn(lambda s: WaterFillingEnv(seed=0), replace(_rl_config(cfg, seed, cfg.waterfill_steps), eval_episodes=cfg.eval_rounds),
+        res = fn(lambda s: WaterFillingEnv(seed=0), replace(rl_config(cfg, seed, cfg.waterfill_steps), eval_episodes=cfg.eval_rounds),
                  info_keys=("ratio_to_optimum",), eval_seed=EVAL_SEED)
         return {"name": name, "seed": seed, "ratio": res.curve[-1]["ratio_to_optimum"], "wall_s": res.wall_s,
                 "cpu_s": time.process_time() - c0}
@@ -144,15 +151,16 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
     if name in ("ddpg", "gddpg"):
         fn = train if name == "ddpg" else train_gddpg
         c0 = time.process_time()
-        res = fn(make, _rl_config(cfg, seed, cfg.steps), info_keys=("unet_evals_saved",), eval_seed=EVAL_SEED)
+        res = fn(make, rl_config(cfg, seed, cfg.steps), info_keys=CURVE_KEYS, eval_seed=EVAL_SEED)
         policy: Policy = res.policy
         policy.reseed(EVAL_SEED)
         out = {"curve": res.curve, "wall_s": res.wall_s, "cpu_s": time.process_time() - c0, "eval": _rollout(policy.decide, env, cfg.eval_rounds)}
         if name == "gddpg":
             policy.reseed(EVAL_SEED)
             out["eval_no_sharing"] = _rollout(policy.decide, env_off, cfg.eval_rounds)
-            policy.reseed(EVAL_SEED)
-            out["eval_exact_sharing"] = _rollout(exact_sharing(policy.decide, env), env, cfg.eval_rounds)
+            if cfg.learned_shared_steps:
+                policy.reseed(EVAL_SEED)
+                out["eval_exact_sharing"] = _rollout(exact_sharing(policy.decide, env), env, cfg.eval_rounds)
         out["decide_ms"] = decide_ms(policy.decide, obs_pool)
         out["policy"] = str(policy.save_pretrained(Path(cfg.out) / "policies" / f"{name}_seed{seed}"))
         return {"name": name, "seed": seed, **out}
@@ -165,7 +173,7 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
     from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.noise import NormalActionNoise
 
-    rl = _rl_config(cfg, seed, cfg.steps)
+    rl = rl_config(cfg, seed, cfg.steps)
     algo = {"sb3_ddpg": sb3.DDPG, "sb3_td3": sb3.TD3, "sb3_sac": sb3.SAC}[name]
     kw: dict[str, Any] = {}
     if name != "sb3_sac":
@@ -184,13 +192,13 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
         def _on_step(self) -> bool:
             if self.num_timesteps % rl.eval_every == 0:
                 curve.append({"step": float(self.num_timesteps),
-                              **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, ("unet_evals_saved",))})
+                              **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, CURVE_KEYS)})
             return True
 
-    curve.append({"step": 0.0, **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, ("unet_evals_saved",))})
+    curve.append({"step": 0.0, **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, CURVE_KEYS)})
     model.learn(total_timesteps=cfg.steps, callback=Curve())
     if curve[-1]["step"] != cfg.steps:
-        curve.append({"step": float(cfg.steps), **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, ("unet_evals_saved",))})
+        curve.append({"step": float(cfg.steps), **evaluate(fn_sb3, eval_env, rl.eval_episodes, EVAL_SEED, CURVE_KEYS)})
     return {"name": name, "seed": seed, "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
             "curve": curve, "eval": _rollout(fn_sb3, env, cfg.eval_rounds), "decide_ms": decide_ms(fn_sb3, obs_pool)}
 
@@ -266,16 +274,29 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
                             "action_saturation": float(np.mean([np.mean(r["eval"]["per_round"]["action_saturation"]) for r in runs])),
                             "train_wall_s": float(np.mean([r["wall_s"] for r in runs])),
                             "train_cpu_s": float(np.mean([r["cpu_s"] for r in runs]))}
-    env = _env_factory(cfg)(0)
-    obs_pool = [env.reset(seed=EVAL_SEED + j)[0] for j in range(min(cfg.eval_rounds, 32))]
-    for h in HEURISTICS:
-        def fn_h(o: np.ndarray, h: str = h) -> np.ndarray:
-            return env.heuristic_action(h)
+    envs = {"": _env_factory(cfg)(0)}
+    if not cfg.learned_shared_steps:  # the heuristics share nothing there already
+        envs["_no_sharing"] = _env_factory(cfg, allow_sharing=False)(0)
+    for suffix, env in envs.items():
+        obs_pool = [env.reset(seed=EVAL_SEED + j)[0] for j in range(min(cfg.eval_rounds, 32))]
+        for h in HEURISTICS:
+            def fn_h(o: np.ndarray, h: str = h, env: QoEEnv = env) -> np.ndarray:
+                return env.heuristic_action(h)
 
-        ev = _rollout(fn_h, env, cfg.eval_rounds)
-        env.reset(seed=EVAL_SEED)
-        algorithms[h] = {"qoe_mean": float(np.mean(ev["per_round"]["qoe"])), "qoe_std": 0.0,
-                         "decide_ms": decide_ms(fn_h, obs_pool[:1] * 32), "seeds": 0, "unet_evals_saved": 0.0}
+            ev = _rollout(fn_h, env, cfg.eval_rounds)
+            env.reset(seed=EVAL_SEED)
+            algorithms[h + suffix] = {"qoe_mean": float(np.mean(ev["per_round"]["qoe"])), "qoe_std": 0.0,
+                                      "decide_ms": decide_ms(fn_h, obs_pool[:1] * 32), "seeds": 0,
+                                      "unet_evals_saved": float(np.mean(ev["per_round"]["unet_evals_saved"]))}
+    steps_ms = None
+    if not cfg.learned_shared_steps:  # what the env's exact step choice adds to a decision
+        env = envs[""]
+        times = []
+        for j in range(min(cfg.eval_rounds, 32)):
+            env.reset(seed=EVAL_SEED + j)
+            bw, cp, _ = env.decode_action(env.heuristic_action("equal"))
+            times.append(decide_ms(lambda o: env.best_shared_steps(bw, cp), [None] * 3))
+        steps_ms = float(np.median(times))
 
     g = np.array([np.mean(by[("gddpg", s)]["eval"]["per_round"]["qoe"]) for s in seeds])
     d = np.array([np.mean(by[("ddpg", s)]["eval"]["per_round"]["qoe"]) for s in seeds])
@@ -285,8 +306,6 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
     without = [by[("gddpg", s)]["eval_no_sharing"]["per_round"] for s in seeds]
     q_with, q_without = np.mean([np.mean(r["qoe"]) for r in with_s]), np.mean([np.mean(r["qoe"]) for r in without])
     e_with, e_without = np.mean([np.mean(r["energy_j"]) for r in with_s]), np.mean([np.mean(r["energy_j"]) for r in without])
-    exact = [by[("gddpg", s)]["eval_exact_sharing"]["per_round"] for s in seeds]
-    q_exact, e_exact = np.mean([np.mean(r["qoe"]) for r in exact]), np.mean([np.mean(r["energy_j"]) for r in exact])
     report: dict[str, Any] = {
         "seeds": cfg.seeds,
         "hardware": hardware_info(),
@@ -296,22 +315,28 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
                           "per_seed": [float(x) for x in ratios]},
         "waterfill": {"ddpg": by[("waterfill_ddpg", 0)]["ratio"], "gddpg": by[("waterfill_gddpg", 0)]["ratio"],
                       "equal": _equal_split_ratio(cfg.eval_rounds)},
-        "sharing": {"unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in with_s])),
+        "sharing": {"decoding": "learned" if cfg.learned_shared_steps else "exact",
+                    "unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in with_s])),
                     "qoe_loss": float(1.0 - q_with / q_without), "energy_saved": float(1.0 - e_with / e_without),
                     "qoe_with": float(q_with), "qoe_without": float(q_without),
-                    "exact_shared_steps": {  # the same shares, each group's s chosen exactly (best_shared_steps)
-                        "unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in exact])),
-                        "qoe_loss": float(1.0 - q_exact / q_without), "energy_saved": float(1.0 - e_exact / e_without),
-                        "qoe": float(q_exact)}},
+                    "exact_steps_ms": steps_ms},  # median ms of best_shared_steps (exact decoding; None: learned)
     }
+    if cfg.learned_shared_steps:  # the same shares, each group's s chosen exactly (best_shared_steps)
+        exact = [by[("gddpg", s)]["eval_exact_sharing"]["per_round"] for s in seeds]
+        q_exact, e_exact = np.mean([np.mean(r["qoe"]) for r in exact]), np.mean([np.mean(r["energy_j"]) for r in exact])
+        report["sharing"]["exact_shared_steps"] = {
+            "unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in exact])),
+            "qoe_loss": float(1.0 - q_exact / q_without), "energy_saved": float(1.0 - e_exact / e_without),
+            "qoe": float(q_exact)}
     report["targets"] = {
         "waterfill_gddpg>=0.98": report["waterfill"]["gddpg"] >= 0.98,
         "gddpg_gain>=0.15_ci_above_0": report["gddpg_vs_ddpg"]["gain"] >= 0.15 and report["gddpg_vs_ddpg"]["ci95"][0] > 0,
         "sharing_saves>=0.30_at_qoe_loss<=0.01": report["sharing"]["unet_evals_saved"] >= 0.30 and report["sharing"]["qoe_loss"] <= 0.01,
-        "exact_sharing_saves>=0.30_at_qoe_loss<=0.01": report["sharing"]["exact_shared_steps"]["unet_evals_saved"] >= 0.30
-        and report["sharing"]["exact_shared_steps"]["qoe_loss"] <= 0.01,
         "gddpg_decide_ms<2": algorithms["gddpg"]["decide_ms"] < 2.0,
     }
+    if "exact_shared_steps" in report["sharing"]:
+        ex = report["sharing"]["exact_shared_steps"]
+        report["targets"]["exact_sharing_saves>=0.30_at_qoe_loss<=0.01"] = ex["unet_evals_saved"] >= 0.30 and ex["qoe_loss"] <= 0.01
     report["policies"] = sorted(by[(n, s)]["policy"] for n in ("gddpg", "ddpg") for s in seeds)
     report["plots"] = _plots(cfg, by, seeds, {h: algorithms[h]["qoe_mean"] for h in HEURISTICS})
     report["timing"] = {  # where the wall time went (cpu_s < wall_s: the core was shared)
@@ -334,7 +359,8 @@ def _equal_split_ratio(rounds: int) -> float:
 
 def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str, float]) -> list[str]:
     """QoE vs training steps (mean and min-max band over seeds; the SB3 references' one seed; the
-    heuristics as levels) and the shared steps G-DDPG chose vs the group's similarity."""
+    heuristics as levels), the actors' saturation vs training steps, and the shared steps chosen
+    vs the group's similarity."""
     # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib
 
@@ -367,8 +393,25 @@ def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str
     p1 = out / "qoe_vs_steps.png"
     fig.savefig(p1, dpi=100)
     plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))  # the saturation diagnosis (RLConfig.action_penalty)
+    for name, label in (("gddpg", "G-DDPG"), ("ddpg", "DDPG (ours)")) + tuple((n, f"SB3 {n[4:].upper()}") for n in SB3_REFERENCES):
+        runs = [by[(name, s)]["curve"] for s in (seeds if name in ("gddpg", "ddpg") else [0]) if (name, s) in by]
+        if runs and "action_saturation" in runs[0][0]:
+            y = np.array([[p["action_saturation"] for p in c] for c in runs])
+            ax.plot([p["step"] for p in runs[0]], y.mean(0), label=label, lw=2 if len(runs) > 1 else 1,
+                    ls="-" if len(runs) > 1 else "--")
+    ax.set_xlabel("training steps (rounds)")
+    ax.set_ylabel("share of used action entries at |a| > 0.99")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p3 = out / "action_saturation_vs_steps.png"
+    fig.savefig(p3, dpi=100)
+    plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label, dy in (("eval", "G-DDPG's choice", 0.0), ("eval_exact_sharing", "exact given G-DDPG's shares (drawn +0.3)", 0.3)):
+    series = (("eval", "G-DDPG's choice", 0.0), ("eval_exact_sharing", "exact given G-DDPG's shares (drawn +0.3)", 0.3)) \
+        if cfg.learned_shared_steps else (("eval", "exact given G-DDPG's shares (the env's decoding)", 0.0),)
+    for key, label, dy in series:
         pairs = np.array([pr for s in seeds for pr in by[("gddpg", s)][key]["pairs"]] or [(np.nan, np.nan)])
         ax.scatter(pairs[:, 0], pairs[:, 1] + dy, s=8, alpha=0.5, label=label)
     ax.set_xlabel("group similarity (followers' mean cosine with the leader)")
@@ -378,7 +421,7 @@ def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str
     p2 = out / "shared_steps_vs_similarity.png"
     fig.savefig(p2, dpi=100)
     plt.close(fig)
-    return [str(p1), str(p2)]
+    return [str(p1), str(p2), str(p3)]
 
 
-__all__ = ["QoEBenchConfig", "bench_qoe", "decide_ms", "exact_sharing"]
+__all__ = ["QoEBenchConfig", "bench_qoe", "decide_ms", "exact_sharing", "rl_config"]

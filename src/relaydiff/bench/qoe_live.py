@@ -63,7 +63,9 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     t0 = time.perf_counter()
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(cfg.policy, seed=cfg.seed)
-    env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario)
+    # a policy that sets the shared steps too (bench qoe --learned-shared-steps) has a third action block
+    env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
+                 learned_shared_steps=policy.act_dim == 3 * cfg.k_max)
     if policy.obs_dim != env.observation_space.shape[0] or policy.act_dim != env.action_space.shape[0]:
         raise ValueError(f"policy {cfg.policy} was trained for another round size (obs {policy.obs_dim}, action "
                          f"{policy.act_dim}; this round needs {env.observation_space.shape[0]}, {env.action_space.shape[0]}: "

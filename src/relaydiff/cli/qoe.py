@@ -22,6 +22,11 @@ def bench_qoe_cmd(
     scenario: str = typer.Option("congested", help="Scenario (shipped name or YAML/JSON path) of links, devices and edge."),
     sb3: bool = typer.Option(True, help="Also train Stable-Baselines3's DDPG, TD3 and SAC as library references."),
     workers: int = typer.Option(1, help="Training processes (each one torch thread; 2 on a free 2-core machine)."),
+    learned_shared_steps: bool = typer.Option(
+        False, "--learned-shared-steps",
+        help="The actors also set each group's shared steps (default: the env picks them exactly for the actors' shares)."),
+    action_penalty: float | None = typer.Option(
+        None, help="Weight of the actors' pre-squash penalty (default: RLConfig's; 0: the plain -Q loss)."),
     out: Path = typer.Option(Path("out/bench_qoe"), help="Folder for the plots and report.json."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the runs a cut-short bench left in OUT/runs (same settings)."),
     as_json: JsonFlag = False,
@@ -40,7 +45,8 @@ def bench_qoe_cmd(
     try:
         cfg = QoEBenchConfig(seeds=seeds, steps=steps, waterfill_steps=waterfill_steps, eval_rounds=eval_rounds,
                              k_min=k_min, k_max=k_max, scenario=scenario, sb3=sb3, workers=workers, out=str(out),
-                             resume=resume)
+                             resume=resume, learned_shared_steps=learned_shared_steps,
+                             **({} if action_penalty is None else {"action_penalty": action_penalty}))
     except ValueError as exc:
         fail(str(exc))
     check(k_max <= 64, "--k-max must be <= 64")

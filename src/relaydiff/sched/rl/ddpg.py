@@ -4,8 +4,10 @@ Only the actor differs between DDPG and G-DDPG (:mod:`relaydiff.sched.rl.gddpg`)
 :func:`train` below, which takes the actor as a factory. The skeleton:
 
 - twin critics Q1, Q2 (MLP 256-256, ReLU) fitted to y = r + gamma (1 - done) min(Q1', Q2')(s', pi'(s'));
-- the actor maximizes Q1(s, pi(s)) (deterministic policy gradient, backpropagated through the actor:
-  through its whole denoising chain in G-DDPG);
+- the actor maximizes Q1(s, pi(s)) / mean|Q1| - ``action_penalty`` mean(u^2) (deterministic policy
+  gradient, backpropagated through the actor: through its whole denoising chain in G-DDPG), u the
+  actor's pre-squash output (before tanh in DDPG, before the last clip in G-DDPG): see
+  :class:`RLConfig` for why;
 - soft target updates (Polyak ``tau``), Gaussian exploration noise on the action, a uniform replay
   buffer, random actions for the first ``learning_starts`` steps;
 - periodic evaluation on fixed seeds, so that curves of different actors compare draw for draw.
@@ -46,6 +48,16 @@ class RLConfig:
     critic_lr: float = 1e-3
     hidden: int = 256
     exploration_noise: float = 0.1  # std of the Gaussian added to the action while collecting
+    # The saturation fix (issue 15, second attempt). Without it every actor ended at the box's edge
+    # (QoE bench of record before: 100% of G-DDPG's action entries at |a| = 1, 95% of DDPG's, 100%
+    # of SB3's DDPG/TD3), where tanh's derivative (DDPG) or the clip's (G-DDPG) is ~0: the critic's
+    # later corrections no longer reach the weights, so the corner is absorbing. The actor loss is
+    # -Q1 / mean|Q1| + action_penalty * mean(u^2), u the pre-squash output (u = MLP(s) in
+    # a = tanh(u); the last step's unclipped x0 in a = clip(x0, -1, 1)): Q is normalized (as in
+    # TD3+BC) so that the weight means the same on any reward scale; the quadratic keeps u where the
+    # squash still passes gradient. 0 restores the plain -Q1 loss. Measured in
+    # docs/measurements/qoe_saturation.json (docs/qoe.md).
+    action_penalty: float = 0.1
     policy_frequency: int = 1  # actor updates every this many critic updates
     diffusion_steps: int = 5  # G-DDPG only: denoising steps of the actor
     eval_every: int = 1000
@@ -74,6 +86,11 @@ class MLPActor(nn.Module):
 
     def forward(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.tanh(self.net(obs))
+
+    def forward_pre(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action, pre-squash output u) with action = tanh(u)."""
+        u = self.net(obs)
+        return torch.tanh(u), u
 
 
 class TwinCritic(nn.Module):
@@ -221,6 +238,17 @@ def evaluate(policy_fn: Callable[[np.ndarray], np.ndarray], env: gym.Env, episod
     return out
 
 
+def actor_loss(pi: nn.Module, qf: TwinCritic, obs: torch.Tensor, cfg: RLConfig,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """-Q1(s, pi(s)) / mean|Q1| + ``cfg.action_penalty`` mean(u^2), u the actor's pre-squash output
+    (:class:`RLConfig` says why); with no penalty, the plain -Q1(s, pi(s))."""
+    act, pre = pi.forward_pre(obs, generator=generator)
+    q = qf(obs, act)[0]
+    if not cfg.action_penalty:
+        return -q.mean()
+    return -q.mean() / q.abs().mean().detach().clamp(min=1e-6) + cfg.action_penalty * (pre**2).mean()
+
+
 def train(make_env: Callable[[int], gym.Env], cfg: RLConfig, actor: ActorFactory = MLPActor,
           info_keys: tuple[str, ...] = (), eval_seed: int = 10_000,
           log: Callable[[str], None] | None = None) -> TrainResult:
@@ -297,7 +325,7 @@ def _train(make_env: Callable[[int], gym.Env], cfg: RLConfig, actor: ActorFactor
         q_opt.step()
         # ---- actor: maximize Q1(s, pi(s)); soft target updates ---------------------------------
         if step % cfg.policy_frequency == 0:
-            pi_loss = -qf(o, pi(o, generator=gen))[0].mean()
+            pi_loss = actor_loss(pi, qf, o, cfg, gen)
             pi_opt.zero_grad()
             pi_loss.backward()
             pi_opt.step()
@@ -311,5 +339,5 @@ def _train(make_env: Callable[[int], gym.Env], cfg: RLConfig, actor: ActorFactor
     return TrainResult(policy, curve, time.perf_counter() - t0)
 
 
-__all__ = ["MLPActor", "Policy", "RLConfig", "TrainResult", "TwinCritic", "actor_factory", "evaluate",
+__all__ = ["MLPActor", "Policy", "RLConfig", "TrainResult", "TwinCritic", "actor_factory", "actor_loss", "evaluate",
            "train"]

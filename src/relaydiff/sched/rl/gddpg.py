@@ -11,8 +11,8 @@ steps from Gaussian noise, each step conditioned on the state:
   q(x_{t-1} | x_t, x0) (no noise at the last step); the final action is clipped to [-1, 1].
 
 Training is the DDPG skeleton of :mod:`relaydiff.sched.rl.ddpg` unchanged (double critic, soft
-targets, Gaussian exploration on top of the chain's own noise): the actor loss -Q1(s, pi(s))
-backpropagates through the whole reverse chain. Run ``train_gddpg`` to train; a
+targets, Gaussian exploration on top of the chain's own noise, the same action penalty on the
+pre-squash output): the actor loss backpropagates through the whole reverse chain. Run ``train_gddpg`` to train; a
 :class:`~relaydiff.sched.rl.ddpg.Policy` decides at inference.
 """
 
@@ -75,18 +75,24 @@ class DiffusionActor(nn.Module):
         self.register_buffer("post_logvar", torch.log(torch.clamp(betas * (1.0 - abar_prev) / (1.0 - abar), min=1e-20)))
 
     def forward(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.forward_pre(obs, generator)[0]
+
+    def forward_pre(self, obs: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action, pre-squash output): the last step's x0 before its clip (the last step adds no
+        noise and its posterior mean is x0 itself, so the action is clip(pre, -1, 1))."""
         b = obs.shape[0]
         x = torch.randn(b, self.act_dim, generator=generator)
+        pre = x
         for i in reversed(range(self.steps)):
             t = torch.full((b,), i, dtype=torch.long)
             eps = self.eps(torch.cat([x, self.time_mlp(t), obs], dim=-1))
-            x0 = (self.sqrt_recip_abar[i] * x - self.sqrt_recipm1_abar[i] * eps).clamp(-1.0, 1.0)
-            mean = self.post_c0[i] * x0 + self.post_ct[i] * x
+            pre = self.sqrt_recip_abar[i] * x - self.sqrt_recipm1_abar[i] * eps
+            mean = self.post_c0[i] * pre.clamp(-1.0, 1.0) + self.post_ct[i] * x
             if i > 0:
                 x = mean + torch.exp(0.5 * self.post_logvar[i]) * torch.randn(b, self.act_dim, generator=generator)
             else:
                 x = mean
-        return x.clamp(-1.0, 1.0)
+        return x.clamp(-1.0, 1.0), pre
 
     @torch.no_grad()
     def numpy_sampler(self) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
