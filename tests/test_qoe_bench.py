@@ -67,3 +67,14 @@ def test_resume_reuses_only_runs_made_with_the_same_settings(tmp_path) -> None:
     assert _load_run(path, _run_settings(QoEBenchConfig(steps=200))) is None
     path.write_text("not json")
     assert _load_run(path, settings) is None and _load_run(tmp_path / "missing.json", settings) is None
+
+
+def test_saturation_plot_draws_every_variant(tmp_path) -> None:
+    from relaydiff.bench.qoe_saturation import plot
+
+    curve = [{"step": float(s), "return": 70.0 + s / 100, "action_saturation": min(1.0, s / 1000)} for s in (0, 500, 1000)]
+    runs = [{"algo": a, "decoding": d, "action_penalty": p, "curve": curve}
+            for a in ("ddpg", "gddpg") for d, p in (("learned", 0.0), ("exact", 0.1))]
+    path = plot({"runs": runs, "bench_config": {"eval_rounds": 64}, "heuristics": {"equal, exact s": 72.0}},
+                tmp_path / "sat.png")
+    assert path.is_file() and path.stat().st_size > 1000

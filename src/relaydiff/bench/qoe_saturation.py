@@ -25,7 +25,7 @@ import torch
 
 from relaydiff.bench.qoe import QoEBenchConfig, rl_config
 from relaydiff.engine.profile import hardware_info
-from relaydiff.sched.rl.ddpg import train
+from relaydiff.sched.rl.ddpg import evaluate, train
 from relaydiff.sched.rl.gddpg import train_gddpg
 from relaydiff.sim.qoe_env import QoEEnv
 
@@ -48,14 +48,64 @@ def saturation_run(algo: str, decoding: str, penalty: float, cfg: QoEBenchConfig
             "cpu_s": time.process_time() - c0, "curve": res.curve}
 
 
+def plot(data: dict[str, Any], path: str | Path) -> Path:
+    """Saturation (top) and total QoE (bottom) vs training steps, DDPG left and G-DDPG right, a line a variant."""
+    # lazy: matplotlib is slow to import; only the plot needs it
+    import matplotlib
+
+    matplotlib.use("Agg")
+    # lazy: matplotlib is slow to import; only the plot needs it
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    for col, (algo, title) in enumerate((("ddpg", "DDPG (ours)"), ("gddpg", "G-DDPG"))):
+        for r in (r for r in data["runs"] if r["algo"] == algo):
+            x = [p["step"] for p in r["curve"]]
+            label = f"{r['decoding']} s, penalty {r['action_penalty']:g}"
+            ls = "-" if r["action_penalty"] else ":"
+            axes[0, col].plot(x, [p["action_saturation"] for p in r["curve"]], ls=ls, label=label)
+            axes[1, col].plot(x, [p["return"] for p in r["curve"]], ls=ls, label=label)
+        for key, level in data.get("heuristics", {}).items():
+            axes[1, col].axhline(level, lw=0.7, color="gray", ls="--")
+            axes[1, col].annotate(key, (0, level), fontsize=7, color="gray", va="bottom")
+        axes[0, col].set_title(title)
+        axes[0, col].set_ylim(-0.02, 1.02)
+        axes[1, col].set_xlabel("training steps (rounds)")
+    axes[0, 0].set_ylabel("used action entries at |a| > 0.99")
+    axes[1, 0].set_ylabel(f"total QoE, {data['bench_config']['eval_rounds'] // 2} fixed rounds")
+    axes[0, 1].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def heuristic_levels(cfg: QoEBenchConfig, episodes: int = 32) -> dict[str, float]:
+    """The heuristics' total QoE on the same evaluation rounds: equal shares with the exact shared
+    steps (the default decoding) and with no sharing (what the learned decoding starts from)."""
+    out = {}
+    for label, kw in (("equal, exact s", {}), ("equal, no sharing", {"allow_sharing": False})):
+        env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario, **kw)
+        out[label] = evaluate(lambda o, env=env: env.heuristic_action("equal"), env, episodes, DIAG_EVAL_SEED)["return"]
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/qoe_saturation.json")
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--variants", default=",".join(f"{d}:{p}" for d, p in VARIANTS),
                     help="comma-separated decoding:penalty pairs")
+    ap.add_argument("--plot", default=None, help="redraw the plot from --out (no training) into this PNG")
     args = ap.parse_args(argv)
     cfg = QoEBenchConfig(steps=args.steps)
+    if args.plot:
+        data = json.loads(Path(args.out).read_text())
+        data["heuristics"] = heuristic_levels(cfg)
+        Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
+        print(plot(data, args.plot))
+        return
     variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.variants.split(",")]
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
