@@ -461,3 +461,25 @@ def test_bandit_live_cli_rejects_cpu_clock_with_threads():
     assert res.exit_code == 2 and "--cpu-clock times one thread" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["bandit", "live", "--algorithm", "nope"])
     assert res.exit_code == 2 and "--algorithm: unknown 'nope'" in res.output
+
+
+def test_bench_bandit_reports_every_algorithm_and_times_both_shared_paths():
+    """A small bench: the JSON of record's fields, the oracle's regret 0, and the decision timings
+    (shared LinUCB's projected and full-stack paths interleaved with LinUCB and MABWiser's predict)."""
+    pytest.importorskip("mabwiser")
+    from relaydiff.bench.bandit import BanditBenchConfig, bench_bandit
+
+    cfg = BanditBenchConfig(scenarios=("stationary",), seeds=1, requests=120, timing_rounds=2, timing_calls=20)
+    out = bench_bandit(cfg, _pool())
+    algs = out["algorithms"]
+    assert {"linucb", RELAY_BANDIT, "lints", "egreedy", "ucb1", "random", "oracle", "mabwiser_linucb",
+            "mabwiser_lints"} <= set(algs) and sum(k.startswith("fixed_") for k in algs) == 8
+    assert algs["oracle"]["regret"] == 0.0 and algs["oracle"]["reward_ratio_to_oracle"] == 1.0
+    for a in algs.values():
+        assert a["decide_us_median"] > 0 and np.isfinite(a["regret"])
+    t = out["timing"]
+    for key in ("linucb_decide_us", f"{RELAY_BANDIT}_decide_us", f"{RELAY_BANDIT}_full_stack_decide_us",
+                "mabwiser_linucb_predict_us"):
+        assert len(t[key]) == 2 and all(v > 0 for v in t[key])
+    assert set(out["targets"][RELAY_BANDIT]) >= {"decide_us_median<15", "reward>=0.95_oracle"}
+    assert out["targets"][RELAY_BANDIT]["recovers_within_300"] is None and out["shifts"] == {}  # nothing shifts here
