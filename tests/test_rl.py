@@ -121,7 +121,7 @@ def test_action_penalty_pulls_a_saturated_actor_back_where_the_squash_passes_gra
                    torch.Generator().manual_seed(1)).backward()
         return last.bias.grad.clone()
 
-    no_fix, fix = bias_grad(0.0), bias_grad(0.1)
+    no_fix, fix = bias_grad(0.0), bias_grad(1.0)
     # without the penalty the squash blocks the critic's pull (tanh' ~ 2e-5; the clip's is 0) ...
     assert no_fix.abs().max() < 1e-3
     # ... with it, a descent step moves the pre-squash output back toward the box (+: MLP's u = bias)

@@ -7,8 +7,11 @@ picking a variant here does not select on the bench's draws), and records at eac
 mean total QoE and the share of the used action entries at |a| > 0.99.
 
 Variants: the action decoding (``learned``: the actor sets each group's shared steps; ``exact``:
-the env picks them, :meth:`QoEEnv.best_shared_steps`) times the actor's action penalty
+the env picks them, :meth:`QoEEnv.best_shared_steps`; ``waterfill``: GDMOPT's power-allocation task
+instead, bench qoe's 3000 steps, its ratio to the optimum) times the actor's action penalty
 (:attr:`RLConfig.action_penalty`; 0 is the skeleton before the fix, exactly: the actor loss -Q1).
+Runs record the penalty's form: ``hinge`` (the skeleton's now) or ``quadratic`` (mean u^2, the first
+try, commit 129e14d, which cost water-filling its zero-power channels).
 """
 
 from __future__ import annotations
@@ -28,24 +31,30 @@ from relaydiff.engine.profile import hardware_info
 from relaydiff.sched.rl.ddpg import evaluate, train
 from relaydiff.sched.rl.gddpg import train_gddpg
 from relaydiff.sim.qoe_env import QoEEnv
+from relaydiff.sim.waterfill_env import WaterFillingEnv
 
 DIAG_SEED = 100  # training seed (the bench of record trains seeds 0..4)
 DIAG_EVAL_SEED = 20_000  # evaluation rounds (the bench of record evaluates on 10_000 + j)
-VARIANTS = (("learned", 0.0), ("exact", 0.0), ("exact", 0.1), ("exact", 1.0), ("learned", 0.1))
+VARIANTS = (("learned", 0.0), ("exact", 0.0), ("exact", 1.0), ("learned", 1.0), ("waterfill", 0.0), ("waterfill", 1.0))
+PENALTY_FORM = "hinge"  # what RLConfig.action_penalty weighs at this commit
 
 
 def saturation_run(algo: str, decoding: str, penalty: float, cfg: QoEBenchConfig, seed: int = DIAG_SEED,
                    eval_seed: int = DIAG_EVAL_SEED) -> dict[str, Any]:
     """One training run's curve: step, return (total QoE), action_saturation, unet_evals_saved."""
     torch.set_num_threads(1)
-    rl = replace(rl_config(cfg, seed, cfg.steps), action_penalty=penalty)
     fn = train if algo == "ddpg" else train_gddpg
     c0 = time.process_time()
-    res = fn(lambda s: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
-                              learned_shared_steps=decoding == "learned"),
-             rl, info_keys=("action_saturation", "unet_evals_saved"), eval_seed=eval_seed)
-    return {"algo": algo, "decoding": decoding, "action_penalty": penalty, "seed": seed,
-            "cpu_s": time.process_time() - c0, "curve": res.curve}
+    if decoding == "waterfill":
+        rl = replace(rl_config(cfg, seed, cfg.waterfill_steps), action_penalty=penalty, eval_episodes=cfg.eval_rounds)
+        res = fn(lambda s: WaterFillingEnv(seed=0), rl, info_keys=("ratio_to_optimum",), eval_seed=eval_seed)
+    else:
+        rl = replace(rl_config(cfg, seed, cfg.steps), action_penalty=penalty)
+        res = fn(lambda s: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
+                                  learned_shared_steps=decoding == "learned"),
+                 rl, info_keys=("action_saturation", "unet_evals_saved"), eval_seed=eval_seed)
+    return {"algo": algo, "decoding": decoding, "action_penalty": penalty, "penalty_form": PENALTY_FORM,
+            "seed": seed, "cpu_s": time.process_time() - c0, "curve": res.curve}
 
 
 def plot(data: dict[str, Any], path: str | Path) -> Path:
@@ -59,9 +68,10 @@ def plot(data: dict[str, Any], path: str | Path) -> Path:
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
     for col, (algo, title) in enumerate((("ddpg", "DDPG (ours)"), ("gddpg", "G-DDPG"))):
-        for r in (r for r in data["runs"] if r["algo"] == algo):
+        for r in (r for r in data["runs"] if r["algo"] == algo and r["decoding"] != "waterfill"):
             x = [p["step"] for p in r["curve"]]
-            label = f"{r['decoding']} s, penalty {r['action_penalty']:g}"
+            form = f" {r.get('penalty_form', 'quadratic')}" if r["action_penalty"] else ""
+            label = f"{r['decoding']} s, penalty {r['action_penalty']:g}{form}"
             ls = "-" if r["action_penalty"] else ":"
             axes[0, col].plot(x, [p["action_saturation"] for p in r["curve"]], ls=ls, label=label)
             axes[1, col].plot(x, [p["return"] for p in r["curve"]], ls=ls, label=label)
@@ -109,14 +119,16 @@ def main(argv: list[str] | None = None) -> None:
     variants = [(v.split(":")[0], float(v.split(":")[1])) for v in args.variants.split(",")]
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
+    for r in old.get("runs", []):  # runs from before the form was recorded: the quadratic
+        r.setdefault("penalty_form", "quadratic" if r["action_penalty"] else "none")
     runs = [r for r in old.get("runs", []) if (r["decoding"], r["action_penalty"]) not in variants
-            or r["curve"][-1]["step"] != args.steps]
+            or r["penalty_form"] not in (PENALTY_FORM, "none")]
     for decoding, penalty in variants:
         for algo in ("ddpg", "gddpg"):
             r = saturation_run(algo, decoding, penalty, cfg)
             last = r["curve"][-1]
-            print(f"{algo} {decoding} penalty={penalty}: QoE {last['return']:.2f} saturation "
-                  f"{last['action_saturation']:.3f} saved {last['unet_evals_saved']:.3f} ({r['cpu_s']:.0f} s cpu)",
+            print(f"{algo} {decoding} penalty={penalty} ({PENALTY_FORM}): "
+                  + " ".join(f"{k} {v:.3f}" for k, v in last.items() if k != "step") + f" ({r['cpu_s']:.0f} s cpu)",
                   flush=True)
             runs.append(r)
             out.parent.mkdir(parents=True, exist_ok=True)
