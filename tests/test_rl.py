@@ -127,3 +127,19 @@ def test_action_penalty_pulls_a_saturated_actor_back_where_the_squash_passes_gra
     # ... with it, a descent step moves the pre-squash output back toward the box (+: MLP's u = bias)
     inward = fix if actor_cls is MLPActor else -fix
     assert torch.all(inward > 1e-3)
+
+
+def test_action_penalty_never_touches_an_action_inside_the_box() -> None:
+    # the hinge acts only past the squash's useful range: an actor inside it gets no gradient from it
+    torch.manual_seed(0)
+    pi = MLPActor(5, 3, RLConfig(hidden=16))
+    obs = torch.randn(32, 5)
+    assert pi.forward_pre(obs)[1].abs().max() < MLPActor.pre_edge(RLConfig().action_edge)
+
+    class Flat(torch.nn.Module):  # a critic with no opinion: only the penalty could move the actor
+        def forward(self, o: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            q = 10.0 + 0.0 * a.sum(-1)
+            return q, q
+
+    actor_loss(pi, Flat(), obs, RLConfig(hidden=16, action_penalty=1.0)).backward()
+    assert all(p.grad is None or torch.all(p.grad == 0) for p in pi.parameters())

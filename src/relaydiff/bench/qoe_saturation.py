@@ -10,8 +10,10 @@ Variants: the action decoding (``learned``: the actor sets each group's shared s
 the env picks them, :meth:`QoEEnv.best_shared_steps`; ``waterfill``: GDMOPT's power-allocation task
 instead, bench qoe's 3000 steps, its ratio to the optimum) times the actor's action penalty
 (:attr:`RLConfig.action_penalty`; 0 is the skeleton before the fix, exactly: the actor loss -Q1).
-Runs record the penalty's form: ``hinge`` (the skeleton's now) or ``quadratic`` (mean u^2, the first
-try, commit 129e14d, which cost water-filling its zero-power channels).
+Runs record the penalty's form: ``hinge0.98`` (the skeleton's now: past |a| = 0.98, summed over the
+entries), ``hinge`` (past |a| = 0.99 for tanh and at the clip for the diffusion actor, averaged over
+the entries; f3333f9) or ``quadratic`` (mean u^2, the first try, 129e14d, which cost water-filling
+its zero-power channels).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from relaydiff.sim.waterfill_env import WaterFillingEnv
 DIAG_SEED = 100  # training seed (the bench of record trains seeds 0..4)
 DIAG_EVAL_SEED = 20_000  # evaluation rounds (the bench of record evaluates on 10_000 + j)
 VARIANTS = (("learned", 0.0), ("exact", 0.0), ("exact", 1.0), ("learned", 1.0), ("waterfill", 0.0), ("waterfill", 1.0))
-PENALTY_FORM = "hinge"  # what RLConfig.action_penalty weighs at this commit
+PENALTY_FORM = "hinge0.98"  # what RLConfig.action_penalty weighs at this commit (hinge: at the squash's edge, mean over entries)
 
 
 def saturation_run(algo: str, decoding: str, penalty: float, cfg: QoEBenchConfig, seed: int = DIAG_SEED,
@@ -121,8 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     old = json.loads(out.read_text()) if out.is_file() else {}
     for r in old.get("runs", []):  # runs from before the form was recorded: the quadratic
         r.setdefault("penalty_form", "quadratic" if r["action_penalty"] else "none")
-    runs = [r for r in old.get("runs", []) if (r["decoding"], r["action_penalty"]) not in variants
-            or r["penalty_form"] not in (PENALTY_FORM, "none")]
+    rerun = {(d, p, PENALTY_FORM if p else "none") for d, p in variants}
+    runs = [r for r in old.get("runs", []) if (r["decoding"], r["action_penalty"], r["penalty_form"]) not in rerun]
     for decoding, penalty in variants:
         for algo in ("ddpg", "gddpg"):
             r = saturation_run(algo, decoding, penalty, cfg)

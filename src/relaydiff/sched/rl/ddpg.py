@@ -4,10 +4,10 @@ Only the actor differs between DDPG and G-DDPG (:mod:`relaydiff.sched.rl.gddpg`)
 :func:`train` below, which takes the actor as a factory. The skeleton:
 
 - twin critics Q1, Q2 (MLP 256-256, ReLU) fitted to y = r + gamma (1 - done) min(Q1', Q2')(s', pi'(s'));
-- the actor maximizes Q1(s, pi(s)) / mean|Q1| - ``action_penalty`` mean(max(|u| - u_edge, 0)^2)
+- the actor maximizes Q1(s, pi(s)) / mean|Q1| - ``action_penalty`` sum_j max(|u_j| - u_edge, 0)^2
   (deterministic policy gradient, backpropagated through the actor: through its whole denoising
   chain in G-DDPG), u the actor's pre-squash output (before tanh in DDPG, before the last clip in
-  G-DDPG) and u_edge where its squash stops passing gradient: see :class:`RLConfig` for why;
+  G-DDPG) and u_edge where its action reaches ``action_edge``: see :class:`RLConfig` for why;
 - soft target updates (Polyak ``tau``), Gaussian exploration noise on the action, a uniform replay
   buffer, random actions for the first ``learning_starts`` steps;
 - periodic evaluation on fixed seeds, so that curves of different actors compare draw for draw.
@@ -53,14 +53,18 @@ class RLConfig:
     # (QoE bench of record before: 100% of G-DDPG's action entries at |a| = 1, 95% of DDPG's, 100%
     # of SB3's DDPG/TD3), where tanh's derivative (DDPG) or the clip's (G-DDPG) is ~0: the critic's
     # later corrections no longer reach the weights, so the corner is absorbing. The actor loss is
-    # -Q1 / mean|Q1| + action_penalty * mean(max(|u| - u_edge, 0)^2), u the pre-squash output
-    # (u = MLP(s) in a = tanh(u), u_edge = atanh(0.99); the last step's unclipped x0 in
-    # a = clip(x0, -1, 1), u_edge = 1): a hinge that only acts past the squash's useful range, so it
-    # never biases an action inside the box (a plain quadratic on u, tried first, cost the
-    # water-filling task its zero-power channels: 0.995 -> 0.975 of the optimum). Q is normalized
-    # (as in TD3+BC) so that the weight means the same on any reward scale. 0 restores the plain
-    # -Q1 loss. Measured in docs/measurements/qoe_saturation.json (docs/qoe.md).
+    # -Q1 / mean|Q1| + action_penalty * sum_j max(|u_j| - u_edge, 0)^2 (mean over the batch), u
+    # the pre-squash output and u_edge where |a| reaches action_edge (u = MLP(s) in a = tanh(u),
+    # u_edge = atanh(action_edge); the last step's unclipped x0 in a = clip(x0, -1, 1),
+    # u_edge = action_edge): a hinge, the same in action terms for both actors, that acts only near
+    # the edge, so it never biases an action well inside the box (a plain quadratic on u, tried
+    # first, kept QoE's actions off the edge but cost water-filling its zero-power channels:
+    # G-DDPG 0.995 -> 0.975 of the optimum; a hinge at the clip itself left G-DDPG's entries
+    # sitting on it). Q is normalized (as in TD3+BC) so that the weight means the same on any reward
+    # scale; summed over the action's entries so that it does not fade with their number. 0
+    # restores the plain -Q1 loss. Measured in docs/measurements/qoe_saturation.json (docs/qoe.md).
     action_penalty: float = 1.0
+    action_edge: float = 0.98  # |a| past which the penalty acts (the saturation count is |a| > 0.99)
     policy_frequency: int = 1  # actor updates every this many critic updates
     diffusion_steps: int = 5  # G-DDPG only: denoising steps of the actor
     eval_every: int = 1000
@@ -82,7 +86,11 @@ class MLPActor(nn.Module):
     """DDPG's actor: a = tanh(MLP(s)), deterministic."""
 
     kind = "mlp"
-    pre_edge = math.atanh(0.99)  # past this |u|, tanh passes < 2% of the gradient (RLConfig.action_penalty)
+
+    @staticmethod
+    def pre_edge(edge: float) -> float:
+        """The |u| at which |a| = ``edge`` (RLConfig.action_penalty)."""
+        return math.atanh(edge)
 
     def __init__(self, obs_dim: int, act_dim: int, cfg: RLConfig) -> None:
         super().__init__()
@@ -244,15 +252,15 @@ def evaluate(policy_fn: Callable[[np.ndarray], np.ndarray], env: gym.Env, episod
 
 def actor_loss(pi: nn.Module, qf: TwinCritic, obs: torch.Tensor, cfg: RLConfig,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """-Q1(s, pi(s)) / mean|Q1| + ``cfg.action_penalty`` mean(max(|u| - u_edge, 0)^2), u the actor's
-    pre-squash output and u_edge its ``pre_edge`` (:class:`RLConfig` says why); with no penalty, the
-    plain -Q1(s, pi(s))."""
+    """-Q1(s, pi(s)) / mean|Q1| + ``cfg.action_penalty`` sum_j max(|u_j| - u_edge, 0)^2 (batch mean),
+    u the actor's pre-squash output and u_edge = ``pi.pre_edge(cfg.action_edge)`` (:class:`RLConfig`
+    says why); with no penalty, the plain -Q1(s, pi(s))."""
     act, pre = pi.forward_pre(obs, generator=generator)
     q = qf(obs, act)[0]
     if not cfg.action_penalty:
         return -q.mean()
-    excess = (pre.abs() - float(pi.pre_edge)).clamp(min=0.0)
-    return -q.mean() / q.abs().mean().detach().clamp(min=1e-6) + cfg.action_penalty * (excess**2).mean()
+    excess = (pre.abs() - pi.pre_edge(cfg.action_edge)).clamp(min=0.0)
+    return -q.mean() / q.abs().mean().detach().clamp(min=1e-6) + cfg.action_penalty * (excess**2).sum(-1).mean()
 
 
 def train(make_env: Callable[[int], gym.Env], cfg: RLConfig, actor: ActorFactory = MLPActor,

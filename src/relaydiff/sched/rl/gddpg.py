@@ -54,7 +54,11 @@ class DiffusionActor(nn.Module):
     """pi(s): the reverse chain of a conditional DDPM over actions in [-1, 1]^act_dim."""
 
     kind = "diffusion"
-    pre_edge = 1.0  # the last clip's edge: past it the action passes no gradient (RLConfig.action_penalty)
+
+    @staticmethod
+    def pre_edge(edge: float) -> float:
+        """The |pre| at which |a| = ``edge``: the clip is the identity inside (RLConfig.action_penalty)."""
+        return edge
 
     def __init__(self, obs_dim: int, act_dim: int, cfg: RLConfig, t_dim: int = 16) -> None:
         super().__init__()
