@@ -95,3 +95,32 @@ def test_step_latency_uses_the_given_clock(tiny):
     lat = measure_step_latency(tiny, "large", [1, 2], steps=2, warmup=1, clock=lambda: 0.5 * next(ticks))
     assert lat == {1: 0.5, 2: 0.5}  # each step: two clock reads, half a unit apart
     assert LiveConfig().clock is time.thread_time and LiveConfig(cpu_clock=False).clock is time.perf_counter
+
+
+def test_device_time_is_rescaled_by_the_step_measured_after_it(tiny, monkeypatch):
+    """With recalibrate, each device segment is scaled by this machine's step measured right after it
+    (a stand-in reading 0.25 s); without, by the start's scale (2 in _live). The clock is a counter, so
+    each device segment measures 1 unit here."""
+    from itertools import count
+
+    import relaydiff.serve.bandit_live as bl
+
+    d, measured = len(CONTEXT_FEATURES), []
+
+    def reference(family, member, sizes, **kw):
+        measured.append(member)
+        return {1: 0.25}
+
+    monkeypatch.setattr(bl, "measure_step_latency", reference)
+    ticks = count()
+    monkeypatch.setattr(time, "thread_time", lambda: float(next(ticks)))
+    for recal in (False, True):
+        live = _live(tiny, n=3)
+        live.cfg = LiveConfig(requests=3, max_batch=4, recalibrate=recal)
+        names = live.stream.arm_names
+        run = live.serve("device", FixedArm(names, d, arm=names.index("device_only")).decide, None)
+        device_s = np.array(run.latency_s) - live.stream.decode_s[:3]
+        expected = live.stream.device_step_s[:3] / 0.25 if recal else np.full(3, 2.0)
+        np.testing.assert_allclose(device_s, expected, rtol=1e-9)
+        assert len(live.reference_steps) == (3 if recal else 0)
+    assert measured == ["small"] * 3

@@ -91,6 +91,8 @@ def bandit_live_cmd(
     cpu_clock: bool = typer.Option(True, "--cpu-clock/--wall-clock",
                                    help="Time compute by this thread's CPU time (needs --threads 1; other jobs on a "
                                         "shared host then do not count) or by wall time."),
+    recalibrate: bool = typer.Option(True, help="Re-measure this machine's small-member step after each device "
+                                                "segment (the device scale follows the host's speed; else: once)."),
 ) -> None:
     """Serve a request stream through the real engine with the relay bandit choosing each request's plan."""
     # lazy: the CLI starts without torch; only this command loads what it runs
@@ -105,7 +107,7 @@ def bandit_live_cmd(
     cfg = LiveConfig(family=family, requests=requests, seed=seed, scenario=scenario, arrival_rate_hz=rate or None,
                      algorithm=algorithm, warm_requests=warm_requests, state=str(state) if state else None,
                      compare_fixed=compare_fixed, threads=threads, save_state=str(save_state) if save_state else None,
-                     cpu_clock=cpu_clock)
+                     cpu_clock=cpu_clock, recalibrate=recalibrate)
     try:
         out = run_live(cfg, say=lambda s: console.print(s, highlight=False), report_dir=report)
     except (BanditError, ScenarioError, FamilyError, ValueError) as exc:

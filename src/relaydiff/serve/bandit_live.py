@@ -14,7 +14,11 @@ driven by measured compute:
 - network: the prompt up and the handoff latent down at the user's link rate (the system model).
 - device: the small member (with the user's style adapter when they have one) runs the remaining
   steps here; its measured time is scaled by the device profile's step latency over this machine's
-  measured small-member step (both with guidance), and the profile's decode time is added.
+  measured small-member step (both with guidance), and the profile's decode time is added. With
+  ``recalibrate`` (the default) this machine's step is measured again right after each device
+  segment (median of 3 steps), so the scale follows the host's speed at that moment; one measurement
+  at the start read 9.7 and 5.2 ms in two runs an hour apart on a shared 2-core host, which moved
+  every device latency of a run by the same factor.
 - reward: the judge reads the decoded image (prompt fidelity against the prompt's scene; for styled
   users also whether it shows their style) and the latency is the one above; utility as in the
   simulator. The bandit learns from each reward when its request finishes.
@@ -36,7 +40,7 @@ import heapq
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +81,7 @@ class LiveConfig:
     max_batch: int = 16
     threads: int = 1
     cpu_clock: bool = True  # time compute by this thread's CPU time (False: wall time)
+    recalibrate: bool = True  # re-measure this machine's small-member step after each device segment
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -130,7 +135,8 @@ class LiveStream:
         styles = sorted(family.adapters)
         self.style = [styles[i % len(styles)] if stream.rho[i] > 0 and styles else None
                       for i in range(stream.scenario.requests)]
-        self.finished: dict[tuple[int, int], tuple[float, float]] = {}  # (request, arm) -> (quality, device s here)
+        self.finished: dict[tuple[int, int], tuple[float, float]] = {}  # (request, arm) -> (quality, device compute s)
+        self.reference_steps: list[float] = []  # this machine's small-member step, measured after each device segment
 
     def serve(self, name: str, decide: Callable[[np.ndarray], int], learn: Callable[[int, np.ndarray, float], None] | None,
               say: Callable[[str], None] = lambda s: None) -> LiveRun:
@@ -154,15 +160,21 @@ class LiveStream:
                     dev.submit(chain)
                     dev.run()
                 here_s = self.cfg.clock() - t0
+                device_s = here_s * self.scale[idx]
+                if self.cfg.recalibrate and arm.k < steps:
+                    ref = measure_step_latency(fam, "small", [1], steps=3, guidance=self.guidance, warmup=1,
+                                               clock=self.cfg.clock)[1]
+                    self.reference_steps.append(ref)
+                    device_s = here_s * st.device_step_s[idx] / ref
                 image = fam.decode(chain.latents)
                 pf = prompt_fidelity(image, [self.scenes[st.prompt_index[idx]]], self.judge).per_image[0]
                 q = float(pf)
                 if st.rho[idx] > 0:
                     sf = float(self.judge.read(image)[0].style == self.style[idx]) if self.style[idx] else 0.0
                     q = (1 - st.rho[idx]) * q + st.rho[idx] * sf
-                self.finished[idx, a] = (q, here_s)
-            q, here_s = self.finished[idx, a]
-            device_s = here_s * self.scale[idx] + st.decode_s[idx]
+                self.finished[idx, a] = (q, device_s)
+            q, device_s = self.finished[idx, a]
+            device_s = device_s + st.decode_s[idx]
             latency = device_s if arm.k == 0 else st.up_s[idx] + (edge_done - arrival[idx]) + st.link_s[idx] + device_s
             reward = float(st.utility(idx, np.asarray(q), np.asarray(latency)))
             run.quality[idx], run.latency_s[idx], run.rewards[idx] = q, float(latency), reward
@@ -248,7 +260,8 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
                     f"(this machine's edge profile; mean reward {mean:.3f})")
         scale, here = _device_scale(family, stream, "small", guidance, cfg.clock)
     say(f"device latency = measured small-member time here x (device profile step / {here * 1e3:.2f} ms measured "
-        f"here): x{scale.min():.0f}..x{scale.max():.0f} by device class; plus the profile's decode time")
+        f"here{', re-measured after each device segment' if cfg.recalibrate else ''}): x{scale.min():.0f}.."
+        f"x{scale.max():.0f} by device class at the start; plus the profile's decode time")
     live = LiveStream(cfg, family, judge, stream, prompts, scenes, scale, guidance)
     runs = [live.serve(f"bandit_{bandit.kind}", bandit.decide, bandit.update)]
     say(f"{runs[0].name}: mean utility {np.mean(runs[0].rewards):.4f}")
@@ -256,11 +269,12 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
     fixed_runs = [(a, name) for a, name in enumerate(names)] if cfg.compare_fixed else []
     for a, name in fixed_runs:
         if report_dir is not None:  # what is done so far survives an interrupted run
-            _report(_summary(cfg, runs, names, scale, here, edge_measured, t_start), runs, names, Path(report_dir))
+            _report(_summary(cfg, runs, names, scale, here, edge_measured, t_start, live.reference_steps), runs, names,
+                        Path(report_dir))
         fixed = FixedArm(names, len(CONTEXT_FEATURES), arm=a)
         runs.append(live.serve(f"fixed_{name}", fixed.decide, None))
         say(f"{runs[-1].name}: mean utility {np.mean(runs[-1].rewards):.4f}")
-    out = _summary(cfg, runs, names, scale, here, edge_measured, t_start)
+    out = _summary(cfg, runs, names, scale, here, edge_measured, t_start, live.reference_steps)
     out["saved_state"] = saved
     if report_dir is not None:
         out["report"] = _report(out, runs, names, Path(report_dir))
@@ -271,8 +285,16 @@ def _table_path(table: str) -> Path:
     return REFERENCE_TABLE if table == "auto" else Path(table)
 
 
+def _spread(values: Sequence[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    v = np.asarray(values)
+    return {"n": len(v), "median": float(np.median(v)), "p10": float(np.percentile(v, 10)),
+            "p90": float(np.percentile(v, 90)), "min": float(v.min()), "max": float(v.max())}
+
+
 def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale: np.ndarray, here: float,
-             edge_measured: Any, t_start: float) -> dict[str, Any]:
+             edge_measured: Any, t_start: float, reference_steps: Sequence[float] = ()) -> dict[str, Any]:
     """The report's figures: per policy mean utility, quality, latency, arm counts, paired difference."""
     bandit = runs[0]
     policies = {}
@@ -305,7 +327,11 @@ def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale
                                                 edge_measured.member("large").step_latency_s))},
             "device_scaling": {"this_machine_small_step_s": here,
                                "scale_by_request": {"min": float(scale.min()), "max": float(scale.max())},
-                               "note": "device compute measured here x (device profile small step / this machine's)"},
+                               "recalibrated": cfg.recalibrate,
+                               "reference_steps_s": _spread(reference_steps),
+                               "note": "device compute measured here x (device profile small step / this machine's"
+                                       + (", re-measured after each device segment)" if cfg.recalibrate else
+                                          ", measured at the start)")},
             "policies": policies,
             "complete": complete,
             "bandit_vs_best_fixed": vs_best,
