@@ -55,7 +55,7 @@ def saturation_run(algo: str, decoding: str, penalty: float, cfg: QoEBenchConfig
         res = fn(lambda s: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
                                   learned_shared_steps=decoding == "learned"),
                  rl, info_keys=("action_saturation", "unet_evals_saved"), eval_seed=eval_seed)
-    return {"algo": algo, "decoding": decoding, "action_penalty": penalty, "penalty_form": PENALTY_FORM,
+    return {"algo": algo, "decoding": decoding, "action_penalty": penalty, "penalty_form": PENALTY_FORM if penalty else "none",
             "seed": seed, "cpu_s": time.process_time() - c0, "curve": res.curve}
 
 
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = QoEBenchConfig(steps=args.steps)
     if args.plot:
         data = json.loads(Path(args.out).read_text())
+        for r in data["runs"]:
+            r["penalty_form"] = r.get("penalty_form", "quadratic") if r["action_penalty"] else "none"
         data["heuristics"] = heuristic_levels(cfg)
         Path(args.out).write_text(json.dumps(data, indent=1) + "\n")
         print(plot(data, args.plot))
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
     for r in old.get("runs", []):  # runs from before the form was recorded: the quadratic
-        r.setdefault("penalty_form", "quadratic" if r["action_penalty"] else "none")
+        r["penalty_form"] = r.get("penalty_form", "quadratic") if r["action_penalty"] else "none"
     rerun = {(d, p, PENALTY_FORM if p else "none") for d, p in variants}
     runs = [r for r in old.get("runs", []) if (r["decoding"], r["action_penalty"], r["penalty_form"]) not in rerun]
     for decoding, penalty in variants:
