@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from relaydiff.bench.qoe import EVAL_SEED, QoEBenchConfig, _bootstrap_ci, _equal_split_ratio, _rollout, decide_ms
@@ -78,3 +82,28 @@ def test_saturation_plot_draws_every_variant(tmp_path) -> None:
     path = plot({"runs": runs, "bench_config": {"eval_rounds": 64}, "heuristics": {"equal, exact s": 72.0}},
                 tmp_path / "sat.png")
     assert path.is_file() and path.stat().st_size > 1000
+
+
+def test_waterfill_trains_with_its_own_action_penalty(monkeypatch) -> None:
+    """Water-filling's optimum is on the action box's edge: its runs take waterfill_action_penalty
+    (default 0, the plain loss), the QoE runs action_penalty."""
+    import relaydiff.bench.qoe as bq
+
+    seen = {}
+
+    def fake(name):
+        def run(make_env, rl, **kw):
+            seen[name] = rl.action_penalty
+            return SimpleNamespace(curve=[{"ratio_to_optimum": 1.0}], wall_s=0.0)
+        return run
+
+    monkeypatch.setattr(bq, "train", fake("ddpg"))
+    monkeypatch.setattr(bq, "train_gddpg", fake("gddpg"))
+    cfg = QoEBenchConfig(action_penalty=0.7)
+    for name in ("waterfill_ddpg", "waterfill_gddpg"):
+        assert bq._train_one((name, cfg, 0))["ratio"] == 1.0
+    assert seen == {"ddpg": 0.0, "gddpg": 0.0}
+    bq._train_one(("waterfill_gddpg", replace(cfg, waterfill_action_penalty=0.5), 0))
+    assert seen["gddpg"] == 0.5
+    with pytest.raises(ValueError, match="waterfill_action_penalty must be >= 0"):
+        QoEBenchConfig(waterfill_action_penalty=-1)
