@@ -11,11 +11,20 @@ Two calibrations run first (after a warm-up pair), one request at a time, interl
 HTTP (end to end) and in this process through the engine (edge part, handoff encode/decode,
 device part); ``http_overhead`` = 1 - mean engine latency / mean HTTP latency (the pairs' spread beside it), and
 ``sequential_images_per_s`` = 1 / the engine's mean latency (a one-job-at-a-time server).
+
+With ``ray_replicas=N`` (``--ray --replicas N``) the same clients and calibration run against
+``relaydiff serve edge --ray --replicas N`` instead: the child starts its own local Ray on
+127.0.0.1 (one CPU per engine replica, no dashboard), and is stopped with SIGINT (Serve and Ray
+shut down), then killed with its process group if it has not exited in time. No restart fault
+(a Ray edge takes minutes to come back on a small host); dropout works as on one edge (each
+replica falls back for its own jobs). ``jobs_per_replica`` counts the accepted jobs by the
+replica mark of their ids.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import platform
 import signal
@@ -42,6 +51,11 @@ from relaydiff.serve.client import AsyncDeviceClient, DeviceClient, finish_local
 PROMPTS = ("a red circle left of a blue square", "a green star", "two yellow triangles", "a purple square above a circle",
            "a small blue star", "a big red circle below a green triangle", "an orange square", "three pink circles")
 DEVICE_CLASSES = ("phone-flagship", "phone-mid", "phone-low", "laptop")
+RAY_MISSING = "--ray needs Ray Serve: pip install 'relaydiff[ray]'"
+
+
+def _ray_installed() -> bool:
+    return importlib.util.find_spec("ray") is not None
 
 
 @dataclass
@@ -74,7 +88,7 @@ class EdgeProcess:
     """``relaydiff serve edge`` as a child process on 127.0.0.1 (killable: the restart fault)."""
 
     def __init__(self, family: str, workdir: Path, token: str, scheduler: str, *, fetch_timeout_s: float,
-                 report_timeout_s: float, max_queue: int, steps: int | None):
+                 report_timeout_s: float, max_queue: int, steps: int | None, ray_replicas: int | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens = workdir / "tokens"
@@ -84,13 +98,17 @@ class EdgeProcess:
                      "--scheduler", scheduler, "--fetch-timeout", str(fetch_timeout_s), "--report-timeout",
                      str(report_timeout_s), "--max-queue", str(max_queue), "--rate", "1000", "--burst", "1000",
                      "--threads", "1"] + (["--steps", str(steps)] if steps else [])
+        self.ray = ray_replicas is not None
+        if self.ray:   # Ray Serve's own local cluster on 127.0.0.1, one CPU per replica
+            self.args += ["--ray", "--replicas", str(ray_replicas)]
         self.log = workdir / "edge.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 900.0) -> None:  # a shared, loaded host starts slowly
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+        with open(self.log, "ab") as log:   # with Ray: its own process group, so its leftovers can be reaped
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=self.ray)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -109,8 +127,25 @@ class EdgeProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=30)
+        self._reap_group()
+
+    def _reap_group(self) -> None:
+        """With Ray: SIGKILL whatever is left of the child's own process group (its session)."""
+        if self.ray and self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def stop(self) -> None:
+        if self.ray and self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)   # the Ray edge's Ctrl-C: serve.shutdown(), then ray.shutdown()
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                pass
+            self.kill()
+            return
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -221,17 +256,25 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
 
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
                     scheduler: str = "local_search", seed: int = 0, steps: int | None = None, restart: bool = True,
-                    calibration_pairs: int = 6, log=print) -> dict[str, Any]:
+                    calibration_pairs: int = 6, log=print, ray_replicas: int | None = None) -> dict[str, Any]:
+    if ray_replicas is not None:
+        if not _ray_installed():
+            raise RuntimeError(RAY_MISSING)
+        if not 1 <= ray_replicas <= (os.cpu_count() or 1):
+            raise RuntimeError(f"--replicas must be in 1..{os.cpu_count()} here: the local Ray gives each "
+                               f"replica one of this machine's {os.cpu_count()} CPUs")
+        restart = False
     torch.set_num_threads(1)
     family = load_family(family_name)
     token = "bench-token-0123456789-"
     report_timeout = 5.0
     with tempfile.TemporaryDirectory(prefix="relaydiff-bench-serve-") as tmp:
         edge = EdgeProcess(family_name, Path(tmp), token, scheduler, fetch_timeout_s=20.0,
-                           report_timeout_s=report_timeout, max_queue=max(256, 4 * clients), steps=steps)
+                           report_timeout_s=report_timeout, max_queue=max(256, 4 * clients), steps=steps,
+                           ray_replicas=ray_replicas)
         t_start = time.perf_counter()
         try:
-            edge.start()
+            edge.start(timeout_s=600.0 if ray_replicas else 900.0)
             log(f"edge ready on {edge.url} in {time.perf_counter() - t_start:.1f} s")
             calib = _calibrate(edge.url, f"{token}0000", family, calibration_pairs, steps, seed)
             log(f"calibration: {calib}")
@@ -263,6 +306,14 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
     completed = confirmed
     lat = np.array(tally.latencies_ms) if tally.latencies_ms else np.array([np.nan])
     images_per_s = len(tally.done) / load_s
+    edge_desc = "edge 1 torch thread in its own process"
+    if ray_replicas is not None:
+        edge_desc = (f"edge on a local Ray Serve, {ray_replicas} engine replica(s), each 1 torch thread and 1 Ray CPU "
+                     "in its own worker process, ingress and proxy beside them")
+    per_replica: dict[str, int] = {}
+    for job in tally.submitted:
+        mark = job.split("-", 1)[0] if ray_replicas is not None else "edge"
+        per_replica[mark] = per_replica.get(mark, 0) + 1
     return {
         "submitted": len(tally.submitted), "completed": len(completed), "lost": len(set(tally.submitted) - completed),
         "fallbacks": fallbacks, "vanished_devices": len(tally.vanished), "restarts": restarts,
@@ -271,8 +322,10 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
         "throughput_vs_sequential": images_per_s / calib["sequential_images_per_s"],
         "http_overhead": calib["http_overhead"], "calibration": calib,
         "client_errors": len(tally.errors), "client_error_samples": tally.errors[:3],
+        "jobs_per_replica": dict(sorted(per_replica.items())), "load_s": load_s,
         "config": {"family": family_name, "clients": clients, "duration_s": duration_s, "dropout": dropout,
-                   "scheduler": scheduler, "seed": seed, "steps": steps, "report_timeout_s": report_timeout},
+                   "scheduler": scheduler, "seed": seed, "steps": steps, "report_timeout_s": report_timeout,
+                   "restart": restart, "ray_replicas": ray_replicas},
         "hardware": f"{_cpu_name()}, {os.cpu_count()} cores, CPU only, shared host; "
-                    "edge 1 torch thread in its own process, devices 1 thread in the bench process",
+                    f"{edge_desc}, devices 1 thread in the bench process",
     }

@@ -143,16 +143,22 @@ def bench_serve_cmd(
     seed: int = typer.Option(0, help="Seed of the clients' prompts, seeds and dropouts."),
     out: JsonOut = None,
     as_json: JsonFlag = False,
+    ray: bool = typer.Option(False, "--ray", help="Bench the edge on a local Ray Serve (127.0.0.1, the optional "
+                                                  "extra 'ray') with --replicas engine replicas; no restart."),
+    replicas: int = typer.Option(None, help="With --ray: engine replicas, one CPU each (default 1)."),
 ) -> None:
     """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
     check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
     check(0.0 <= dropout <= 1.0, f"--dropout must be in [0, 1], got {dropout}")
+    check(replicas is None or ray, "--replicas needs --ray")
+    check(replicas is None or replicas >= 1, "--replicas must be >= 1")
     # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.serve import run_serve_bench
 
     log = (lambda *a: None) if as_json else console.print
     try:
-        report = run_serve_bench(family, clients, duration, dropout, scheduler, seed, steps, restart, pairs, log=log)
+        report = run_serve_bench(family, clients, duration, dropout, scheduler, seed, steps, restart, pairs, log=log,
+                                 ray_replicas=(replicas or 1) if ray else None)
     except RuntimeError as exc:
         fail(str(exc))
     text = json.dumps(report, indent=2)
