@@ -146,8 +146,8 @@ def group_sharing(prompts: list[str], steps: int, k_edge: int) -> dict[str, Any]
     except QualityTableError as exc:   # no measured curves (e.g. the tiny family): half the edge part
         out.update(steps=k_edge // 2, rule=f"no measured shared-prefix curves ({exc}); half the edge part")
         return out
-    s = cost.longest_sharing(similarity, steps, SHARE_RETENTION) if out["grouped"] else 0
-    out.update(steps=min(s, k_edge), predicted_retention=float(cost.retain(np.array(similarity), np.array(min(s, k_edge) * cost.steps / steps))),
+    s = min(cost.longest_sharing(similarity, steps, SHARE_RETENTION) if out["grouped"] else 0, k_edge)
+    out.update(steps=s, predicted_retention=float(cost.retain(np.array(similarity), np.array(s * cost.steps / steps))),
                rule=f"largest s keeping >= {SHARE_RETENTION:.0%} of a follower's prompt fidelity at similarity "
                     f"{similarity:.2f} on the measured curves, capped at the edge part k={k_edge}")
     return out
@@ -215,8 +215,6 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, log=print,
         users[i].handoff_bytes = len(encode_handoff(res.handoff, dtype="fp16", compress=True)) if res.handoff else 0
         users[i].accounting["prefix_compute_s"] = _edge_compute(shared.prefix_accounting) / len(group)
     serve_s = time.perf_counter() - t0
-    # what sharing cost: the same plans, seeds and prompts unshared (paired)
-    unshared = generate(family, group_requests, group_plans)
     # 4. what each user would have got from the large member alone (the quality reference)
     phase(PHASES[3])
     base = generate(family, [requests[u.name] for u in users], [Plan.single(users[0].plan.segments[0].member, steps)
@@ -224,7 +222,10 @@ def run_demo(out: Path, seed: int = 0, steps: int | None = None, log=print,
     for u, b in zip(users, base):
         u.baseline = b.image
     phase(PHASES[4])
-    sharing_quality = _score(users, [users[i] for i in group], [r.image for r in unshared]) if reference else {}
+    sharing_quality: dict[str, Any] = {}
+    if reference:   # what sharing cost: the same plans, seeds and prompts unshared (paired; the judge reads it)
+        unshared = generate(family, group_requests, group_plans)
+        sharing_quality = _score(users, [users[i] for i in group], [r.image for r in unshared])
     phase(PHASES[5])
     report = _report(out, family, users, shared, sharing, sharing_quality, serve_s, steps, k, kp, quality)
     # 5. the same family as a real service: an edge on 127.0.0.1 and a few devices, one round
