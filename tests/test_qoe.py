@@ -10,7 +10,8 @@ from gymnasium.utils.env_checker import check_env
 
 from relaydiff.sim.agents import Perception, SurrogateAgent
 from relaydiff.sim.qoe_env import HEURISTICS, PromptPool, QoEEnv, share_action, softmax_shares
-from relaydiff.system.grouping import _non_increasing, group_prompts, load_sharing_cost
+from relaydiff.system.grouping import (_non_increasing, group_prompts, Groups, load_sharing_cost, same_prompt_followers,
+                                       SHARE_RETENTION, shared_steps_caps, SharingCost)
 from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
 
 
@@ -89,7 +90,10 @@ def test_sharing_saves_edge_work_and_costs_followers_fidelity() -> None:
     assert full.edge_energy_j < none.edge_energy_j
     followers = np.setdiff1d(np.arange(12), g.leader)
     shared_followers = followers[g.sizes()[g.label[followers]] > 1]
-    assert np.all(full.fidelity[shared_followers] < none.fidelity[shared_followers])
+    other, same = shared_followers[~env.round.same_prompt[shared_followers]], shared_followers[env.round.same_prompt[shared_followers]]
+    assert other.size and same.size
+    assert np.all(full.fidelity[other] < none.fidelity[other])
+    assert np.allclose(full.fidelity[same], none.fidelity[same])  # the leader's own prompt: nothing lost
     assert np.allclose(full.fidelity[g.leader], none.fidelity[g.leader])
     # pooled prefix compute: every member of a shared group finishes earlier
     assert np.all(full.latency_s[shared_followers] < none.latency_s[shared_followers])
@@ -106,17 +110,19 @@ def test_best_shared_steps_is_the_per_group_optimum_and_encodes_back() -> None:
     action = env.heuristic_action("sqrt")
     bw, cp, _ = env.decode_action(action)
     best = env.best_shared_steps(bw, cp)
-    assert np.all(best[g.sizes() < 2] == 0) and best.max() > 0
+    caps = env.round.caps
+    assert np.all(best[g.sizes() < 2] == 0) and best.max() > 0 and np.all(best <= caps)
     assert np.array_equal(env.decode_action(env.shared_steps_action(action, best))[2], best)
     # the one [T + 1, K] evaluation equals trying each s through outcome() (ties to the larger s)
     multi = g.sizes() >= 2
     totals = np.stack([np.bincount(g.label, weights=env.outcome(bw, cp, np.where(multi, s, 0)).scores, minlength=g.n_groups)
                        for s in range(env.steps + 1)])
+    totals[np.arange(env.steps + 1)[:, None] > caps] = -np.inf
     assert np.array_equal(best, np.where(multi, env.steps - np.argmax(totals[::-1] >= totals.max(0) - 1e-9, axis=0), 0))
     q_best = env.outcome(bw, cp, best).scores.sum()
     rng = np.random.default_rng(0)
-    for _ in range(50):  # no random choice of shared steps beats it
-        s = np.where(g.sizes() > 1, rng.integers(0, env.steps + 1, g.n_groups), 0)
+    for _ in range(50):  # no random choice of shared steps within the caps beats it
+        s = rng.integers(0, caps + 1)
         assert env.outcome(bw, cp, s).scores.sum() <= q_best + 1e-9
     off = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2, allow_sharing=False)
     off.reset(seed=1)
@@ -145,6 +151,59 @@ def test_default_decoding_takes_the_shares_and_picks_the_shared_steps_exactly() 
     sat = np.zeros(env.action_space.shape, np.float32)
     sat[:6] = 1.0  # 6 of the 24 used entries
     assert env.step(sat)[4]["action_saturation"] == pytest.approx(0.25)
+
+
+def test_groups_share_at_most_the_services_steps() -> None:
+    """The env's exact choice and the service's rounds read one rule: a group shares at most the
+    steps that keep its least similar follower at >= SHARE_RETENTION on the measured curves (the
+    live round, docs/qoe.md: uncapped, the exact choice shared all 20 steps with followers whose
+    measured fidelity then fell to 0.22-0.62)."""
+    from relaydiff.serve.rounds import RoundDecider
+
+    cost = load_sharing_cost()
+    service = RoundDecider("greedy", "large", "small", sharing_cost=cost)
+    assert cost.longest_sharing(0.85, 20) == cost.longest_sharing(0.85, 20, SHARE_RETENTION) < 20
+    env, uncapped = QoEEnv(), QoEEnv(share_retention=None)
+    over = 0
+    for j in range(8):
+        env.reset(seed=10_000 + j)
+        uncapped.reset(seed=10_000 + j)
+        r, g = env.round, env.round.groups
+        bw, cp, s = env.decode_action(env.heuristic_action("equal"))
+        s_free = uncapped.decode_action(uncapped.heuristic_action("equal"))[2]
+        for gi in range(g.n_groups):
+            m = [i for i in g.members(gi) if i != g.leader[gi] and not r.same_prompt[i]]
+            if m:  # followers of another prompt bind: the service's steps for the least similar one
+                rule = service.shared_steps(float(g.similarity[m].min()), env.steps)
+                assert r.caps[gi] == rule and s[gi] <= rule
+                over += int(s_free[gi] > rule)
+            elif g.sizes()[gi] > 1:  # only the leader's own prompt: nothing binds
+                assert r.caps[gi] == env.steps
+        assert np.all(uncapped.round.caps == np.where(g.sizes() > 1, env.steps, 0))
+    assert over > 0  # the curves alone share past the rule in these rounds
+    # the learned decoding is capped too
+    learned = QoEEnv(learned_shared_steps=True)
+    learned.reset(seed=10_000)
+    assert np.array_equal(learned.decode_action(np.ones(learned.action_space.shape))[2], learned.round.caps)
+    with pytest.raises(ValueError, match="share_retention"):
+        QoEEnv(share_retention=1.5)
+
+
+def test_shared_steps_caps_and_same_prompt_followers() -> None:
+    # two groups: {0 (leader), 1 (same prompt), 2 (another prompt, similarity 0.8)}, {3 (leader), 4 (same prompt)}
+    g = Groups(np.array([0, 0, 0, 1, 1]), np.array([0, 3]), np.array([1.0, 1.0, 0.8, 1.0, 1.0]))
+    prompts = ["a", "a", "b", "c", "c"]
+    same = same_prompt_followers(g, prompts)
+    assert same.tolist() == [False, True, False, False, True]
+    cost = SharingCost(np.array([0.0, 0.9, 1.0]), np.array([0.0, 10.0, 20.0]), np.array([[1.0, 0.96, 0.5], [1.0, 1.0, 0.97]]), 20)
+    assert shared_steps_caps(g, cost, 20, 0.95, same).tolist() == [10, 20]  # 2 binds at 0.8; group 1 has no binding follower
+    assert shared_steps_caps(g, cost, 20, 0.95).tolist() == [10, 20]  # every follower binds: 1.0 keeps 0.97 at T
+    assert shared_steps_caps(g, cost, 20, 0.98).tolist() == [0, 10]
+    assert shared_steps_caps(g, cost, 20, 0.98, same).tolist() == [0, 20]
+    assert shared_steps_caps(g, cost, 20, None).tolist() == [20, 20]
+    assert shared_steps_caps(Groups(np.array([0]), np.array([0]), np.array([1.0])), cost, 20).tolist() == [0]
+    with pytest.raises(ValueError, match="prompts"):
+        same_prompt_followers(g, prompts[:2])
 
 
 def test_exact_steps_never_ask_a_non_surrogate_agent() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +44,38 @@ def test_live_round_rejects_a_policy_of_another_size(tmp_path) -> None:
 
 def test_pool_scenes_rebuild_every_shipped_prompt() -> None:
     assert set(pool_scenes()) == set(json.loads(PROMPT_POOL.read_text())["prompts"])
+
+
+def test_pairs_summary_is_paired_and_apart_for_identical_prompts() -> None:
+    from relaydiff.bench.qoe_pairs import at_cap, PairsConfig, summarize
+    from relaydiff.system.grouping import SharingCost
+
+    shared = (0, 4, 20)
+    rows = [{"similarity": 0.82, "same_prompt": False, "cap": 4, "fidelity": [0.8, 0.8, 0.4]},
+            {"similarity": 0.84, "same_prompt": False, "cap": 4, "fidelity": [0.6, 0.5, 0.2]},
+            {"similarity": 0.95, "same_prompt": False, "cap": 20, "fidelity": [1.0, 1.0, 1.0]},
+            {"similarity": 1.0, "same_prompt": True, "cap": 20, "fidelity": [0.9, 0.9, 0.9]}]
+    cost = SharingCost(np.array([0.0, 1.0]), np.array([0.0, 20.0]), np.array([[1.0, 0.9]]), 20)
+    bins = {b["bin"]: b for b in summarize(rows, shared, cost)}
+    assert set(bins) == {"same prompt as the leader", "[0.80, 0.85)", "[0.90, 1.00]"}
+    b = bins["[0.80, 0.85)"]
+    assert b["n"] == 2 and b["fidelity"] == pytest.approx([0.7, 0.65, 0.3])
+    assert b["change_from_0"] == pytest.approx([0.0, -0.05, -0.4]) and b["change_se"][2] == pytest.approx(0.0)
+    assert b["retention"] == pytest.approx([1.0, 0.65 / 0.7, 0.3 / 0.7]) and b["retention_curves"] == pytest.approx([1.0, 0.98, 0.9])
+    cap = at_cap(rows, shared)  # the three followers of another prompt, each at its own group's cap
+    assert cap["n"] == 3 and cap["at_cap"]["fidelity"] == pytest.approx((0.8 + 0.5 + 1.0) / 3)
+    assert cap["at_T"]["change"] == pytest.approx((-0.4 - 0.4 + 0.0) / 3)
+    with pytest.raises(ValueError, match="start at 0"):
+        PairsConfig(shared=(2, 4))
+
+
+@pytest.mark.slow
+def test_pairs_run_the_envs_groups_on_the_engine(tmp_path) -> None:
+    from relaydiff.bench.qoe_pairs import measure_pairs, PairsConfig
+
+    report = measure_pairs(PairsConfig(rounds=1, shared=(0, 20), out=str(tmp_path / "p.json")), say=lambda s: None)
+    assert report["followers"] == len(report["rows"]) > 0 == report["rows"][0]["round"]
+    assert sum(b["n"] for b in report["bins"]) == report["followers"]
+    for row in report["rows"]:
+        assert len(row["fidelity"]) == 2 and all(0.0 <= f <= 1.0 for f in row["fidelity"])
+    assert json.loads((tmp_path / "p.json").read_text())["followers"] == report["followers"]

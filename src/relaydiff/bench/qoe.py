@@ -14,7 +14,8 @@ What it measures (one JSON object; plots in ``out``):
 - ``sharing``: the trained G-DDPG policies with sharing against the same policies with the shared
   steps forced to 0, on the same rounds: edge U-Net evaluations saved, relative QoE loss (negative:
   sharing raised QoE) and energy saved (edge + devices). By default the env decides each group's
-  shared steps exactly for the policy's shares (:meth:`QoEEnv.best_shared_steps`) and the actors
+  shared steps exactly for the policy's shares (:meth:`QoEEnv.best_shared_steps`, at most the
+  service's cap, ``share_retention``) and the actors
   set bandwidth and compute only; with ``learned_shared_steps`` the actors set the steps too, and
   ``exact_shared_steps`` adds the same policies' shares with the steps chosen exactly
   (:func:`exact_sharing`), which separates the policy's step choice from what the curves allow.
@@ -42,6 +43,7 @@ from relaydiff.sched.rl.ddpg import evaluate, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import train_gddpg
 from relaydiff.sim.qoe_env import HEURISTICS, QoEEnv
 from relaydiff.sim.waterfill_env import WaterFillingEnv
+from relaydiff.system.grouping import SHARE_RETENTION
 
 EVAL_SEED = 10_000  # evaluation rounds are env.reset(seed=EVAL_SEED + j), for every algorithm
 SB3_REFERENCES = ("sb3_ddpg", "sb3_td3", "sb3_sac")
@@ -65,6 +67,9 @@ class QoEBenchConfig:
     workers: int = 1  # training processes (each 1 torch thread); 2 on a free 2-core machine halves the time
     batch_size: int = 64
     learned_shared_steps: bool = False  # the actors set each group's shared steps (the first attempt's decoding)
+    # a group shares at most the steps that keep its least similar follower at this share of its
+    # prompt fidelity on the measured curves (the service's rule); None: up to T (before 2026-12-03)
+    share_retention: float | None = SHARE_RETENTION
     action_penalty: float = RLConfig.action_penalty  # the actors' pre-squash penalty (0: the plain -Q1 loss)
     # water-filling's optimum lies on the action box's edge (channels at zero power), where the
     # saturation penalty would pull it away (G-DDPG 0.995 -> 0.976 of the optimum): that task trains
@@ -92,7 +97,7 @@ def rl_config(cfg: QoEBenchConfig, seed: int, steps: int) -> RLConfig:
 
 def _env_factory(cfg: QoEBenchConfig, **kw: Any) -> Callable[[int], QoEEnv]:
     return lambda seed: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
-                               learned_shared_steps=cfg.learned_shared_steps, **kw)
+                               learned_shared_steps=cfg.learned_shared_steps, share_retention=cfg.share_retention, **kw)
 
 
 def decide_ms(fn: Callable[[np.ndarray], np.ndarray], observations: list[np.ndarray], repeats: int = 3) -> float:

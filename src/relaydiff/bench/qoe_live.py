@@ -2,7 +2,8 @@
 
 The round (users, prompts, traits, links, devices) is a seed of :class:`relaydiff.sim.qoe_env.QoEEnv`;
 the policy (saved by ``bench qoe``, or any :meth:`relaydiff.sched.rl.ddpg.Policy.from_pretrained` folder) sets
-bandwidth shares, compute shares and each group's shared steps. Then, on this machine's engine,
+bandwidth shares and compute shares, and the env each group's shared steps (exactly for those
+shares, at most the service's cap ``share_retention``; or the policy, if it was trained to). Then, on this machine's engine,
 each group's shared prefix runs once on the large member, conditioned on the leader's prompt, and
 every member continues with its own prompt (:func:`relaydiff.engine.runner.generate_shared_prefix`).
 The judge reads each decoded image against the scene its prompt describes (real prompt fidelity),
@@ -36,6 +37,7 @@ from relaydiff.sched.rl.ddpg import Policy
 from relaydiff.sim.agents import Perception, SurrogateAgent
 from relaydiff.sim.agents_llm import LLMAgent
 from relaydiff.sim.qoe_env import QoEEnv
+from relaydiff.system.grouping import SHARE_RETENTION
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class LiveQoEConfig:
     guidance: float = 5.0  # the guidance the shipped family's shared-prefix curves were measured at
     llm: bool = False  # score with LLMAgent (RELAYDIFF_LLM_* environment) instead of the surrogate
     max_batch: int = 16
+    # the cap on a group's shared steps (the service's rule; None: the curves alone, up to T)
+    share_retention: float | None = SHARE_RETENTION
     out: str = "out/qoe_live"
 
 
@@ -65,7 +69,7 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     policy = Policy.from_pretrained(cfg.policy, seed=cfg.seed)
     # a policy that sets the shared steps too (bench qoe --learned-shared-steps) has a third action block
     env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
-                 learned_shared_steps=policy.act_dim == 3 * cfg.k_max)
+                 learned_shared_steps=policy.act_dim == 3 * cfg.k_max, share_retention=cfg.share_retention)
     if policy.obs_dim != env.observation_space.shape[0] or policy.act_dim != env.action_space.shape[0]:
         raise ValueError(f"policy {cfg.policy} was trained for another round size (obs {policy.obs_dim}, action "
                          f"{policy.act_dim}; this round needs {env.observation_space.shape[0]}, {env.action_space.shape[0]}: "
@@ -111,8 +115,10 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
         members = [int(i) for i in g.members(j)]
         strip = out / f"group{j}.png"
         strip.write_bytes(_png(np.concatenate([images[i] for i in members], axis=1)))
-        groups.append({"leader": int(g.leader[j]), "shared_steps": int(shared[j]), "image_strip": str(strip), "users": [
+        groups.append({"leader": int(g.leader[j]), "shared_steps": int(shared[j]), "cap": int(rnd.caps[j]),
+                       "image_strip": str(strip), "users": [
             {"user": i, "prompt": rnd.prompts[i], "similarity_to_leader": float(g.similarity[i]),
+             "same_prompt_as_leader": bool(rnd.same_prompt[i]),
              "traits": [float(x) for x in rnd.traits[i]], "fidelity": float(fidelity[i]),
              "fidelity_predicted": float(predicted.fidelity[i]), "latency_s": float(predicted.latency_s[i]),
              "battery_j": float(predicted.battery_j[i]), "score": float(scores[i]),

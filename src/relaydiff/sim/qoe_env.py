@@ -13,10 +13,15 @@ a Box in [-1, 1]^(2 k_max) (user slots beyond K are ignored), sets per slot:
 
 and each group's shared steps s are then decided exactly for those shares
 (:meth:`QoEEnv.best_shared_steps`: the per-group optimum of the edge's surrogate QoE model, tried
-over s = 0..T at once). With ``learned_shared_steps=True`` the Box is [-1, 1]^(3 k_max) and the
+over s = 0..cap at once). The cap is the service's rule
+(:func:`relaydiff.system.grouping.shared_steps_caps`): the largest s that keeps the group's least
+similar follower at >= ``share_retention`` (0.95) of its prompt fidelity on the measured curves;
+``share_retention=None`` lets s run to T on the curves alone (before the live round showed the
+curves overrate sharing there, docs/qoe.md). With ``learned_shared_steps=True`` the Box is [-1, 1]^(3 k_max) and the
 policy sets s too (the decoding before issue 15's second attempt):
 
-- ``a[2k:3k]`` shared steps: a group's s = round(T mean_{i in g} (a_i + 1) / 2) (singletons 0).
+- ``a[2k:3k]`` shared steps: a group's s = round(T mean_{i in g} (a_i + 1) / 2) (singletons 0),
+  at most the cap.
 
 Why exact is the default (measured, docs/qoe.md): trained with learned s, the actors' step choices
 saved 24.7% of U-Net evaluations; the exact choice for the very same shares saved 42.3% at +5% QoE,
@@ -32,7 +37,8 @@ goes down at b_i B r_i, and the device decodes. Latency L_i = uplink_i + E_i + d
 battery J_i = p_tx uplink_i + p_rx down_i + decode_j_i; edge energy = ``edge_power_w`` tau
 (chain-steps run). Prompt fidelity: the family's full-large fidelity (the quality table), times a
 follower's retention after s shared steps at its similarity to the leader (the measured
-shared-prefix curves). The reward is the sum of the agents' scores (1-10 each).
+shared-prefix curves; 1 for a follower whose prompt is its leader's: it is conditioned on the same
+prompt throughout). The reward is the sum of the agents' scores (1-10 each).
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ from safetensors.numpy import load_file
 
 from relaydiff.sim.agents import Perception, QoEAgent, SurrogateAgent
 from relaydiff.system.bandwidth import inverse_cost_shares
-from relaydiff.system.grouping import group_prompts, Groups, load_sharing_cost, SharingCost
+from relaydiff.system.grouping import (group_prompts, Groups, load_sharing_cost, same_prompt_followers,
+                                       SHARE_RETENTION, shared_steps_caps, SharingCost)
 from relaydiff.system.problem import sample_instance
 from relaydiff.system.profiles import load_profile
 from relaydiff.system.quality import load_quality
@@ -106,6 +113,8 @@ class Round:
     rx_power_w: np.ndarray
     base_fidelity: np.ndarray
     tau_s: float
+    same_prompt: np.ndarray  # [K] a follower whose prompt is its leader's (keeps its fidelity at any s)
+    caps: np.ndarray  # [G] the most steps each group may share (shared_steps_caps)
 
     @property
     def k(self) -> int:
@@ -154,7 +163,8 @@ class QoEEnv(gym.Env):
                  agent: QoEAgent | None = None, pool: PromptPool | None = None,
                  sharing_cost: SharingCost | None = None, topics_per_user: float = 0.35,
                  group_threshold: float = 0.75, max_group: int = 8, allow_sharing: bool = True,
-                 edge_power_w: float | None = None, learned_shared_steps: bool = False) -> None:
+                 edge_power_w: float | None = None, learned_shared_steps: bool = False,
+                 share_retention: float | None = SHARE_RETENTION) -> None:
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
         self.k_min, self.k_max = int(k_min), int(k_max)
@@ -164,6 +174,9 @@ class QoEEnv(gym.Env):
         self.sharing_cost = sharing_cost or load_sharing_cost()
         self.topics_per_user, self.group_threshold, self.max_group = topics_per_user, group_threshold, max_group
         self.allow_sharing = allow_sharing
+        if share_retention is not None and not 0.0 < share_retention <= 1.0:
+            raise ValueError(f"share_retention must be in (0, 1] or None, got {share_retention}")
+        self.share_retention = share_retention
         self.learned_shared_steps = bool(learned_shared_steps)
         # the edge's own QoE model for the exact step choice: the reward's agent when it is the
         # surrogate, else a default surrogate (an LLM agent is asked once per round, not T + 1 times)
@@ -194,12 +207,17 @@ class QoEEnv(gym.Env):
         emb = self.pool.embeddings[idx]
         inst = sample_instance(self.scenario, n_users=k, seed=rng, quality_model=self._quality)
         batch = min(k, self._max_batch)
+        prompts = [self.pool.prompts[i] for i in idx]
+        groups = group_prompts(emb, self.group_threshold, self.max_group)
+        same = same_prompt_followers(groups, prompts)
+        caps = shared_steps_caps(groups, self.sharing_cost, self.steps, self.share_retention, same)
         return Round(
-            prompts=[self.pool.prompts[i] for i in idx], embeddings=emb, traits=rng.uniform(0.0, 1.0, (k, 5)),
-            groups=group_prompts(emb, self.group_threshold, self.max_group), capacity=inst.capacity,
+            prompts=prompts, embeddings=emb, traits=rng.uniform(0.0, 1.0, (k, 5)),
+            groups=groups, capacity=inst.capacity,
             spectral_eff=inst.spectral_eff, uplink_s=inst.uplink_s, decode_s=inst.decode_s, decode_j=inst.decode_j,
             tx_power_w=inst.tx_power_w, rx_power_w=inst.rx_power_w,
-            base_fidelity=np.full(k, self._full_fidelity), tau_s=self._edge_member.at(batch) / batch)
+            base_fidelity=np.full(k, self._full_fidelity), tau_s=self._edge_member.at(batch) / batch,
+            same_prompt=same, caps=caps if self.allow_sharing else np.zeros_like(caps))
 
     def _observe(self) -> np.ndarray:
         r = self.round
@@ -240,10 +258,7 @@ class QoEEnv(gym.Env):
         frac = (np.clip(a[2], -1, 1) + 1.0) / 2.0
         g = r.groups
         s = np.array([round(self.steps * frac[g.members(j)].mean()) for j in range(g.n_groups)], dtype=int)
-        s[g.sizes() < 2] = 0
-        if not self.allow_sharing:
-            s[:] = 0
-        return bandwidth, compute, s
+        return bandwidth, compute, np.minimum(s, r.caps)  # singletons and no sharing: caps 0
 
     def _user_terms(self, bandwidth: np.ndarray, compute: np.ndarray,
                     s_user: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -260,7 +275,7 @@ class QoEEnv(gym.Env):
         battery = r.tx_power_w * r.uplink_s + r.rx_power_w * down_s + r.decode_j
         follower = np.ones(r.k, dtype=bool)
         follower[g.leader] = False
-        retain = np.where(follower, self.sharing_cost.retain(g.similarity, s_user * self.sharing_cost.steps / t_steps), 1.0)
+        retain = np.where(follower & ~r.same_prompt, self.sharing_cost.retain(g.similarity, s_user * self.sharing_cost.steps / t_steps), 1.0)
         return r.base_fidelity * retain, latency, battery
 
     def _surrogate_scores(self, agent: SurrogateAgent, fidelity: np.ndarray, latency: np.ndarray,
@@ -291,23 +306,25 @@ class QoEEnv(gym.Env):
                        r.k * t_steps, self.edge_power_w * r.tau_s * chain_steps)
 
     def best_shared_steps(self, bandwidth: np.ndarray, compute: np.ndarray) -> np.ndarray:
-        """Each group's shared steps that maximize its members' summed score, given the shares.
+        """Each group's shared steps (at most its cap, ``Round.caps``) that maximize its members'
+        summed score, given the shares.
 
         Exact: a user's latency, fidelity and score depend on its own group's s only (the prefix
         runs on the group's pooled share), so trying every s in 0..T for all groups at once (one
-        [T + 1, K] evaluation) and taking each group's best is the optimum. It scores with the
+        [T + 1, K] evaluation) and taking each group's best within its cap is the optimum. It scores with the
         planner (the env's agent when that is the surrogate, a model the edge can evaluate; a
         default surrogate otherwise); ties go to the larger s (fewer U-Net evaluations).
         """
         r = self.round
         assert r is not None
         g = r.groups
-        multi = g.sizes() >= 2
-        if not self.allow_sharing or not multi.any():
+        multi = r.caps >= 1  # groups that may share (singletons and no sharing: cap 0)
+        if not multi.any():
             return np.zeros(g.n_groups, dtype=int)
         s_user = np.where(multi[g.label], np.arange(self.steps + 1)[:, None], 0)  # [T + 1, K]
         scores = self._surrogate_scores(self.planner, *self._user_terms(bandwidth, compute, s_user))
         totals = np.stack([np.bincount(g.label, weights=row, minlength=g.n_groups) for row in scores])  # [T + 1, G]
+        totals[np.arange(self.steps + 1)[:, None] > r.caps[None, :]] = -np.inf  # past the cap: not a candidate
         best = self.steps - np.argmax(totals[::-1] >= totals.max(axis=0) - 1e-9, axis=0)
         return np.where(multi, best, 0).astype(int)
 

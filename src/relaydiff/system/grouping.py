@@ -14,6 +14,16 @@ shared steps. The measured points are noisy (about 10 requests a bin, standard e
 each bin's curve is made non-increasing in s by isotonic regression (pool adjacent violators:
 sharing more of another prompt's steps cannot help) and read as the retention
 F_bin(s) / F_bin(0), interpolated linearly in s. The leader keeps its own fidelity.
+
+How far a group shares (one rule, for the service's rounds and the QoE env): a group's s is at
+most the largest s that keeps its least similar follower at >= ``SHARE_RETENTION`` of its prompt
+fidelity on these curves (:meth:`SharingCost.longest_sharing`, :func:`shared_steps_caps`). Past
+that the curves are not to be trusted: each bin holds about 10 measured followers, the bench's
+own variants of one scene, while a MiniLM similarity of 0.78-0.88 also joins prompts of other
+scenes, and at s = T a follower gets the leader's image (the live round of docs/qoe.md: such
+followers read 0.22-0.62 fidelity at s = T where the top bin's curve keeps 0.93 of 0.84). A
+follower whose prompt *is* its leader's does not bind the cap and keeps its fidelity at any s:
+it is conditioned on the same prompt throughout.
 """
 
 from __future__ import annotations
@@ -27,6 +37,11 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import squareform
 
 from relaydiff.system.quality import QualityTableError, REFERENCE_TABLE
+
+
+# A follower keeps at least this share of its prompt fidelity on the measured curves: the largest
+# shared prefix a group may run (see the module docstring; serve.rounds and sim.qoe_env apply it)
+SHARE_RETENTION = 0.95
 
 
 @dataclass(frozen=True)
@@ -110,12 +125,39 @@ class SharingCost:
             out[m] = np.interp(s[m], self.shared_steps, self.retention[j])
         return out
 
-    def longest_sharing(self, similarity: float, steps: int, retention: float) -> int:
+    def longest_sharing(self, similarity: float, steps: int, retention: float = SHARE_RETENTION) -> int:
         """The largest s (of ``steps``) that keeps a follower at ``similarity`` at >= ``retention`` of
         its prompt fidelity on these curves, read as a share of the measured T (0 if none does)."""
         keeps = self.retain(np.full(self.shared_steps.shape, similarity), self.shared_steps) >= retention
         share = float(self.shared_steps[keeps].max() / self.steps) if keeps.any() else 0.0
         return int(np.floor(share * steps + 1e-9))
+
+
+def same_prompt_followers(groups: Groups, prompts: list[str]) -> np.ndarray:
+    """[K] bool: True for a follower whose prompt is exactly its leader's (leaders: False)."""
+    if len(prompts) != groups.label.size:
+        raise ValueError(f"{len(prompts)} prompts for {groups.label.size} grouped users")
+    lead = groups.leader[groups.label]
+    return np.array([i != j and prompts[i] == prompts[j] for i, j in enumerate(lead.tolist())], dtype=bool)
+
+
+def shared_steps_caps(groups: Groups, cost: SharingCost, steps: int, retention: float | None = SHARE_RETENTION,
+                      same_prompt: np.ndarray | None = None) -> np.ndarray:
+    """[G] the most steps each group may share (see the module docstring): 0 for a singleton;
+    :meth:`SharingCost.longest_sharing` at the least similar follower whose prompt differs from the
+    leader's (``same_prompt``: :func:`same_prompt_followers`; None: every follower binds); ``steps``
+    when no follower binds or ``retention`` is None (the curves alone, up to T)."""
+    caps = np.where(groups.sizes() >= 2, steps, 0).astype(int)
+    if retention is None:
+        return caps
+    binds = np.ones(groups.label.size, dtype=bool) if same_prompt is None else ~np.asarray(same_prompt, dtype=bool)
+    binds[groups.leader] = False
+    for g in range(groups.n_groups):
+        m = groups.members(g)
+        m = m[binds[m]]
+        if caps[g] and m.size:
+            caps[g] = min(caps[g], cost.longest_sharing(float(groups.similarity[m].min()), steps, retention))
+    return caps
 
 
 def load_sharing_cost(path: str | Path = REFERENCE_TABLE) -> SharingCost:
@@ -143,4 +185,5 @@ def load_sharing_cost(path: str | Path = REFERENCE_TABLE) -> SharingCost:
                        f"measured shared_prefix bins of {path} (isotonic in s)")
 
 
-__all__ = ["Groups", "SharingCost", "group_prompts", "load_sharing_cost"]
+__all__ = ["SHARE_RETENTION", "Groups", "SharingCost", "group_prompts", "load_sharing_cost", "same_prompt_followers",
+           "shared_steps_caps"]
