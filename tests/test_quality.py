@@ -265,3 +265,67 @@ def test_step_cost_speedups_are_measured_per_round(tiny_family) -> None:
     assert out["repeats"] == 2 and set(out["step_ms"]) == {"large", "small"}
     assert out["speedup"]["8"] == {"median": 1.0, "min": 1.0, "max": 1.0}
     assert out["speedup"]["0"]["min"] <= out["speedup"]["0"]["median"] <= out["speedup"]["0"]["max"]
+
+
+def test_personalization_measures_the_device_segment_without_guidance(tiny_family, judge: Judge) -> None:
+    """Each style's curves at the request's guidance and at the bench's device guidance (the `_g1`
+    arms' style curve); k = T has no device segment and is not run twice; the adapter's step cost."""
+    from relaydiff.bench.quality import QualityBenchConfig, _personalization
+    from relaydiff.engine.runner import generate
+
+    cfg = QualityBenchConfig(family="tiny", steps=4, guidance=3.0, repeats=1, personal_prompts=2,
+                             personal_ks=(0, 2, 4), style_adapters={"outline": "style_a"}, device_guidance=1.0)
+    calls = []
+
+    def spy(family, reqs, plans, max_batch):
+        calls.append(plans[0])
+        return generate(family, reqs, plans, max_batch=max_batch)
+
+    out = _personalization(cfg, tiny_family, World(32), judge, spy, lambda _m: None)
+    style = out["styles"]["outline"]
+    assert out["device_guidance"] == 1.0 and out["split_points"] == [0, 2, 4]
+    for key in ("style_fidelity", "prompt_fidelity", "style_fidelity_device_guidance",
+                "prompt_fidelity_device_guidance"):
+        assert len(style[key]) == 3 and all(0.0 <= v <= 1.0 for v in style[key]), key
+    assert style["style_fidelity_device_guidance"][2] == style["style_fidelity"][2]  # k = T: the same chain
+    device = [p.segments[-1] for p in calls if p.segments[-1].node == "device"]
+    assert [(s.start, s.guidance) for s in device] == [(0, None), (0, 1.0), (2, None), (2, 1.0)]
+    assert all(s.adapter == "style_a" for s in device) and len(calls) == 5  # k = T run once
+    cost = out["adapter_step_cost"]
+    assert cost["adapter"] == "style_a" and cost["member"] == "small" and set(cost["by_guidance"]) == {"3", "1"}
+    assert set(cost["by_guidance"]["1"]) == {"batch1", "batch8"}
+    json.dumps(out, allow_nan=False)
+
+    cfg_off = QualityBenchConfig(family="tiny", steps=4, repeats=1, personal_prompts=2, personal_ks=(0, 4),
+                                 style_adapters={"outline": "style_a"}, device_guidance=None)
+    off = _personalization(cfg_off, tiny_family, World(32), judge, generate, lambda _m: None)
+    assert "device_guidance" not in off and "style_fidelity_device_guidance" not in off["styles"]["outline"]
+    assert set(off["adapter_step_cost"]["by_guidance"]) == {"3"}
+
+
+def test_adapter_step_cost_is_paired_per_round(tiny_family) -> None:
+    """Adapter and plain steps alternate in each round; the factor is each round's ratio, so a clock
+    that charges the adapter's U-Net calls twice reads about x2."""
+    from relaydiff.bench.quality import adapter_step_cost
+
+    family = tiny_family
+    now = [0.0]
+    real = family.denoise
+
+    def charged(member, adapter, *args, **kwargs):
+        now[0] += 2.0 if adapter else 1.0
+        return real(member, adapter, *args, **kwargs)
+
+    family.denoise = charged
+    try:
+        out = adapter_step_cost(family, "small", "style_b", (1, 2), (3.0, 1.0), repeats=3, clock=lambda: now[0])
+    finally:
+        del family.denoise
+    assert out["repeats"] == 3 and out["clock"] == "<lambda>" and set(out["by_guidance"]) == {"3", "1"}
+    for g in ("3", "1"):
+        for b in ("batch1", "batch2"):
+            row = out["by_guidance"][g][b]
+            assert row["factor"] == {"median": 2.0, "min": 2.0, "max": 2.0}, (g, b, row)
+            assert row["plain_ms"]["median"] == 1000.0 and row["adapter_ms"]["median"] == 2000.0
+    with pytest.raises(ValueError, match="unknown adapter"):
+        adapter_step_cost(family, "small", "nope")

@@ -23,7 +23,10 @@ Every number comes from real generation with the engine and is read by the shipp
 - `shared_prefix`: fidelity versus number of shared steps per prompt-similarity bin (a request's
   prompt vs its group leader's, MiniLM cosine) and the fit Q(x) = L / (1 + exp(k (x - x0))) + C;
 - `personalization`: style and prompt fidelity versus split point, large (edge, no adapter) for
-  0..k then the user's style adapter on small (device) for k..T.
+  0..k then the user's style adapter on small (device) for k..T; with `device_guidance` set, the
+  same curves with the device segment at that guidance (`*_device_guidance`), and
+  `adapter_step_cost`: the small member's step with the style adapter against without it, at
+  batch 1 and 8 and at each guidance, interleaved over repeats (the factor's median and spread).
 """
 
 from __future__ import annotations
@@ -485,27 +488,97 @@ def _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_sim
 
 
 def _personalization(cfg, family, world, judge, generate, say) -> dict[str, Any]:
+    """Style and prompt fidelity of each user style over the split points, with the device segment at
+    the request's guidance and (when ``cfg.device_guidance`` is set) at that guidance too, plus the
+    style adapter's per-step cost on the small member (:func:`adapter_step_cost`)."""
     T = cfg.steps
     mapping = cfg.style_adapters or {s: s for s in USER_STYLES if s in family.adapters}
     if not mapping:
         return {"skipped": f"family has no adapters named after the styles {USER_STYLES}"}
     ks = tuple(cfg.personal_ks) if cfg.personal_ks is not None else _grid(T, 2)
+    dg = cfg.device_guidance
     out: dict[str, Any] = {"plan": f"{cfg.large}@edge for 0..k, {cfg.small}+<style adapter>@device for k..{T}",
                            "split_points": list(ks), "styles": {}}  # fmt: skip
+    if dg is not None:
+        out["device_guidance"] = dg
+        out["plan_device_guidance"] = f"the same with the device segment at guidance {dg:g} (keys *_device_guidance)"
     for si, (style, adapter) in enumerate(sorted(mapping.items())):
         if adapter not in family.adapters:
             raise ValueError(f"style {style!r} maps to unknown adapter {adapter!r}")
         batch = world.batch(cfg.personal_prompts, seed=cfg.seed + 404 + si, split="heldout", styles=(style,))
         reqs = _requests(batch.prompts, cfg, seed0=cfg.seed * 100_000 + 70_000 + si * 1000)
-        sf, pf = [], []
+        curves: dict[float | None, tuple[list[float], list[float]]] = {None: ([], [])}
+        if dg is not None:
+            curves[dg] = ([], [])
         for k in ks:
-            plans = [Plan.relay(cfg.large, cfg.small, k, T, adapter=adapter)] * len(reqs)
-            images = np.stack([r.image for r in generate(family, reqs, plans, max_batch=cfg.max_batch)])
-            sf.append(style_fidelity(images, [style] * len(images), judge))
-            pf.append(prompt_fidelity(images, batch.scenes, judge).fidelity)
+            for g, (sf, pf) in curves.items():
+                if g is not None and k == T:  # no device segment: the same chain as the guided curve's
+                    sf.append(curves[None][0][-1])
+                    pf.append(curves[None][1][-1])
+                    continue
+                plans = [Plan.relay(cfg.large, cfg.small, k, T, adapter=adapter, device_guidance=g)] * len(reqs)
+                images = np.stack([r.image for r in generate(family, reqs, plans, max_batch=cfg.max_batch)])
+                sf.append(style_fidelity(images, [style] * len(images), judge))
+                pf.append(prompt_fidelity(images, batch.scenes, judge).fidelity)
+        sf, pf = curves[None]
         out["styles"][style] = {"adapter": adapter, "style_fidelity": sf, "prompt_fidelity": pf}
-        say(f"personalization {style}: style fidelity {sf}")
+        say(f"personalization {style}: style fidelity {[round(v, 3) for v in sf]}")
+        if dg is not None:
+            out["styles"][style]["style_fidelity_device_guidance"] = curves[dg][0]
+            out["styles"][style]["prompt_fidelity_device_guidance"] = curves[dg][1]
+            say(f"personalization {style} (device guidance {dg:g}): style fidelity "
+                f"{[round(v, 3) for v in curves[dg][0]]}")
+    adapter = mapping[sorted(mapping)[0]]
+    guidances = (cfg.guidance,) if dg is None or dg == cfg.guidance else (cfg.guidance, dg)
+    out["adapter_step_cost"] = adapter_step_cost(family, cfg.small, adapter, (1, 8), guidances,
+                                                 max(cfg.repeats, 5))
+    for g, rows in out["adapter_step_cost"]["by_guidance"].items():
+        say(f"adapter {adapter} on {cfg.small} at guidance {g}: step cost x"
+            + ", x".join(f"{row['factor']['median']:.2f} ({b})" for b, row in rows.items()))
     return out
+
+
+def adapter_step_cost(family: Any, member: str, adapter: str, batches: Sequence[int] = (1, 8),
+                      guidances: Sequence[float] = (3.0,), repeats: int = 5, steps: int = 5,
+                      clock: Callable[[], float] | None = None) -> dict[str, Any]:
+    """Per-step cost of ``member`` with the style ``adapter`` active against without it, per batch and
+    guidance, measured interleaved (the order alternates each round) over ``repeats`` rounds with the
+    engine's step timer (:func:`relaydiff.engine.profile.measure_step_latency`); per round the factor
+    is adapter / plain; the median and the spread over rounds are reported.
+
+    ``clock``: None = this thread's CPU time on CPU with one torch thread (the compute alone, whatever
+    else a shared host runs), else wall time."""
+    if adapter not in family.adapters:
+        raise ValueError(f"unknown adapter {adapter!r}; this family has {sorted(family.adapters)}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if clock is None:
+        cpu_only = family.device.type == "cpu" and torch.get_num_threads() == 1
+        clock, clock_name = (time.thread_time, "thread_time") if cpu_only else (time.perf_counter, "perf_counter")
+    else:
+        clock_name = getattr(clock, "__name__", "custom")
+    times = {(g, b, a): [] for g in guidances for b in batches for a in (None, adapter)}
+    for r in range(repeats):
+        for g in guidances:
+            for b in batches:
+                for a in ((None, adapter) if r % 2 == 0 else (adapter, None)):
+                    times[(g, b, a)].append(measure_step_latency(family, member, [b], steps=steps, guidance=g,
+                                                                 adapter=a, clock=clock)[b])
+
+    def spread(v: np.ndarray, scale: float = 1.0) -> dict[str, float]:
+        return {"median": float(np.median(v)) * scale, "min": float(v.min()) * scale, "max": float(v.max()) * scale}
+
+    by_guidance: dict[str, dict[str, Any]] = {}
+    for g in guidances:
+        rows = {}
+        for b in batches:
+            plain, styled = np.asarray(times[(g, b, None)]), np.asarray(times[(g, b, adapter)])
+            rows[f"batch{b}"] = {"plain_ms": spread(plain, 1000), "adapter_ms": spread(styled, 1000),
+                                 "factor": spread(styled / plain)}
+        by_guidance[f"{g:g}"] = rows
+    spec = family.adapters[adapter]
+    return {"member": member, "adapter": adapter, "rank": getattr(spec, "rank", None), "repeats": repeats,
+            "steps": steps, "clock": clock_name, "by_guidance": by_guidance}
 
 
 def _jsonable(d: dict) -> dict:
