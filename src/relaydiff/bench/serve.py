@@ -47,6 +47,7 @@ from relaydiff.engine.handoff import decode_handoff, encode_handoff
 from relaydiff.engine.plan import Plan, Request
 from relaydiff.engine.runner import generate, resume
 from relaydiff.serve.client import AsyncDeviceClient, DeviceClient, finish_locally, job_payload, ServiceError
+from relaydiff.serve.edge import EdgeSettings
 
 PROMPTS = ("a red circle left of a blue square", "a green star", "two yellow triangles", "a purple square above a circle",
            "a small blue star", "a big red circle below a green triangle", "an orange square", "three pink circles")
@@ -88,7 +89,8 @@ class EdgeProcess:
     """``relaydiff serve edge`` as a child process on 127.0.0.1 (killable: the restart fault)."""
 
     def __init__(self, family: str, workdir: Path, token: str, scheduler: str, *, fetch_timeout_s: float,
-                 report_timeout_s: float, max_queue: int, steps: int | None, ray_replicas: int | None = None):
+                 report_timeout_s: float, max_queue: int, steps: int | None, ray_replicas: int | None = None,
+                 round_gap_s: float | None = None):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens = workdir / "tokens"
@@ -97,7 +99,8 @@ class EdgeProcess:
                      "--port", str(self.port), "--tokens", str(self.tokens), "--db", str(workdir / "jobs.sqlite"),
                      "--scheduler", scheduler, "--fetch-timeout", str(fetch_timeout_s), "--report-timeout",
                      str(report_timeout_s), "--max-queue", str(max_queue), "--rate", "1000", "--burst", "1000",
-                     "--threads", "1"] + (["--steps", str(steps)] if steps else [])
+                     "--threads", "1"] + (["--steps", str(steps)] if steps else []) + \
+            (["--round-gap", str(round_gap_s)] if round_gap_s is not None else [])
         self.ray = ray_replicas is not None
         if self.ray:   # Ray Serve's own local cluster on 127.0.0.1, one CPU per replica
             self.args += ["--ray", "--replicas", str(ray_replicas)]
@@ -256,7 +259,8 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
 
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
                     scheduler: str = "local_search", seed: int = 0, steps: int | None = None, restart: bool = True,
-                    calibration_pairs: int = 6, log=print, ray_replicas: int | None = None) -> dict[str, Any]:
+                    calibration_pairs: int = 6, log=print, ray_replicas: int | None = None,
+                    round_gap_s: float | None = None) -> dict[str, Any]:
     if ray_replicas is not None:
         if not _ray_installed():
             raise RuntimeError(RAY_MISSING)
@@ -271,7 +275,7 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
     with tempfile.TemporaryDirectory(prefix="relaydiff-bench-serve-") as tmp:
         edge = EdgeProcess(family_name, Path(tmp), token, scheduler, fetch_timeout_s=20.0,
                            report_timeout_s=report_timeout, max_queue=max(256, 4 * clients), steps=steps,
-                           ray_replicas=ray_replicas)
+                           ray_replicas=ray_replicas, round_gap_s=round_gap_s)
         t_start = time.perf_counter()
         try:
             edge.start(timeout_s=600.0 if ray_replicas else 900.0)
@@ -325,7 +329,9 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
         "jobs_per_replica": dict(sorted(per_replica.items())), "load_s": load_s,
         "config": {"family": family_name, "clients": clients, "duration_s": duration_s, "dropout": dropout,
                    "scheduler": scheduler, "seed": seed, "steps": steps, "report_timeout_s": report_timeout,
-                   "restart": restart, "ray_replicas": ray_replicas},
+                   "restart": restart, "ray_replicas": ray_replicas,
+                   "round_gap_s": EdgeSettings.round_gap_s if round_gap_s is None else round_gap_s,
+                   "round_window_s": EdgeSettings.round_window_s},
         "hardware": f"{_cpu_name()}, {os.cpu_count()} cores, CPU only, shared host; "
                     f"{edge_desc}, devices 1 thread in the bench process",
     }

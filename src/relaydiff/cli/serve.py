@@ -29,7 +29,9 @@ def serve_edge_cmd(
     max_queue: int = typer.Option(256, help="Unfinished jobs before new ones get 503."),
     rate: float = typer.Option(20.0, help="Job submissions per second per client (429 above)."),
     burst: int = typer.Option(40, help="Burst of submissions per client."),
-    round_window: float = typer.Option(0.02, help="Seconds of arrivals decided together as one round."),
+    round_window: float = typer.Option(0.02, help="A round closes at most this many seconds after its first job ..."),
+    round_gap: float = typer.Option(0.005, help="... or this many seconds after its latest (a lone job waits only "
+                                                "this; >= --round-window: a fixed window)."),
     fetch_timeout: float = typer.Option(10.0, help="Seconds a device has to fetch its handoff (then fallback)."),
     report_timeout: float = typer.Option(30.0, help="Seconds a device has to report after fetching (then fallback)."),
     status_thumbnails: bool = typer.Option(False, help="Show finished images on the public status page."),
@@ -46,7 +48,8 @@ def serve_edge_cmd(
     check(steps is None or steps >= 1, "--steps must be >= 1")
     check(max_batch >= 1 and max_queue >= 1 and burst >= 1 and rate > 0, "--max-batch, --max-queue, --burst and --rate "
           "must be positive")
-    check(fetch_timeout > 0 and report_timeout > 0 and round_window >= 0, "timeouts must be > 0, --round-window >= 0")
+    check(fetch_timeout > 0 and report_timeout > 0 and round_window >= 0 and round_gap >= 0,
+          "timeouts must be > 0, --round-window and --round-gap >= 0")
     check(threads >= 0, "--threads must be >= 0")
     check(replicas >= 1, "--replicas must be >= 1")
     if ray:
@@ -72,8 +75,8 @@ def serve_edge_cmd(
         table = TokenTable.from_file(tokens)
         fam = load_family(family)
         settings = EdgeSettings(scheduler=scheduler, scenario=scenario, db_path=str(db), default_steps=steps,
-                                round_window_s=round_window, max_batch=max_batch, max_queue=max_queue,
-                                rate_per_s=rate, burst=burst, fetch_timeout_s=fetch_timeout,
+                                round_window_s=round_window, round_gap_s=round_gap, max_batch=max_batch,
+                                max_queue=max_queue, rate_per_s=rate, burst=burst, fetch_timeout_s=fetch_timeout,
                                 report_timeout_s=report_timeout, status_thumbnails=status_thumbnails,
                                 share_prefix=share_prefix)
         app = build_ray_app(family, settings, table, replicas, threads=threads or 1) if ray else \
@@ -146,19 +149,21 @@ def bench_serve_cmd(
     ray: bool = typer.Option(False, "--ray", help="Bench the edge on a local Ray Serve (127.0.0.1, the optional "
                                                   "extra 'ray') with --replicas engine replicas; no restart."),
     replicas: int = typer.Option(None, help="With --ray: engine replicas, one CPU each (default 1)."),
+    round_gap: float = typer.Option(None, help="The edge's --round-gap (default: the edge's own)."),
 ) -> None:
     """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
     check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
     check(0.0 <= dropout <= 1.0, f"--dropout must be in [0, 1], got {dropout}")
     check(replicas is None or ray, "--replicas needs --ray")
     check(replicas is None or replicas >= 1, "--replicas must be >= 1")
+    check(round_gap is None or round_gap >= 0, "--round-gap must be >= 0")
     # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.serve import run_serve_bench
 
     log = (lambda *a: None) if as_json else console.print
     try:
         report = run_serve_bench(family, clients, duration, dropout, scheduler, seed, steps, restart, pairs, log=log,
-                                 ray_replicas=(replicas or 1) if ray else None)
+                                 ray_replicas=(replicas or 1) if ray else None, round_gap_s=round_gap)
     except RuntimeError as exc:
         fail(str(exc))
     text = json.dumps(report, indent=2)

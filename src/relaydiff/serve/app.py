@@ -44,23 +44,42 @@ def job_view(rec: JobRecord) -> JobView:
 
 
 class RoundBatcher:
-    """Collects submissions for ``window_s`` and decides them as one round (in a worker thread)."""
+    """Collects submissions into rounds and decides each round in a worker thread.
 
-    def __init__(self, service: EdgeService, window_s: float):
+    A round closes ``gap_s`` after its latest submission (a quiet gap: nothing more is arriving) or
+    ``window_s`` after its first, whichever comes first: jobs submitted together arrive within a few
+    ms of each other and stay one round, while a lone job waits only the gap, not the whole window.
+    ``gap_s`` None or >= ``window_s``: a fixed window from the first submission.
+    """
+
+    def __init__(self, service: EdgeService, window_s: float, gap_s: float | None = None):
         self.service, self.window_s = service, window_s
+        self.gap_s = window_s if gap_s is None else min(gap_s, window_s)
         self._pending: list[tuple[str, JobRequest, asyncio.Future]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._opened = 0.0   # loop time of the open round's first submission
+        self._deciding: set[asyncio.Future] = set()   # rounds being decided (kept referenced)
 
     async def submit(self, client: str, job: JobRequest, timeout_s: float) -> JobRecord:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future = loop.create_future()
+        now = loop.time()
+        if not self._pending:
+            self._opened = now
         self._pending.append((client, job, fut))
-        if self._timer is None:
-            self._timer = loop.call_later(self.window_s, lambda: asyncio.ensure_future(self._flush()))
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_at(min(self._opened + self.window_s, now + self.gap_s), self._close)
         return await asyncio.wait_for(asyncio.shield(fut), timeout_s)
 
-    async def _flush(self) -> None:
+    def _close(self) -> None:
+        """(The timer.) The open round is complete: decide it while the next one opens."""
         batch, self._pending, self._timer = self._pending, [], None
+        task = asyncio.ensure_future(self._decide(batch))
+        self._deciding.add(task)
+        task.add_done_callback(self._deciding.discard)
+
+    async def _decide(self, batch: list[tuple[str, JobRequest, asyncio.Future]]) -> None:
         try:
             records = await asyncio.to_thread(self.service.admit, [(c, j) for c, j, _ in batch])
         except Exception as exc:  # one bad round must not leave its submitters hanging
@@ -121,7 +140,7 @@ def create_app(family: Family, settings: EdgeSettings | None = None, tokens: Tok
     settings = settings or EdgeSettings()
     metrics = ServiceMetrics()
     service = EdgeService(family, settings, metrics)
-    batcher = RoundBatcher(service, settings.round_window_s)
+    batcher = RoundBatcher(service, settings.round_window_s, settings.round_gap_s)
     limiter = RateLimiter(settings.rate_per_s, settings.burst)
     tokens = tokens or TokenTable({})
 

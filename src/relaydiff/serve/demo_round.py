@@ -63,7 +63,7 @@ def serve_one_round(family: Family, device_family: Family, steps: int, seed: int
     """
     tokens = {d.name: f"{d.name}-demo-token-{i:04d}" for i, d in enumerate(devices)}
     styles = sorted(device_family.adapters)
-    settings = EdgeSettings(scheduler=scheduler, default_steps=steps, round_window_s=0.25,
+    settings = EdgeSettings(scheduler=scheduler, default_steps=steps, round_window_s=0.25, round_gap_s=None,
                             fetch_timeout_s=timeout_s, report_timeout_s=timeout_s,
                             share_prefix=False)   # dissimilar prompts: no groups, and no MiniLM to load
     app = create_app(family, settings, TokenTable(tokens))

@@ -1,6 +1,7 @@
 """Deciding a round of live jobs with a scheduler (seed 000: admission, split, bandwidth).
 
-Jobs that arrived within one window become one :class:`~relaydiff.system.problem.RoundInstance`:
+The jobs of one round (``serve.app.RoundBatcher``: arrivals closer than a quiet gap, capped at
+the round window) become one :class:`~relaydiff.system.problem.RoundInstance`:
 per-user numbers come from the job (its preferences, its device class's measured profile, its
 prompt's complexity and whether it wants a personal style), the edge and the wireless cell from a
 scenario (the channel draw is seeded by the round id: the edge does not see the real radio). The
