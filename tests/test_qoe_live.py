@@ -79,3 +79,17 @@ def test_pairs_run_the_envs_groups_on_the_engine(tmp_path) -> None:
     for row in report["rows"]:
         assert len(row["fidelity"]) == 2 and all(0.0 <= f <= 1.0 for f in row["fidelity"])
     assert json.loads((tmp_path / "p.json").read_text())["followers"] == report["followers"]
+
+
+def test_live_rounds_summary_pairs_the_arms() -> None:
+    from relaydiff.bench.qoe_live import summarize_rounds
+
+    rows = {"capped": [{"qoe": 10.0, "qoe_predicted": 11.0, "unet_evals_saved": 0.1},
+                       {"qoe": 20.0, "qoe_predicted": 20.0, "unet_evals_saved": 0.2}],
+            "uncapped": [{"qoe": 9.0, "qoe_predicted": 12.0, "unet_evals_saved": 0.5},
+                         {"qoe": 21.0, "qoe_predicted": 25.0, "unet_evals_saved": 0.4}]}
+    s = summarize_rounds(rows)
+    assert s["capped"]["gap_mean"] == pytest.approx(-0.5) and s["uncapped"]["gap_mean"] == pytest.approx(-3.5)
+    assert s["capped"]["unet_evals_saved_mean"] == pytest.approx(0.15) and s["uncapped"]["rounds"] == 2
+    assert s["capped_minus_uncapped_qoe"]["per_round"] == pytest.approx([1.0, -1.0])
+    assert s["capped_minus_uncapped_qoe"]["mean"] == pytest.approx(0.0)

@@ -15,6 +15,7 @@ user's fidelity (measured and as the simulator predicted it) and score, with the
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import time
@@ -136,4 +137,78 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     return report
 
 
-__all__ = ["LiveQoEConfig", "run_qoe_live"]
+RULES: dict[str, float | None] = {"capped": SHARE_RETENTION, "uncapped": None}  # share_retention of each arm
+
+
+def _round_row(report: dict[str, Any]) -> dict[str, Any]:
+    """One live round in a line: QoE measured and predicted, U-Net evaluations saved, the shared
+    steps of its groups, and the fidelity of the followers whose prompt is not their leader's."""
+    others = [u for g in report["groups"] if len(g["users"]) > 1 for u in g["users"]
+              if u["user"] != g["leader"] and not u["same_prompt_as_leader"]]
+    return {"seed": report["config"]["seed"], "users": report["users"], "qoe": report["qoe"],
+            "qoe_predicted": report["qoe_predicted"], "unet_evals_saved": report["unet_evals_saved"],
+            "fidelity": report["fidelity_mean"], "fidelity_predicted": report["fidelity_predicted_mean"],
+            "shared_steps": [g["shared_steps"] for g in report["groups"] if len(g["users"]) > 1],
+            "other_prompt_followers": len(others),
+            "other_followers_fidelity": float(np.mean([u["fidelity"] for u in others])) if others else None,
+            "other_followers_fidelity_predicted": float(np.mean([u["fidelity_predicted"] for u in others])) if others else None}
+
+
+def summarize_rounds(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per arm the mean QoE measured and predicted, the gap (measured - predicted) and its SD over
+    rounds, the U-Net evaluations saved; and the paired capped - uncapped QoE per round."""
+    out: dict[str, Any] = {}
+    for arm, rs in rows.items():
+        q, p = np.array([r["qoe"] for r in rs]), np.array([r["qoe_predicted"] for r in rs])
+        out[arm] = {"rounds": len(rs), "qoe_mean": float(q.mean()), "qoe_predicted_mean": float(p.mean()),
+                    "gap_mean": float((q - p).mean()), "gap_sd": float((q - p).std(ddof=1)) if len(q) > 1 else None,
+                    "unet_evals_saved_mean": float(np.mean([r["unet_evals_saved"] for r in rs]))}
+    if set(rows) >= {"capped", "uncapped"}:
+        d = np.array([a["qoe"] - b["qoe"] for a, b in zip(rows["capped"], rows["uncapped"])])
+        out["capped_minus_uncapped_qoe"] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
+                                            "per_round": d.tolist()}
+    return out
+
+
+def live_rounds(policy: str, seeds: int = 5, family: str = "reference", out: str = "out/qoe_live_rounds",
+                say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Rounds 0..seeds-1 of the policy, each run twice on the engine: the env's shared steps capped
+    by the service's rule and uncapped (the same round, shares and noise); writes ``out``/rounds.json
+    (each run's own report under ``out``/ARM/SEED) and returns it."""
+    t0 = time.perf_counter()
+    rows: dict[str, list[dict[str, Any]]] = {arm: [] for arm in RULES}
+    for seed in range(seeds):
+        for arm, retention in RULES.items():
+            report = run_qoe_live(LiveQoEConfig(policy=policy, family=family, seed=seed, share_retention=retention,
+                                                out=str(Path(out) / arm / str(seed))), say=lambda s: None)
+            rows[arm].append(_round_row(report))
+            say(json.dumps({"arm": arm, **rows[arm][-1]}))
+    result = {"policy": policy, "family": family, "rules": RULES, "hardware": hardware_info(), "rows": rows,
+              "summary": summarize_rounds(rows), "wall_s": time.perf_counter() - t0}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "rounds.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m relaydiff.bench.qoe_live",
+                                 description="Live QoE rounds of a policy, shared steps capped and uncapped (paired).")
+    ap.add_argument("--policy", default="out/bench_qoe/policies/gddpg_seed0")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--family", default="reference")
+    ap.add_argument("--out", default="out/qoe_live_rounds")
+    a = ap.parse_args(argv)
+    if a.seeds < 1:
+        raise SystemExit("error: --seeds must be >= 1")
+    try:
+        result = live_rounds(a.policy, a.seeds, a.family, a.out)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps(result["summary"], indent=1))
+
+
+__all__ = ["LiveQoEConfig", "live_rounds", "run_qoe_live", "summarize_rounds"]
+
+
+if __name__ == "__main__":
+    main()
