@@ -11,6 +11,8 @@ Two calibrations run first (after a warm-up pair), one request at a time, interl
 HTTP (end to end) and in this process through the engine (edge part, handoff encode/decode,
 device part); ``http_overhead`` = 1 - mean engine latency / mean HTTP latency (the pairs' spread beside it), and
 ``sequential_images_per_s`` = 1 / the engine's mean latency (a one-job-at-a-time server).
+``pairs_ms`` keeps each pair (HTTP, in-process, and the HTTP job's time to its 202: the round's
+wait and decision), ``http_planned_ms_mean`` the last one's mean.
 
 With ``ray_replicas=N`` (``--ray --replicas N``) the same clients and calibration run against
 ``relaydiff serve edge --ray --replicas N`` instead: the child starts its own local Ray on
@@ -214,7 +216,7 @@ async def _confirm_done(url: str, owner: dict[str, str], timeout_s: float) -> tu
 def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:
     """Paired, interleaved: each request over HTTP and in-process, order alternating."""
     rng = np.random.default_rng(seed)
-    http_ms, engine_ms = [], []
+    http_ms, engine_ms, planned_ms = [], [], []
     with DeviceClient(url, token, family, timeout_s=120) as device:
         for r in range(-1, n):   # r = -1: a warm-up pair (first calls on both sides), not counted
             prompt, s = PROMPTS[r % len(PROMPTS)], int(rng.integers(2**31))
@@ -222,6 +224,7 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
 
             def over_http(key: str) -> tuple[float, dict]:
                 out = device.run(prompt, s, device_class=cls, steps=steps, idempotency_key=key)
+                planned.append(out.marks_ms["planned"])
                 return out.latency_ms, out.job
 
             def in_process(job: dict) -> float:
@@ -237,6 +240,7 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
                     resume(family, decode_handoff(wire))
                 return (time.perf_counter() - t0) * 1e3
 
+            planned: list[float] = []
             if r % 2 == 0:
                 h, job = over_http(f"cal-{seed}-{r}")
                 e = in_process(job)
@@ -249,12 +253,15 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
             if r >= 0:
                 http_ms.append(h)
                 engine_ms.append(e)
+                planned_ms.append(planned[-1])
     h, e = np.array(http_ms), np.array(engine_ms)
     share = 1.0 - e / h   # per pair: the spread; the figure is the share of the mean latency
     return {"http_ms_mean": float(h.mean()), "engine_ms_mean": float(e.mean()),
             "http_overhead": float(1.0 - e.mean() / h.mean()),
             "http_overhead_pair_sd": float(share.std(ddof=1)) if n > 1 else 0.0,
-            "sequential_images_per_s": float(1e3 / e.mean()), "pairs": n}
+            "sequential_images_per_s": float(1e3 / e.mean()), "pairs": n,
+            "http_planned_ms_mean": float(np.mean(planned_ms)),
+            "pairs_ms": [[round(a, 2), round(b, 2), round(c, 2)] for a, b, c in zip(http_ms, engine_ms, planned_ms)]}
 
 
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
