@@ -221,6 +221,95 @@ def test_arms_from_a_table_without_the_needed_curves(tmp_path):
         load_relay_arms((ArmSpec(7, 1.0),))
 
 
+def _table_with(tmp_path, unguided: float | None = 0.5, factors: dict[str, float] | None = None) -> Path:
+    """The reference table with (or without: None) the curves `bench quality` adds: the style curves at
+    device guidance 1 (each style's guided curve times ``unguided``) and the adapter's step cost."""
+    table = json.loads(REFERENCE_TABLE.read_text())
+    pers = table["personalization"]
+    pers.pop("device_guidance", None)
+    pers.pop("adapter_step_cost", None)
+    for v in pers["styles"].values():
+        v.pop("style_fidelity_device_guidance", None)
+        if unguided is not None:
+            v["style_fidelity_device_guidance"] = [unguided * f for f in v["style_fidelity"]]
+    if unguided is not None:
+        pers["device_guidance"] = 1.0
+    if factors is not None:
+        pers["adapter_step_cost"] = {"member": "small", "adapter": "dark", "by_guidance": {
+            g: {"batch1": {"factor": {"median": f, "min": f, "max": f}},
+                "batch8": {"factor": {"median": 1.1, "min": 1.1, "max": 1.1}}} for g, f in factors.items()}}
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(table))
+    return path
+
+
+def test_unguided_arms_read_the_style_curve_without_device_guidance(tmp_path):
+    guidance = json.loads(REFERENCE_TABLE.read_text())["config"]["guidance"]
+    old = {a.name: a for a in load_relay_arms(table=_table_with(tmp_path, None))}
+    new = {a.name: a for a in load_relay_arms(table=_table_with(tmp_path, 0.5, {f"{guidance:g}": 1.6, "1": 2.2}))}
+    for name in ("device_only_g1", "relay_k6_g1", "relay_k10_g1", "relay_k14_g1"):
+        assert new[name].style_fidelity == pytest.approx(0.5 * old[name].style_fidelity), name
+        assert "at device guidance 1" in new[name].style_source
+        assert "no style curve at device guidance 1" in old[name].style_source  # an old table says so
+        assert new[name].adapter_factor == 2.2 and old[name].adapter_factor == 1.0
+        assert "no personalization.adapter_step_cost" in old[name].adapter_source
+    for name in ("device_only", "relay_k8", "relay_k14"):  # guided device segments: the guided curve
+        assert new[name].style_fidelity == old[name].style_fidelity and new[name].adapter_factor == 1.6
+        assert f"at guidance {guidance:g}, batch 1" in new[name].adapter_source
+    assert new["edge_only"].adapter_factor == 1.0 and new["edge_only"].adapter_source == "no device segment"
+    assert new["device_only"].fidelity == old["device_only"].fidelity
+
+
+def test_arms_from_a_table_with_broken_new_curves(tmp_path):
+    path = _table_with(tmp_path, 0.5, {"1": 2.2})  # no factor at the request's guidance
+    with pytest.raises(QualityTableError, match="adapter_step_cost' has no factor at guidance"):
+        load_relay_arms((ArmSpec(8),), path)
+    assert load_relay_arms((ArmSpec(0, 1.0),), path)[0].adapter_factor == 2.2
+    with pytest.raises(QualityTableError, match="positive batch-1 factor"):
+        load_relay_arms(table=_table_with(tmp_path, 0.5, {"1": 0.0}))
+    table = json.loads(path.read_text())
+    del table["personalization"]["adapter_step_cost"]["by_guidance"]["1"]["batch1"]
+    path.write_text(json.dumps(table))
+    with pytest.raises(QualityTableError, match=r"by_guidance\.1' needs batch1\.factor\.median"):
+        load_relay_arms(table=path)
+    table = json.loads(_table_with(tmp_path, 0.5).read_text())
+    next(iter(table["personalization"]["styles"].values()))["style_fidelity_device_guidance"] = [0.5]
+    path.write_text(json.dumps(table))
+    with pytest.raises(QualityTableError, match="style_fidelity_device_guidance list per style"):
+        load_relay_arms(table=path)
+
+
+def test_a_styled_device_step_costs_the_adapter_factor(tmp_path):
+    """The simulator charges a styled user's device steps the measured adapter factor (and the
+    context tells the policy who is styled); unstyled users and the edge are unchanged."""
+    guidance = json.loads(REFERENCE_TABLE.read_text())["config"]["guidance"]
+    sc = load_relay_scenario("stationary").model_copy(update={"requests": 200})
+    plain = RelayStream(sc, _pool(), seed=0, arms=load_relay_arms(table=_table_with(tmp_path, 0.5)))
+    arms = load_relay_arms(table=_table_with(tmp_path, 0.5, {f"{guidance:g}": 1.6, "1": 2.2}))
+    st = RelayStream(sc, _pool(), seed=0, arms=arms)
+    styled = st.rho > 0
+    assert styled.any() and (~styled).any()
+    names = st.arm_names
+    for name, factor in (("device_only", 1.6), ("relay_k10_g1", 2.2), ("edge_only", 1.0)):
+        a = names.index(name)
+        dev = plain._device_s[:, a] - plain.decode_s
+        np.testing.assert_allclose(st._device_s[styled, a] - st.decode_s[styled], factor * dev[styled])
+        np.testing.assert_allclose(st._device_s[~styled, a], plain._device_s[~styled, a])
+    res, base = st.run(lambda x, e: names.index("device_only")), plain.run(lambda x, e: names.index("device_only"))
+    assert (res.latency_s[styled] > base.latency_s[styled]).all()
+    np.testing.assert_array_equal(res.latency_s[~styled], base.latency_s[~styled])
+    j = CONTEXT_FEATURES.index("wl*styled")
+    i_s, i_p = int(np.flatnonzero(styled)[0]), int(np.flatnonzero(~styled)[0])
+    assert st.context(i_s, [])[j] == pytest.approx(1 - st.wq[i_s]) and st.context(i_p, [])[j] == 0.0
+    # the shared model's features carry the extra device time per arm
+    cols = arm_context_features(names)
+    feats = dict(zip(cols, arm_feature_matrix(arms)[names.index("device_only_g1")]))
+    a = arms[names.index("device_only_g1")]
+    assert feats["wl*styled x device_frac_adapter"] == pytest.approx(a.device_row_factor * (2.2 - 1.0))
+    assert dict(zip(cols, arm_context(st.context(i_s, []), len(arms))))["wl*styled x device_frac_adapter"] == \
+        pytest.approx(1 - st.wq[i_s])
+
+
 def test_relay_scenarios_validate():
     assert {"stationary", "complexity_shift", "network_degradation", "load_spike"} <= set(available_relay_scenarios())
     for name in available_relay_scenarios():
@@ -397,7 +486,7 @@ def test_shared_model_learns_faster_than_one_model_per_arm():
 
 
 def test_projected_decision_equals_the_full_one():
-    """The relay's 28 columns are a 0/1 map of 17 numbers: deciding from those (SharedLinUCB.project) gives
+    """The relay's 29 columns are a 0/1 map of 18 numbers: deciding from those (SharedLinUCB.project) gives
     the same UCB scores as the full quadratic forms, before and after updates, and a bad map is refused."""
     from relaydiff.sim.relay_arm_features import arm_context, arm_context_lift, arm_context_projection
 
@@ -419,7 +508,7 @@ def test_projected_decision_equals_the_full_one():
                                        rtol=1e-9, atol=1e-12)
             assert relay.decide(x) == bandit.decide_projected(u) == int(np.argmax(ucb))
         relay.update(int(rng.integers(len(st.arms))), x, float(rng.uniform(-1, 1)))
-    with pytest.raises(BanditError, match=r"proj: need finite numbers of shape \[28, m\]"):
+    with pytest.raises(BanditError, match=r"proj: need finite numbers of shape \[29, m\]"):
         bandit.project(np.ones((5, 3)))
 
 
@@ -433,7 +522,7 @@ def test_relay_bandit_checks_the_relay_context_and_round_trips(tmp_path):
     bad[CONTEXT_FEATURES.index("wq*pc2")] = np.nan  # a feature the shared model does not read: still an error
     with pytest.raises(BanditError, match=r"context\[4\] \(wq\*pc2\)"):
         bandit.decide(bad)
-    with pytest.raises(BanditError, match="context: expected 16 relay features"):
+    with pytest.raises(BanditError, match="context: expected 17 relay features"):
         bandit.update(0, x[:5], 0.1)
     with pytest.raises(BanditError, match="arm: unknown arm 'nope'"):
         bandit.update("nope", x, 0.1)

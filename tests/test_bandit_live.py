@@ -124,3 +124,24 @@ def test_device_time_is_rescaled_by_the_step_measured_after_it(tiny, monkeypatch
         np.testing.assert_allclose(device_s, expected, rtol=1e-9)
         assert len(live.reference_steps) == (3 if recal else 0)
     assert measured == ["small"] * 3
+
+
+def test_model_check_compares_live_with_the_simulators_model(tiny):
+    """Per arm and user kind: measured device time over the modelled one, quality minus expected."""
+    from relaydiff.serve.bandit_live import model_check
+
+    live = _live(tiny, n=4)
+    st, names = live.stream, live.stream.arm_names
+    dev, edge = names.index("device_only"), names.index("edge_only")
+    live.finished = {(i, dev): (st.expected_q[i, dev] + 0.1, 1.5 * (st._device_s[i, dev] - st.decode_s[i]))
+                     for i in range(4)}
+    live.finished[0, edge] = (st.expected_q[0, edge] - 0.2, 0.0)
+    out = model_check(live)
+    kinds = {"styled" if st.rho[i] > 0 else "plain" for i in range(4)}
+    assert set(out["device_only"]) == kinds
+    for row in out["device_only"].values():
+        assert abs(row["device_time_over_model_median"] - 1.5) < 1e-9
+        assert abs(row["quality_minus_expected_mean"] - 0.1) < 1e-9
+    (row,) = out["edge_only"].values()
+    assert row["n"] == 1 and row["device_time_over_model_median"] is None
+    assert abs(row["quality_minus_expected_mean"] + 0.2) < 1e-9

@@ -3,7 +3,7 @@
 Every algorithm serves the same request streams (:class:`relaydiff.sim.relay_stream.RelayStream`,
 common random numbers per seed) of each scenario in ``scenarios/relay/``; prompts are held-out
 world prompts featurized from their text (:mod:`relaydiff.serve.bandit_prompts`). ``linucb`` is
-disjoint LinUCB on the 16-number relay context (the algorithm MABWiser's LinUCB implements);
+disjoint LinUCB on the 17-number relay context (the algorithm MABWiser's LinUCB implements);
 ``linucb_shared`` is the relay scheduler of record: one LinUCB model for all arms over the context
 combined with each arm's measured descriptors (:mod:`relaydiff.sim.relay_arm_features`). Reported per
 algorithm (top level: the stationary scenario; ``by_scenario``: each): mean reward, cumulative
@@ -288,7 +288,8 @@ def _run_task(task: tuple, say: Callable[[str], None] = lambda s: None) -> dict[
     out: dict[str, Any] = {"phase_starts": stream.phase_starts, "runs": {}, "arms": [
         {"name": a.name, "k": a.k, "device_guidance": a.device_guidance, "fidelity_by_objects": list(a.fidelity),
          "fidelity_std": a.fidelity_std, "style_fidelity": a.style_fidelity, "device_row_factor": a.device_row_factor,
-         "source": a.source, "style_source": a.style_source} for a in stream.arms]}
+         "source": a.source, "style_source": a.style_source,
+         "adapter_factor": a.adapter_factor, "adapter_source": a.adapter_source} for a in stream.arms]}
     # the peers on the first scenario only: MABWiser's partial_fit costs ~6 ms an update here
     algos = _algorithms(cfg, stream, peers=cfg.peers and sc_name == cfg.scenarios[0])
     trained = {}

@@ -353,7 +353,7 @@ class SharedLinUCB(Bandit):
     def project(self, proj: Any) -> None:
         """Also keep the decision's stack for contexts ``proj @ u`` ([dim, m], m < dim; see ``decide_projected``).
 
-        When the context is a fixed linear map of fewer numbers (the relay's 28 columns repeat 17 numbers),
+        When the context is a fixed linear map of fewer numbers (the relay's 29 columns repeat 18 numbers),
         z_a' A^-1 z_a = u' (M_a' A^-1 M_a) u and theta . z_a = (M_a' theta) . u with M_a = diag(f_a) proj:
         a decision reads k (m x m) matrices instead of k (dim x dim) ones. It is not saved: the caller who
         knows the map sets it again after loading."""

@@ -1,12 +1,12 @@
 """A bandit that picks relay configurations from the relay context (what the bench, the live run and the
 service call).
 
-Every caller holds the relay context of :data:`relaydiff.sim.relay_stream.CONTEXT_FEATURES` (16
+Every caller holds the relay context of :data:`relaydiff.sim.relay_stream.CONTEXT_FEATURES` (17
 numbers the edge observes when a request arrives). The disjoint policies (``linucb``, ``lints``,
 ``egreedy``, ``swlinucb``) read it as is; ``linucb_shared`` reads it combined with the arms'
 measured descriptors (:mod:`relaydiff.sim.relay_arm_features`). :class:`RelayBandit` hides the
 difference: ``decide(context) -> arm index`` and ``update(arm, context, reward)``, with the context
-always the 16-number relay context.
+always the 17-number relay context.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class RelayBandit:
         dim = len(arm_context_features(bandit.arms)) if self.shared else len(CONTEXT_FEATURES)
         if bandit.needs_context and bandit.dim != dim:
             raise BanditError(f"bandit state: dim {bandit.dim} does not fit the relay context ({dim} for {bandit.kind})")
-        if self.shared:  # decisions from the 17 numbers the 28 columns repeat (SharedLinUCB.project)
+        if self.shared:  # decisions from the 18 numbers the 29 columns repeat (SharedLinUCB.project)
             bandit.project(arm_context_projection(len(bandit.arms)))
 
     @classmethod

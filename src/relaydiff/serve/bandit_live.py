@@ -275,10 +275,36 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
         runs.append(live.serve(f"fixed_{name}", fixed.decide, None))
         say(f"{runs[-1].name}: mean utility {np.mean(runs[-1].rewards):.4f}")
     out = _summary(cfg, runs, names, scale, here, edge_measured, t_start, live.reference_steps)
+    out["model_check"] = model_check(live)
+    out["arms"] = {a.name: {"style_fidelity": a.style_fidelity, "style_source": a.style_source,
+                            "adapter_factor": a.adapter_factor, "adapter_source": a.adapter_source}
+                   for a in stream.arms}
     out["saved_state"] = saved
     if report_dir is not None:
         out["report"] = _report(out, runs, names, Path(report_dir))
     return out
+
+
+def model_check(live: LiveStream) -> dict[str, Any]:
+    """Live against the simulator's model of the same (request, arm), per arm and for users with and
+    without a style adapter: the median ratio of the measured device time (decode excluded) to the
+    modelled one (the profile's steps times the arm's row and adapter factors), and the mean quality
+    read by the judge minus the arm's expected quality. Where the two disagree, the table or the
+    pricing misses something (the style curve without device guidance, the adapter's cost)."""
+    st = live.stream
+    rows: dict[str, dict[str, Any]] = {}
+    for (i, a), (q, device_s) in sorted(live.finished.items()):
+        key = "styled" if st.rho[i] > 0 else "plain"
+        row = rows.setdefault(st.arm_names[a], {}).setdefault(key, {"ratio": [], "dq": []})
+        model = st._device_s[i, a] - st.decode_s[i]
+        if model > 0:
+            row["ratio"].append(device_s / model)
+        row["dq"].append(q - st.expected_q[i, a])
+    return {name: {key: {"n": len(r["dq"]),
+                         "device_time_over_model_median": float(np.median(r["ratio"])) if r["ratio"] else None,
+                         "quality_minus_expected_mean": float(np.mean(r["dq"]))}
+                   for key, r in sorted(by.items())}
+            for name, by in rows.items()}
 
 
 def _table_path(table: str) -> Path:
@@ -369,4 +395,4 @@ def _report(out: dict[str, Any], runs: list[LiveRun], names: tuple[str, ...], fo
     return [str(folder / "bandit_live.json"), str(png)]
 
 
-__all__ = ["LiveConfig", "LiveRun", "LiveStream", "run_live", "train_in_simulator"]
+__all__ = ["LiveConfig", "LiveRun", "LiveStream", "model_check", "run_live", "train_in_simulator"]

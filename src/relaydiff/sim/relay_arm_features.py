@@ -16,7 +16,9 @@ context quantity (``ARM_CONTEXT_FEATURES[j]``'s left part, read from the relay c
   tokens, w_q * rho and w_q * rho * tokens (the model learns how the prompt's length maps onto the
   three measured rows; the object count itself is never seen), and w_q * rho * the style fidelity;
 - latency, -w_l * L / L_ref: the device's share of the chain ((T - k) / T times the measured cost of
-  a step without guidance) times w_l and times w_l * decode / L_ref; the edge's share k / T times the
+  a step without guidance) times w_l and times w_l * decode / L_ref; for a user with a style
+  adapter (w_l * styled) the extra device time its LoRA costs, the device's share times (the arm's
+  measured adapter factor - 1); the edge's share k / T times the
   edge chain time; whether the arm hands off (k > 0) times the link time, the edge backlog and w_l *
   the edge occupancy;
 - an intercept per arm (one-hot).
@@ -36,6 +38,7 @@ _LATENCY = (  # (context quantity, arm descriptor)
     ("wl", "device_frac"),
     ("wl*decode_s/ref", "device_frac"),
     ("wl*decode_s/ref", "1"),
+    ("wl*styled", "device_frac_adapter"),
     ("wl*link_s/ref", "hands_off"),
     ("wl*edge_chain_s/ref", "edge_frac"),
     ("wl*edge_backlog_s/ref", "hands_off"),
@@ -54,8 +57,10 @@ def arm_feature_matrix(arms: Sequence[RelayArm]) -> np.ndarray:
     """[arms, columns]: each arm's measured descriptors (see the module docstring)."""
     rows = []
     for i, a in enumerate(arms):
+        device_frac = (a.steps - a.k) / a.steps * a.device_row_factor
         desc = {"1": 1.0, "style_fidelity": a.style_fidelity, "edge_frac": a.k / a.steps,
-                "device_frac": (a.steps - a.k) / a.steps * a.device_row_factor, "hands_off": float(a.k > 0),
+                "device_frac": device_frac, "device_frac_adapter": device_frac * (a.adapter_factor - 1.0),
+                "hands_off": float(a.k > 0),
                 **{f"fidelity{c}": f for c, f in zip(COMPLEXITY_CLASSES, a.fidelity)}}
         rows.append([desc[d] for _, d in _COLUMNS] + list(np.eye(len(arms))[i]))
     return np.array(rows)
@@ -86,7 +91,7 @@ def arm_context(x: np.ndarray, n_arms: int) -> np.ndarray:
 
 def arm_context_lift(x: np.ndarray) -> np.ndarray:
     """The relay context with its one product appended, ``w_l * edge_occupancy``: ``arm_context(x)`` is a
-    0/1 matrix (:func:`arm_context_projection`) times this vector (17 numbers for 28 columns)."""
+    0/1 matrix (:func:`arm_context_projection`) times this vector (18 numbers for 29 columns)."""
     u = np.empty(len(x) + 1)
     u[:-1] = x
     u[-1] = x[_OCC_SRC] * x[_WL]

@@ -10,7 +10,8 @@ The edge is a real queue: it runs batched steps of the large member like the eng
 (every call advances the oldest ``max_batch`` chains by one step; a call of b chains takes the
 edge profile's measured step latency at batch b), so the load a request sees depends on what was
 chosen before it. A chain that leaves the edge sends its latent down the user's link, then the
-device runs the remaining steps (its profile's step latency, times the arm's row factor) and decodes.
+device runs the remaining steps (its profile's step latency, times the arm's row factor, times the
+measured cost factor of the style adapter for a user who has one) and decodes.
 
 Reward (the user's utility) = w_q * Q - (1 - w_q) * min(L / L_ref, latency_cap), in
 [-latency_cap, 1]: Q = (1 - rho) * prompt fidelity + rho * style fidelity (rho = 0 without an
@@ -55,6 +56,7 @@ CONTEXT_FEATURES = (
     "wl*edge_backlog_s/ref",  # queued edge steps at full batches, over L_ref
     "wl*link_s/ref",  # the handoff latent at the measured downlink rate, over L_ref
     "wl*decode_s/ref",  # the device's decode time (its profile), over L_ref
+    "wl*styled",  # w_l if the user has a style adapter (its LoRA makes every device step cost more), else 0
     "edge_occupancy",  # chains in the edge's next batch / max_batch
     "device_log10_step_s",  # the device's speed: log10 of its measured step latency
     "link_log10_mbps",  # the measured downlink rate
@@ -119,7 +121,7 @@ def relay_context(prompt_features: np.ndarray, wq: float, rho: float, device_ste
     backlog_s = sum(rem) * edge_step_s[cap - 1] / cap
     return np.array([
         1.0, wq, wq * f[0], wq * f[1], wq * f[2], wq * f[3], wq * rho, wq * rho * f[0], wl,
-        wl * chain_s / ref, wl * backlog_s / ref, wl * link_s / ref, wl * decode_s / ref,
+        wl * chain_s / ref, wl * backlog_s / ref, wl * link_s / ref, wl * decode_s / ref, wl * float(rho > 0),
         min(n, cap) / cap,
         np.log10(device_step_s), np.log10(down_bps / 1e6),
     ])
@@ -206,8 +208,10 @@ class RelayStream:
         self.quality = (1 - self.rho[:, None]) * self.prompt_q + self.rho[:, None] * self.style_q
         k = np.array([a.k for a in self.arms])
         self._arm_k = k
+        # a styled user's device runs every step with their adapter: the arm's measured adapter factor
+        adapter = np.where(self.rho[:, None] > 0, np.array([a.adapter_factor for a in self.arms])[None, :], 1.0)
         self._device_s = ((sc.steps - k)[None, :] * np.array([a.device_row_factor for a in self.arms])[None, :]
-                          * self.device_step_s[:, None] + self.decode_s[:, None])  # [n, K]
+                          * adapter * self.device_step_s[:, None] + self.decode_s[:, None])  # [n, K]
         self._net_s = np.where(k[None, :] > 0, (self.up_s + self.link_s)[:, None], 0.0)
 
     # ---- the edge queue -----------------------------------------------------------------------

@@ -12,12 +12,18 @@ Where each number comes from (nothing is invented):
   ``relay_device_guidance.relay[k].by_objects`` without device guidance. The per-image spread is
   the table's standard error times sqrt(n_prompts).
 - style fidelity of a user's adapter: ``personalization.styles[*].style_fidelity`` at k, averaged
-  over the measured styles. It is measured with the device segment at the request's guidance; arms
-  without device guidance use the same curve (the table has no style curve without guidance: said
-  in ``RelayArm.style_source``).
+  over the measured styles, measured with the device segment at the request's guidance. Arms
+  without device guidance read ``style_fidelity_device_guidance`` (the same curves with the device
+  segment at ``personalization.device_guidance``); a table older than that curve has only the guided
+  one, which they then reuse (said in ``RelayArm.style_source``: live, it overstated styled users'
+  quality on relay_k10_g1 / relay_k14_g1 by about 0.2).
 - step costs: the edge and device profiles (:mod:`relaydiff.system.profiles`). A device segment
   without guidance runs one U-Net row a step instead of two; its cost factor is the table's measured
-  single-request wall-time ratio of the device-only chain without and with guidance.
+  single-request wall-time ratio of the device-only chain without and with guidance. A device step
+  with the user's style adapter (a LoRA) costs ``RelayArm.adapter_factor`` times a plain one: the
+  table's ``personalization.adapter_step_cost`` (the small member with against without the adapter,
+  batch 1, median over interleaved rounds) at the device segment's guidance; 1 for a table without
+  it (said in ``RelayArm.adapter_source``).
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class RelayArm:
     device_row_factor: float  # device step cost relative to a step with guidance (1, or the measured ratio)
     source: str
     style_source: str
+    adapter_factor: float = 1.0  # a device step with the user's style adapter over one without (measured)
+    adapter_source: str = "not measured"
 
     @property
     def edge_steps(self) -> int:
@@ -104,6 +112,46 @@ def _fidelity(point: dict[str, Any], field: str, path: Path) -> tuple[tuple[floa
     return tuple(float(by[c]) for c in COMPLEXITY_CLASSES), float(se)
 
 
+def _style_curve(pers: dict[str, Any], key: str, path: Path) -> dict[int, float]:
+    """The mean over styles of ``personalization.styles[*][key]``, by split point."""
+    curves = [s.get(key) for s in pers["styles"].values() if isinstance(s, dict)]
+    if not curves or any(not isinstance(c, list) or len(c) != len(pers["split_points"]) for c in curves):
+        raise QualityTableError(f"{path}: 'personalization' needs one {key} list per style, as long as split_points")
+    try:
+        mean = np.mean(np.asarray(curves, float), axis=0)
+    except (TypeError, ValueError):
+        raise QualityTableError(f"{path}: 'personalization' {key}: numbers expected") from None
+    return dict(zip((int(k) for k in pers["split_points"]), (float(v) for v in mean)))
+
+
+def _adapter_costs(entry: Any, path: Path) -> dict[float, float] | None:
+    """``personalization.adapter_step_cost``: the batch-1 factor's median per guidance (None: not in the table)."""
+    if entry is None:
+        return None
+    by = entry.get("by_guidance") if isinstance(entry, dict) else None
+    out = {}
+    for g, rows in (by.items() if isinstance(by, dict) else ()):
+        try:
+            out[float(g)] = float(rows["batch1"]["factor"]["median"])
+        except (KeyError, TypeError, ValueError):
+            raise QualityTableError(f"{path}: 'personalization.adapter_step_cost.by_guidance.{g}' needs "
+                                    "batch1.factor.median") from None
+    if not out or any(not np.isfinite(f) or f <= 0 for f in out.values()):
+        raise QualityTableError(f"{path}: 'personalization.adapter_step_cost' needs a positive batch-1 factor per "
+                                "guidance (relaydiff bench quality --json)")
+    return out
+
+
+def _adapter_factor(costs: dict[float, float] | None, guidance: Any, path: Path) -> tuple[float, str]:
+    """The style adapter's step cost factor at the device segment's guidance, and where it comes from."""
+    if costs is None:
+        return 1.0, f"{path}: no personalization.adapter_step_cost (a styled device step priced as a plain one)"
+    if guidance is None or float(guidance) not in costs:
+        raise QualityTableError(f"{path}: 'personalization.adapter_step_cost' has no factor at guidance {guidance} "
+                                f"(has {sorted(costs)})")
+    return costs[float(guidance)], f"{path}: personalization.adapter_step_cost at guidance {float(guidance):g}, batch 1"
+
+
 def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path = "auto") -> list[RelayArm]:
     """The arms ``specs`` priced from a quality table; a clear error names any curve the table lacks."""
     data, path = _read_table(table)
@@ -115,10 +163,13 @@ def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path
     pers = data.get("personalization")
     if not isinstance(pers, dict) or not isinstance(pers.get("styles"), dict) or "split_points" not in pers:
         raise QualityTableError(f"{path}: 'personalization' with split_points and styles is needed for the style curve")
-    curves = [s.get("style_fidelity") for s in pers["styles"].values() if isinstance(s, dict)]
-    if not curves or any(not isinstance(c, list) or len(c) != len(pers["split_points"]) for c in curves):
-        raise QualityTableError(f"{path}: 'personalization' needs one style_fidelity list per style")
-    style_curve = dict(zip((int(k) for k in pers["split_points"]), np.mean(np.asarray(curves, float), axis=0)))
+    style_curve = _style_curve(pers, "style_fidelity", path)
+    pers_dg = pers.get("device_guidance")
+    has_unguided = isinstance(pers_dg, (int, float)) and all(isinstance(v, dict) and "style_fidelity_device_guidance" in v
+                                               for v in pers["styles"].values())
+    style_curve_dg = _style_curve(pers, "style_fidelity_device_guidance", path) if has_unguided else None
+    adapter_cost = _adapter_costs(pers.get("adapter_step_cost"), path)
+    request_guidance = cfg.get("guidance")
     dg = data.get("relay_device_guidance")
     no_cfg = _points(dg.get("relay"), "relay_device_guidance.relay", path) if isinstance(dg, dict) else {}
     arms = []
@@ -146,11 +197,23 @@ def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path
         else:
             row_factor = 1.0
         near = min(style_curve, key=lambda s: abs(s - spec.k))
-        style_src = f"personalization k={near}" + (" (measured with device guidance; none without)" if guided else "")
+        if guided and style_curve_dg is not None and float(pers_dg) == float(spec.device_guidance):
+            style, style_src = style_curve_dg[near], f"personalization k={near} at device guidance {float(pers_dg):g}"
+        else:
+            style, style_src = style_curve[near], f"personalization k={near}"
+            if guided:
+                style_src += (" (measured with device guidance; the table has no style curve at device guidance "
+                              f"{spec.device_guidance:g}: rerun relaydiff bench quality)")
+        if spec.k == steps:
+            factor, factor_src = 1.0, "no device segment"
+        else:
+            g = spec.device_guidance if guided else request_guidance
+            factor, factor_src = _adapter_factor(adapter_cost, g, path)
         arms.append(RelayArm(
             name=spec.name(steps), k=spec.k, steps=steps, device_guidance=spec.device_guidance if guided else None,
-            fidelity=fid, fidelity_std=se * float(np.sqrt(n_prompts)), style_fidelity=float(style_curve[near]),
-            device_row_factor=row_factor, source=f"{path}: {field}[k={spec.k}]", style_source=style_src))
+            fidelity=fid, fidelity_std=se * float(np.sqrt(n_prompts)), style_fidelity=float(style),
+            device_row_factor=row_factor, source=f"{path}: {field}[k={spec.k}]", style_source=style_src,
+            adapter_factor=factor, adapter_source=factor_src))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise QualityTableError(f"arms: repeated configuration in {names}")
