@@ -201,8 +201,13 @@ def test_arms_come_from_the_measured_table():
     assert arms["edge_only"].fidelity == tuple(relay[20]["by_objects"][c] for c in "123")
     assert arms["relay_k8"].fidelity == tuple(relay[8]["by_objects"][c] for c in "123")
     assert arms["relay_k10_g1"].fidelity == tuple(no_cfg[10]["by_objects"][c] for c in "123")
-    assert arms["device_only_g1"].device_row_factor == pytest.approx(
-        no_cfg[0]["wall_s_single"] / relay[0]["wall_s_single"])
+    steps = table["personalization"].get("adapter_step_cost", {}).get("by_guidance", {})
+    g = f"{table['config']['guidance']:g}"
+    if g in steps and "1" in steps:  # a table with the per-step costs (bench quality since f5b8a7f)
+        row = steps["1"]["batch1"]["plain_ms"]["median"] / steps[g]["batch1"]["plain_ms"]["median"]
+    else:
+        row = no_cfg[0]["wall_s_single"] / relay[0]["wall_s_single"]
+    assert arms["device_only_g1"].device_row_factor == pytest.approx(row)
     assert arms["edge_only"].style_fidelity == 0.0 and arms["device_only"].style_fidelity > 0.5
 
 
@@ -258,6 +263,27 @@ def test_unguided_arms_read_the_style_curve_without_device_guidance(tmp_path):
         assert f"at guidance {guidance:g}, batch 1" in new[name].adapter_source
     assert new["edge_only"].adapter_factor == 1.0 and new["edge_only"].adapter_source == "no device segment"
     assert new["device_only"].fidelity == old["device_only"].fidelity
+
+
+def test_the_row_factor_comes_from_per_step_costs_when_measured(tmp_path):
+    """Without guidance a device step costs the measured plain step at guidance 1 over the one at the
+    request's guidance (the adapter rounds' plain steps); an older table: the chains' wall-time ratio."""
+    guidance = json.loads(REFERENCE_TABLE.read_text())["config"]["guidance"]
+    path = _table_with(tmp_path, 0.5, {f"{guidance:g}": 1.6, "1": 2.2})
+    old = {a.name: a for a in load_relay_arms(table=path)}
+    table = json.loads(path.read_text())
+    by = table["personalization"]["adapter_step_cost"]["by_guidance"]
+    by[f"{guidance:g}"]["batch1"]["plain_ms"] = {"median": 8.0, "min": 7.0, "max": 9.0}
+    by["1"]["batch1"]["plain_ms"] = {"median": 4.4, "min": 4.0, "max": 5.0}
+    path.write_text(json.dumps(table))
+    new = {a.name: a for a in load_relay_arms(table=path)}
+    relay = {p["k"]: p for p in table["relay"]}
+    no_cfg = {p["k"]: p for p in table["relay_device_guidance"]["relay"]}
+    assert old["relay_k10_g1"].device_row_factor == pytest.approx(no_cfg[0]["wall_s_single"] / relay[0]["wall_s_single"])
+    assert "wall_s_single" in old["relay_k10_g1"].row_source
+    for name in ("device_only_g1", "relay_k6_g1", "relay_k10_g1", "relay_k14_g1"):
+        assert new[name].device_row_factor == pytest.approx(0.55) and "plain steps" in new[name].row_source
+    assert new["relay_k8"].device_row_factor == 1.0 and new["device_only"].device_row_factor == 1.0
 
 
 def test_arms_from_a_table_with_broken_new_curves(tmp_path):

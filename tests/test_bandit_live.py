@@ -145,3 +145,33 @@ def test_model_check_compares_live_with_the_simulators_model(tiny):
     (row,) = out["edge_only"].values()
     assert row["n"] == 1 and row["device_time_over_model_median"] is None
     assert abs(row["quality_minus_expected_mean"] + 0.2) < 1e-9
+
+
+def test_a_styled_device_segment_is_not_charged_the_adapter_switch(tiny, monkeypatch):
+    """One process plays every user: switching a user's adapter in happens before the device timer
+    (a stand-in switch costs 100 clock units; each U-Net call 1), so a styled device-only request is
+    charged its steps alone, and an unstyled one no switch back."""
+    from relaydiff.serve.bandit_live import LiveConfig
+
+    now = [0.0]
+    monkeypatch.setattr(time, "thread_time", lambda: now[0])
+    live = _live(tiny, n=4)
+    live.cfg = LiveConfig(requests=4, max_batch=4, recalibrate=False)
+    live.style = ["style_a", None, "style_b", None]
+    real_unet, real_denoise = tiny.unet, tiny.denoise
+
+    def unet(member, adapter=None):
+        if tiny._active.get(member) != adapter:
+            now[0] += 100.0
+        return real_unet(member, adapter)
+
+    def denoise(*args, **kwargs):
+        now[0] += 1.0
+        return real_denoise(*args, **kwargs)
+
+    monkeypatch.setattr(tiny, "unet", unet)
+    monkeypatch.setattr(tiny, "denoise", denoise)
+    names, d = live.stream.arm_names, len(CONTEXT_FEATURES)
+    run = live.serve("device", FixedArm(names, d, arm=names.index("device_only")).decide, None)
+    device_s = np.array(run.latency_s) - live.stream.decode_s[:4]
+    np.testing.assert_allclose(device_s, 2.0 * live.stream.scenario.steps)  # scale 2 x 20 U-Net calls

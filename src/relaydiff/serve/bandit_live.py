@@ -14,7 +14,10 @@ driven by measured compute:
 - network: the prompt up and the handoff latent down at the user's link rate (the system model).
 - device: the small member (with the user's style adapter when they have one) runs the remaining
   steps here; its measured time is scaled by the device profile's step latency over this machine's
-  measured small-member step (both with guidance), and the profile's decode time is added. With
+  measured small-member step (both with guidance), and the profile's decode time is added. The
+  user's style adapter is switched in before the timer starts and every adapter is traced before the
+  run (a device keeps its user's adapter loaded; one process playing every user would otherwise
+  charge each styled segment a switch, about 7 ms here, and the first one a trace). With
   ``recalibrate`` (the default) this machine's step is measured again right after each device
   segment (median of 3 steps), so the scale follows the host's speed at that moment; one measurement
   at the start read 9.7 and 5.2 ms in two runs an hour apart on a shared 2-core host, which moved
@@ -154,6 +157,10 @@ class LiveStream:
             a = run.arms[idx]
             arm = st.arms[a]
             if (idx, a) not in self.finished:
+                if not chain.done:
+                    # the user's adapter (or none) is resident on their device: switching it (peft,
+                    # about 7 ms here) is what one process playing every user costs, not the device
+                    fam.unet(chain.segment.member, self.style[idx])
                 t0 = self.cfg.clock()
                 if not chain.done:
                     dev = Executor(fam, node="device", max_batch=1)
@@ -259,6 +266,10 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
                 say(f"policy: {bandit.kind} trained on {cfg.warm_requests} simulated requests of '{cfg.scenario}' "
                     f"(this machine's edge profile; mean reward {mean:.3f})")
         scale, here = _device_scale(family, stream, "small", guidance, cfg.clock)
+        for adapter in sorted(family.adapters):  # each adapter's trace is made now, not in a timed segment
+            for g in sorted({guidance, 1.0}):
+                measure_step_latency(family, "small", [1], steps=1, guidance=g, adapter=adapter, warmup=0,
+                                     clock=cfg.clock)
     say(f"device latency = measured small-member time here x (device profile step / {here * 1e3:.2f} ms measured "
         f"here{', re-measured after each device segment' if cfg.recalibrate else ''}): x{scale.min():.0f}.."
         f"x{scale.max():.0f} by device class at the start; plus the profile's decode time")

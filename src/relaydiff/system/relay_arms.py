@@ -18,8 +18,10 @@ Where each number comes from (nothing is invented):
   one, which they then reuse (said in ``RelayArm.style_source``: live, it overstated styled users'
   quality on relay_k10_g1 / relay_k14_g1 by about 0.2).
 - step costs: the edge and device profiles (:mod:`relaydiff.system.profiles`). A device segment
-  without guidance runs one U-Net row a step instead of two; its cost factor is the table's measured
-  single-request wall-time ratio of the device-only chain without and with guidance. A device step
+  without guidance runs one U-Net row a step instead of two; its cost factor is the ratio of the
+  small member's measured step at the two guidances (``personalization.adapter_step_cost``'s plain
+  steps, batch 1), or for an older table the single-request wall-time ratio of the device-only
+  chain without and with guidance (said in ``RelayArm.row_source``). A device step
   with the user's style adapter (a LoRA) costs ``RelayArm.adapter_factor`` times a plain one: the
   table's ``personalization.adapter_step_cost`` (the small member with against without the adapter,
   batch 1, median over interleaved rounds) at the device segment's guidance; 1 for a table without
@@ -71,6 +73,7 @@ class RelayArm:
     style_source: str
     adapter_factor: float = 1.0  # a device step with the user's style adapter over one without (measured)
     adapter_source: str = "not measured"
+    row_source: str = "the request's guidance"
 
     @property
     def edge_steps(self) -> int:
@@ -152,6 +155,38 @@ def _adapter_factor(costs: dict[float, float] | None, guidance: Any, path: Path)
     return costs[float(guidance)], f"{path}: personalization.adapter_step_cost at guidance {float(guidance):g}, batch 1"
 
 
+def _plain_step_ms(entry: Any) -> dict[float, float]:
+    """The small member's batch-1 step without an adapter per guidance, from ``adapter_step_cost`` (ms, median)."""
+    out = {}
+    by = entry.get("by_guidance") if isinstance(entry, dict) else None
+    for g, rows in (by.items() if isinstance(by, dict) else ()):
+        try:
+            v = float(rows["batch1"]["plain_ms"]["median"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(v) and v > 0:
+            out[float(g)] = v
+    return out
+
+
+def _row_factor(plain_ms: dict[float, float], guidance: Any, device_guidance: float, relay: dict[int, Any],
+                no_cfg: dict[int, Any], path: Path) -> tuple[float, str]:
+    """A device step at ``device_guidance`` over one at the request's guidance: the per-step costs the
+    table measured in the same interleaved rounds when it has them, else the device-only chain's
+    single-request wall time at both guidances (text encoding and decoding included, which made it
+    14-23% low against live device segments on the 8x8 family)."""
+    if guidance is not None and float(guidance) in plain_ms and float(device_guidance) in plain_ms:
+        return (plain_ms[float(device_guidance)] / plain_ms[float(guidance)],
+                f"{path}: personalization.adapter_step_cost plain steps, batch 1, guidance "
+                f"{float(device_guidance):g} over {float(guidance):g}")
+    base = relay.get(0, {}).get("wall_s_single")
+    mine = no_cfg.get(0, {}).get("wall_s_single")
+    if not base or not mine:
+        raise QualityTableError(f"{path}: device-only wall_s_single at both guidances is needed for the "
+                                "cost of a device segment without guidance")
+    return float(mine) / float(base), f"{path}: device-only wall_s_single without over with guidance"
+
+
 def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path = "auto") -> list[RelayArm]:
     """The arms ``specs`` priced from a quality table; a clear error names any curve the table lacks."""
     data, path = _read_table(table)
@@ -169,6 +204,7 @@ def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path
                                                for v in pers["styles"].values())
     style_curve_dg = _style_curve(pers, "style_fidelity_device_guidance", path) if has_unguided else None
     adapter_cost = _adapter_costs(pers.get("adapter_step_cost"), path)
+    plain_steps = _plain_step_ms(pers.get("adapter_step_cost"))
     request_guidance = cfg.get("guidance")
     dg = data.get("relay_device_guidance")
     no_cfg = _points(dg.get("relay"), "relay_device_guidance.relay", path) if isinstance(dg, dict) else {}
@@ -188,14 +224,9 @@ def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path
             raise QualityTableError(f"{path}: '{field}' has no point at k={spec.k} (has {sorted(points)})")
         fid, se = _fidelity(points[spec.k], field, path)
         if guided:
-            base = relay.get(0, {}).get("wall_s_single")
-            mine = no_cfg.get(0, {}).get("wall_s_single")
-            if not base or not mine:
-                raise QualityTableError(f"{path}: device-only wall_s_single at both guidances is needed for the "
-                                        "cost of a device segment without guidance")
-            row_factor = float(mine) / float(base)
+            row_factor, row_src = _row_factor(plain_steps, request_guidance, spec.device_guidance, relay, no_cfg, path)
         else:
-            row_factor = 1.0
+            row_factor, row_src = 1.0, "the request's guidance"
         near = min(style_curve, key=lambda s: abs(s - spec.k))
         if guided and style_curve_dg is not None and float(pers_dg) == float(spec.device_guidance):
             style, style_src = style_curve_dg[near], f"personalization k={near} at device guidance {float(pers_dg):g}"
@@ -213,7 +244,7 @@ def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path
             name=spec.name(steps), k=spec.k, steps=steps, device_guidance=spec.device_guidance if guided else None,
             fidelity=fid, fidelity_std=se * float(np.sqrt(n_prompts)), style_fidelity=float(style),
             device_row_factor=row_factor, source=f"{path}: {field}[k={spec.k}]", style_source=style_src,
-            adapter_factor=factor, adapter_source=factor_src))
+            adapter_factor=factor, adapter_source=factor_src, row_source=row_src))
     names = [a.name for a in arms]
     if len(set(names)) != len(names):
         raise QualityTableError(f"arms: repeated configuration in {names}")
