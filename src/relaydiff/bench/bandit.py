@@ -289,7 +289,8 @@ def _run_task(task: tuple, say: Callable[[str], None] = lambda s: None) -> dict[
         {"name": a.name, "k": a.k, "device_guidance": a.device_guidance, "fidelity_by_objects": list(a.fidelity),
          "fidelity_std": a.fidelity_std, "style_fidelity": a.style_fidelity, "device_row_factor": a.device_row_factor,
          "source": a.source, "style_source": a.style_source,
-         "adapter_factor": a.adapter_factor, "adapter_source": a.adapter_source} for a in stream.arms]}
+         "adapter_factor": a.adapter_factor, "adapter_source": a.adapter_source, "row_source": a.row_source}
+        for a in stream.arms]}
     # the peers on the first scenario only: MABWiser's partial_fit costs ~6 ms an update here
     algos = _algorithms(cfg, stream, peers=cfg.peers and sc_name == cfg.scenarios[0])
     trained = {}

@@ -288,7 +288,8 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
     out = _summary(cfg, runs, names, scale, here, edge_measured, t_start, live.reference_steps)
     out["model_check"] = model_check(live)
     out["arms"] = {a.name: {"style_fidelity": a.style_fidelity, "style_source": a.style_source,
-                            "adapter_factor": a.adapter_factor, "adapter_source": a.adapter_source}
+                            "adapter_factor": a.adapter_factor, "adapter_source": a.adapter_source,
+                            "device_row_factor": a.device_row_factor, "row_source": a.row_source}
                    for a in stream.arms}
     out["saved_state"] = saved
     if report_dir is not None:
