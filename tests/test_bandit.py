@@ -208,7 +208,9 @@ def test_arms_come_from_the_measured_table():
     else:
         row = no_cfg[0]["wall_s_single"] / relay[0]["wall_s_single"]
     assert arms["device_only_g1"].device_row_factor == pytest.approx(row)
-    assert arms["edge_only"].style_fidelity == 0.0 and arms["device_only"].style_fidelity > 0.5
+    styles = table["personalization"]["styles"].values()  # edge_only's style: the split point k = T
+    assert arms["edge_only"].style_fidelity == pytest.approx(np.mean([s["style_fidelity"][-1] for s in styles]))
+    assert arms["edge_only"].style_fidelity < 0.1 and arms["device_only"].style_fidelity > 0.5
 
 
 def test_arms_from_a_table_without_the_needed_curves(tmp_path):
