@@ -302,6 +302,20 @@ def test_personalization_measures_the_device_segment_without_guidance(tiny_famil
     assert "device_guidance" not in off and "style_fidelity_device_guidance" not in off["styles"]["outline"]
     assert set(off["adapter_step_cost"]["by_guidance"]) == {"3"}
 
+    # a guidance-distilled small member runs at guidance 1 either way: each k runs once, and the
+    # device-guidance curve is the guided one
+    calls.clear()
+    saved = tiny_family.guidance_distilled
+    tiny_family.guidance_distilled = {"small": 3.0}
+    try:
+        dist = _personalization(cfg, tiny_family, World(32), judge, spy, lambda _m: None)
+    finally:
+        tiny_family.guidance_distilled = saved
+    style = dist["styles"]["outline"]
+    assert len(calls) == 3 and [p.segments[-1].guidance for p in calls[:2]] == [None, None]
+    assert style["style_fidelity_device_guidance"] == style["style_fidelity"]
+    assert style["prompt_fidelity_device_guidance"] == style["prompt_fidelity"]
+
 
 def test_adapter_step_cost_is_paired_per_round(tiny_family) -> None:
     """Adapter and plain steps alternate in each round; the factor is each round's ratio, so a clock

@@ -511,12 +511,16 @@ def _personalization(cfg, family, world, judge, generate, say) -> dict[str, Any]
         if dg is not None:
             curves[dg] = ([], [])
         for k in ks:
+            guided = family.native_plan(Plan.relay(cfg.large, cfg.small, k, T, adapter=adapter))
             for g, (sf, pf) in curves.items():
-                if g is not None and k == T:  # no device segment: the same chain as the guided curve's
+                plan = Plan.relay(cfg.large, cfg.small, k, T, adapter=adapter, device_guidance=g)
+                if g is not None and family.native_plan(plan) == guided:
+                    # the same chain as the guided curve's (no device segment at k = T, or a
+                    # guidance-distilled small member, which runs at guidance 1 either way)
                     sf.append(curves[None][0][-1])
                     pf.append(curves[None][1][-1])
                     continue
-                plans = [Plan.relay(cfg.large, cfg.small, k, T, adapter=adapter, device_guidance=g)] * len(reqs)
+                plans = [plan] * len(reqs)
                 images = np.stack([r.image for r in generate(family, reqs, plans, max_batch=cfg.max_batch)])
                 sf.append(style_fidelity(images, [style] * len(images), judge))
                 pf.append(prompt_fidelity(images, batch.scenes, judge).fidelity)
