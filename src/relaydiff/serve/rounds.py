@@ -35,7 +35,7 @@ import numpy as np
 
 from relaydiff.engine.plan import Plan
 from relaydiff.sched.registry import available_solvers, get_solver
-from relaydiff.system.grouping import group_prompts, load_sharing_cost, SharingCost
+from relaydiff.system.grouping import group_prompts, load_sharing_cost, SHARE_RETENTION, SharingCost
 from relaydiff.system.problem import device_numbers, RoundInstance, sample_instance
 from relaydiff.system.profiles import load_profile, ProfileError
 from relaydiff.system.quality import load_quality, QualityModel
@@ -45,7 +45,6 @@ from relaydiff.system.scenario import load_scenario, Scenario
 COMPLEX_PROMPT_WORDS = 16
 PERSONALIZATION_WITH_ADAPTER = 0.5
 SHARE_SIMILARITY = 0.75      # group_prompts' default threshold: every two prompts of a group at least this similar
-SHARE_RETENTION = 0.95       # a follower keeps at least this share of its prompt fidelity (measured curves)
 SHARE_MAX_GROUP = 8
 _EMBEDDING_CACHE = 4096      # prompts whose embedding the decider keeps
 BANDIT_SCHEDULER = "bandit"  # the relay contextual bandit (not a round solver; see the module docstring)
