@@ -40,6 +40,8 @@ def _no_model_loads(*args, **kwargs):
     (["bench", "offload", "--policy", "/nowhere/policy"], "policy /nowhere/policy not found"),
     (["bench", "offload", "--from-json", "x.json"], "--from-json only redraws the plots"),
     (["train", "offload", "--families", "default,nope"], "unknown families ['nope']"),
+    (["bench", "quality", "--only", "relay,bogus"], "unknown bench quality section(s) ['bogus']"),
+    (["bench", "quality", "--only", "relay", "--update", "/nowhere/quality.json"], "cannot read the table"),
 ])
 def test_user_mistakes_end_in_one_error_line_before_any_model_loads(monkeypatch, args, says):
     import relaydiff.demo

@@ -343,3 +343,30 @@ def test_adapter_step_cost_is_paired_per_round(tiny_family) -> None:
             assert row["plain_ms"]["median"] == 1000.0 and row["adapter_ms"]["median"] == 2000.0
     with pytest.raises(ValueError, match="unknown adapter"):
         adapter_step_cost(family, "small", "nope")
+
+
+def test_one_section_is_measured_and_merged_into_a_table(tiny_family) -> None:
+    """`--only` runs the named sections alone; `--update` replaces just those in a table, records the
+    merge, recomputes the targets, and refuses a table of another family or chain."""
+    from relaydiff.bench.quality import QualityBenchConfig, bench_quality, parse_sections, update_table
+
+    assert parse_sections("shared_prefix, judge") == ("judge", "shared_prefix") and parse_sections("") is None
+    with pytest.raises(ValueError, match=r"unknown bench quality section\(s\) \['nope'\]"):
+        parse_sections("relay,nope")
+    cfg = QualityBenchConfig(family="tiny", steps=4, n_judge=20, sections=("judge",))
+    part = bench_quality(cfg, family=tiny_family)
+    assert part["sections"] == ["judge"] and "judge_accuracy" in part
+    assert not {"relay", "members", "vae_ceiling", "shared_prefix", "personalization"} & set(part)
+    assert set(part["targets"]) == {"judge_accuracy>=0.98"}
+
+    table = {"family": dict(part["family"]), "config": dict(part["config"], sections=None),
+             "judge_accuracy": {"per_fact": 0.5}, "relay": ["kept"], "targets": {"judge_accuracy>=0.98": False}}
+    merged = update_table(table, part)
+    assert merged["judge_accuracy"] == part["judge_accuracy"] and merged["relay"] == ["kept"]
+    assert merged["targets"]["judge_accuracy>=0.98"] == (part["judge_accuracy"]["per_fact"] >= 0.98)
+    assert [u["sections"] for u in merged["updates"]] == [["judge"]] and table["judge_accuracy"] == {"per_fact": 0.5}
+    assert [u["sections"] for u in update_table(merged, part)["updates"]] == [["judge"], ["judge"]]
+    with pytest.raises(ValueError, match="family"):
+        update_table(dict(table, family={"id": "other"}), part)
+    with pytest.raises(ValueError, match="differ in steps"):
+        update_table(dict(table, config=dict(table["config"], steps=20)), part)

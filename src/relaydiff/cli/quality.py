@@ -64,30 +64,53 @@ def bench_quality_cmd(
     device_guidance: float = typer.Option(1.0, help="Guidance of the device segment in the second relay curve "
                                           "(1: no CFG on the device)."),
     device_curve: bool = typer.Option(True, help="Measure that second relay curve."),
+    only: str = typer.Option("", help="Measure only these sections, comma-separated: judge, vae_ceiling, relay, "
+                                      "shared_prefix, personalization (default: all)."),
+    update: Path = typer.Option(None, help="Merge the measured sections into this existing table (a quality.json) "
+                                           "and write it back; the merge is recorded under 'updates'."),
     out: JsonOut = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Quality vs speed of a family on held-out prompts: members, relay, shared prefix, personalization."""
     # lazy: the CLI starts without torch; only this command loads what it runs
-    from relaydiff.bench.quality import QualityBenchConfig, bench_quality
+    from relaydiff.bench.quality import QualityBenchConfig, bench_quality, parse_sections, update_table
 
     check(steps >= 2 and n_prompts >= 2 and repeats >= 1, "--steps must be >= 2, --n-prompts >= 2 and --repeats >= 1")
+    try:
+        sections = parse_sections(only)
+    except ValueError as exc:
+        fail(str(exc))
+    table = None
+    if update is not None:
+        try:
+            table = json.loads(update.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            fail(f"--update {update}: cannot read the table ({exc})")
+        check(isinstance(table, dict) and "config" in table and "family" in table,
+              f"--update {update}: not a bench quality table (no config/family)")
     cfg = QualityBenchConfig(family=family, steps=steps, n_prompts=n_prompts, sampler=sampler, guidance=guidance,
                              seed=seed, repeats=repeats, judge_dir=str(judge) if judge else None, trace=trace,
-                             device_guidance=device_guidance if device_curve else None)
+                             device_guidance=device_guidance if device_curve else None, sections=sections)
     if quick:
         cfg = QualityBenchConfig(family=family, steps=min(steps, 8), n_prompts=min(n_prompts, 16), sampler=sampler,
                                  guidance=guidance, seed=seed, repeats=1, timing_batch=4, n_judge=200,
                                  shared_groups=2, personal_prompts=4, judge_dir=cfg.judge_dir, trace=trace,
-                                 device_guidance=cfg.device_guidance)
+                                 device_guidance=cfg.device_guidance, sections=sections)
     try:
         result = bench_quality(cfg, log=lambda msg: console.print(msg))
+        if table is not None:
+            result = update_table(table, result)
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     text = json.dumps(result, allow_nan=False)
+    if update is not None:
+        save_json(text, update)
     save_json(text, out)
     if as_json:
         print(text)
+        return
+    if "relay" not in result:
+        console.print({k: result[k] for k in ("sections", "targets") if k in result})
         return
     # lazy: the CLI starts without torch; only this command loads what it runs
     from rich.console import Console
