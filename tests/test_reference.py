@@ -169,6 +169,41 @@ def test_extending_a_constant_lr_stage_is_allowed(tiny_run, tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["large_train"]["steps"] == 6
 
 
+def test_style_steps_continue_one_style_to_its_own_length(tiny_run, tmp_path):
+    """`style_steps` trains one style longer than `style_train`: its shorter adapter is continued
+    from its checkpoint (constant LR, no EMA), which gives the adapter trained that long at once;
+    the other styles are left as they are."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    cfg, out, _ = tiny_run
+    longer = tiny_config(style_steps={"dark": 4})
+    assert longer.style_spec("dark").steps == 4 and longer.style_spec("outline").steps == cfg.style_train.steps
+    runs = {}
+    for name, parts in (("continued", ("data", "vae", "unet_small", "adapters", "checkpoints")),
+                        ("at_once", ("data", "vae", "unet_small"))):
+        run = runs[name] = tmp_path / name
+        for part in parts:
+            shutil.copytree(out / part, run / part)
+        (run / "config.json").write_text((out / "config.json").read_text())
+        train_reference(longer, run, stages=["styles"], resume=True, quiet=True)
+    a, b = (load_file(str(runs[n] / "adapters" / "dark.safetensors")) for n in ("continued", "at_once"))
+    before = load_file(str(out / "adapters" / "dark.safetensors"))
+    assert a.keys() == b.keys() == before.keys() and any(not torch.equal(a[k], before[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    assert (runs["continued"] / "adapters" / "outline.safetensors").read_bytes() == \
+        (out / "adapters" / "outline.safetensors").read_bytes()
+    assert ReferenceConfig.from_dict(json.loads(json.dumps(longer.to_dict()))) == longer  # round trip
+    with pytest.raises(TrainingError, match="trained 4 steps, not 3"):
+        train_reference(tiny_config(style_steps={"dark": 3}), runs["continued"], stages=["styles"], resume=True,
+                        quiet=True)
+    for bad in ({"pastel": 4}, {"dark": 0}):
+        with pytest.raises(TrainingError, match="style_steps"):
+            tiny_config(style_steps=bad)
+
+
 def test_decay_phase_keeps_the_constant_part_and_ends_near_zero():
     from relaydiff.models.reference import lr_at
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +156,9 @@ class ReferenceConfig:
     style_train: TrainSpec = field(default_factory=lambda: TrainSpec(steps=600, batch_size=48, lr=2e-3, warmup=50,
                                                                      ema_decay=0.0, weight_decay=0.0,
                                                                      checkpoint_every=200))
+    # styles that train for other than style_train.steps (same spec otherwise). Constant LR and no
+    # EMA: a longer run of a style is its shorter run continued, draw for draw
+    style_steps: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.small_distill <= 1.0:
@@ -171,6 +174,14 @@ class ReferenceConfig:
                                 f"{self.style_guidance_direction!r}")
         if self.small_guidance and not self.small_distill:
             raise TrainingError("small_guidance distils the large member's guided prediction: it needs small_distill > 0")
+        self.style_steps = {str(k): int(v) for k, v in dict(self.style_steps).items()}
+        odd = {k: v for k, v in self.style_steps.items() if k not in self.styles or v < 1}
+        if odd:
+            raise TrainingError(f"style_steps must map styles of {self.styles} to steps >= 1, got {odd}")
+
+    def style_spec(self, style: str) -> TrainSpec:
+        """The training spec of one style's adapter: ``style_train`` with that style's steps."""
+        return replace(self.style_train, steps=self.style_steps.get(style, self.style_train.steps))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +213,8 @@ def _comparable(d: dict[str, Any]) -> dict[str, Any]:
     d = dict(d)
     d.pop("threads", None)
     d.pop("decoder_steps", None)  # constant LR as well
+    if not d.get("style_train", {}).get("cosine", False):
+        d.pop("style_steps", None)  # constant LR as well
     for key in ("large_train", "small_train", "style_train", "large_continue"):
         if d.get(key) is not None and not d[key].get("cosine", False):
             d[key] = {k: v for k, v in d[key].items() if k not in ("steps", "decay_steps")}

@@ -273,9 +273,16 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     all_latents = _load_latents(out)
     for style in cfg.styles:
         path = out / "adapters" / f"{style}.safetensors"
-        if path.is_file():
+        spec = cfg.style_spec(style)
+        ckpt = Checkpoint(out, f"style-{style}")
+        trained = int(ckpt.state()["step"]) if ckpt.exists() else None
+        if path.is_file() and trained is not None and trained > spec.steps:
+            raise TrainingError(f"{path} was trained {trained} steps, not {spec.steps}: use a new --out")
+        if path.is_file() and (trained is None or trained == spec.steps):
             progress.note(f"style {style}: done")
             continue
+        # no adapter yet, or one trained for fewer steps than now planned: continued from its
+        # checkpoint (with --resume), which under a constant LR equals the longer run
         if style not in all_latents:
             raise TrainingError(f"no latents for style {style!r}: the 'vae' stage ran with other styles")
         unet = UNet2DConditionModel.from_pretrained(str(small_dir), local_files_only=True)
@@ -292,8 +299,8 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
         latents = all_latents[style]
         shift = (base_guidance_shift(unet, uncond[0].float().to(run.device), cfg.small_guidance,
                                       cfg.style_guidance_direction) if cfg.small_guidance else None)
-        _train_denoiser(cfg, out, progress, run, f"style-{style}", unet, cfg.style_train, latents,
+        _train_denoiser(cfg, out, progress, run, f"style-{style}", unet, spec, latents,
                         torch.arange(len(latents)), text, uncond[0], params, names, state_fn, target_shift=shift,
-                        row_weights=row_weights(cfg, cfg.style_train, len(latents)))
+                        row_weights=row_weights(cfg, spec, len(latents)))
         write_adapter_file(path, {k: v.cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=style).items()}, member="small",
                            rank=cfg.lora_rank, alpha=float(cfg.lora_rank), targets=cfg.lora_targets, style=style)
