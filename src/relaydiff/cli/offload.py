@@ -7,6 +7,7 @@ import json
 import typer
 
 from relaydiff.cli.errors import check, console, fail, int_list
+from relaydiff.cli.options import JsonFlag, RunSeed
 
 
 def train_offload_cmd(
@@ -14,7 +15,7 @@ def train_offload_cmd(
     scenario: str = typer.Option("default,congested", help="Scenario names or paths, comma-separated (each round picks one); used with --families none."),
     families: str = typer.Option("training", help="Families each round draws one of (domain randomization): 'training' (the shipped policy's mix), 'none' (use --scenario) or names, comma-separated."),
     timesteps: int = typer.Option(250_000, help="Total environment steps (a resumed run continues to this)."),
-    seed: int = typer.Option(0, help="Seed of the PPO run and of the training rounds."),
+    seed: RunSeed = 0,
     n_min: int = typer.Option(3, help="Fewest users per training round."),
     n_max: int = typer.Option(300, help="Most users per training round (log-uniform in between)."),
     checkpoint_every: int = typer.Option(25_000, help="Steps between checkpoints and validations."),
@@ -98,9 +99,9 @@ def simulate_cmd(
 
 
 def bench_offload_cmd(
-    as_json: bool = typer.Option(False, "--json", help="Print only the JSON object."),
+    as_json: JsonFlag = False,
     scenario: str = typer.Option("default", help="Scenario the rounds are drawn from."),
-    seed: int = typer.Option(0, help="Seed of the rounds."),
+    seed: RunSeed = 0,
     rounds: int = typer.Option(10, help="Rounds per N in the optimality part."),
     scale_rounds: int = typer.Option(5, help="Rounds per N in the scaling part."),
     sizes: str = typer.Option("5,10,20,30", help="N values of the optimality part (exact MILP)."),

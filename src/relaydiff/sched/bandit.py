@@ -42,6 +42,22 @@ from relaydiff.shipped import read_json
 STATE_FORMAT = "relaydiff.bandit/1"
 
 
+def _hyperparameter(name: str, value: Any, low: float, *, above: bool = False, high: float | None = None) -> float:
+    """``value`` as a float, or a BanditError naming the field when it is not a number >= ``low``
+    (> ``low`` with ``above``; <= ``high`` when given): one check for every policy's parameters."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise BanditError(f"{name}: not a number ({value!r})") from None
+    if not math.isfinite(v):
+        raise BanditError(f"{name}: must be a finite number, got {value}")
+    if high is not None and not low <= v <= high:
+        raise BanditError(f"{name}: must be in [{low:g}, {high:g}], got {value}")
+    if high is None and not (v > low if above else v >= low):
+        raise BanditError(f"{name}: must be {'>' if above else '>='} {low:g}, got {value}")
+    return v
+
+
 class BanditError(ValueError):
     """A bad input to a bandit (context, arm, reward or state file); the message names the field."""
 
@@ -51,13 +67,13 @@ class Bandit:
 
     kind: ClassVar[str] = ""
     needs_context: ClassVar[bool] = True
+    hyperparameters: ClassVar[tuple[str, ...]] = ()  # constructor settings this class adds (see params)
 
     def __init__(self, arms: Sequence[str], dim: int, *, reward_range: tuple[float, float] = (-3.0, 1.0),
                  feature_names: Sequence[str] | None = None, seed: int = 0):
         if len(arms) < 1 or len(set(arms)) != len(arms):
             raise BanditError(f"arms: need distinct arm names, got {list(arms)}")
-        if int(dim) < 1:
-            raise BanditError(f"dim: must be >= 1, got {dim}")
+        _hyperparameter("dim", dim, 1)
         if feature_names is not None and len(feature_names) != dim:
             raise BanditError(f"feature_names: {len(feature_names)} names for dim {dim}")
         lo, hi = (float(v) for v in reward_range)
@@ -130,8 +146,10 @@ class Bandit:
     # ---- state ------------------------------------------------------------------------------
 
     def params(self) -> dict[str, Any]:
-        """The constructor's own settings (saved in the JSON)."""
-        return {}
+        """The constructor's own settings (saved in the JSON): the ``hyperparameters`` each class in
+        the hierarchy names, base classes' first."""
+        names = [n for cls in reversed(type(self).__mro__) for n in vars(cls).get("hyperparameters", ())]
+        return {n: getattr(self, n) for n in names}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The learned state (saved as safetensors)."""
@@ -165,11 +183,11 @@ class Bandit:
 class _Ridge(Bandit):
     """Disjoint ridge regression per arm: A^-1 (Sherman-Morrison), b, theta = A^-1 b."""
 
+    hyperparameters = ("l2",)
+
     def __init__(self, arms: Sequence[str], dim: int, *, l2: float = 1.0, **kw: Any):
         super().__init__(arms, dim, **kw)
-        if not l2 > 0:
-            raise BanditError(f"l2: must be > 0, got {l2}")
-        self.l2 = float(l2)
+        self.l2 = _hyperparameter("l2", l2, 0, above=True)
         k, d = len(self.arms), self.dim
         # theta and every arm's A^-1 in one matrix, so that a decision is one matrix-vector product
         # for the means and the A^-1 x rows together (views; updates write in place)
@@ -198,9 +216,6 @@ class _Ridge(Bandit):
         self.theta[a] = self.a_inv[a] @ self.b[a]
         self.counts[a] += 1
 
-    def params(self) -> dict[str, Any]:
-        return {"l2": self.l2}
-
     def arrays(self) -> dict[str, np.ndarray]:
         return {"a_inv": self.a_inv, "b": self.b, "theta": self.theta, "counts": self.counts}
 
@@ -211,12 +226,11 @@ class _Ridge(Bandit):
 
 class LinUCB(_Ridge):
     kind = "linucb"
+    hyperparameters = ("alpha",)
 
     def __init__(self, arms: Sequence[str], dim: int, *, alpha: float = 1.0, **kw: Any):
         super().__init__(arms, dim, **kw)
-        if not alpha >= 0:
-            raise BanditError(f"alpha: must be >= 0, got {alpha}")
-        self.alpha = float(alpha)
+        self.alpha = _hyperparameter("alpha", alpha, 0)
 
     def _decide(self, x: np.ndarray) -> int:
         mean, var = self._scores(x)
@@ -225,35 +239,27 @@ class LinUCB(_Ridge):
         var += mean
         return int(var.argmax())
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "alpha": self.alpha}
-
 
 class LinTS(_Ridge):
     kind = "lints"
+    hyperparameters = ("v",)
 
     def __init__(self, arms: Sequence[str], dim: int, *, v: float = 0.5, **kw: Any):
         super().__init__(arms, dim, **kw)
-        if not v >= 0:
-            raise BanditError(f"v: must be >= 0, got {v}")
-        self.v = float(v)
+        self.v = _hyperparameter("v", v, 0)
 
     def _decide(self, x: np.ndarray) -> int:
         mean, var = self._scores(x)
         return int((mean + self.v * np.sqrt(var) * self.rng.standard_normal(len(mean))).argmax())
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "v": self.v}
-
 
 class EpsilonGreedy(_Ridge):
     kind = "egreedy"
+    hyperparameters = ("epsilon",)
 
     def __init__(self, arms: Sequence[str], dim: int, *, epsilon: float = 0.05, **kw: Any):
         super().__init__(arms, dim, **kw)
-        if not 0 <= epsilon <= 1:
-            raise BanditError(f"epsilon: must be in [0, 1], got {epsilon}")
-        self.epsilon = float(epsilon)
+        self.epsilon = _hyperparameter("epsilon", epsilon, 0, high=1)
 
     def _decide(self, x: np.ndarray) -> int:
         if self.rng.random() < self.epsilon:
@@ -263,20 +269,16 @@ class EpsilonGreedy(_Ridge):
             return int(untried[0])
         return int(np.argmax(self.theta @ x))
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "epsilon": self.epsilon}
-
 
 class SlidingWindowLinUCB(LinUCB):
     """LinUCB on the last ``window`` updates (all arms together); see the module docstring."""
 
     kind = "swlinucb"
+    hyperparameters = ("window",)
 
     def __init__(self, arms: Sequence[str], dim: int, *, window: int = 400, **kw: Any):
         super().__init__(arms, dim, **kw)
-        if int(window) < 1:
-            raise BanditError(f"window: must be >= 1, got {window}")
-        self.window = int(window)
+        self.window = int(_hyperparameter("window", window, 1))
         self.buf_x = np.zeros((self.window, self.dim))
         self.buf_r = np.zeros(self.window)
         self.buf_a = np.full(self.window, -1, dtype=np.int64)
@@ -304,9 +306,6 @@ class SlidingWindowLinUCB(LinUCB):
         self.a_inv[:] = np.linalg.inv(gram)
         self.theta[:] = np.einsum("kij,kj->ki", self.a_inv, self.b)
 
-    def params(self) -> dict[str, Any]:
-        return {**super().params(), "window": self.window}
-
     def arrays(self) -> dict[str, np.ndarray]:
         return {**super().arrays(), "buf_x": self.buf_x, "buf_r": self.buf_r, "buf_a": self.buf_a}
 
@@ -329,11 +328,8 @@ class SharedLinUCB(Bandit):
         if feats.shape != (len(self.arms), self.dim) or not np.isfinite(feats).all():
             raise BanditError(f"arm_features: need finite numbers of shape [{len(self.arms)}, {self.dim}], "
                               f"got shape {feats.shape}")
-        if not alpha >= 0:
-            raise BanditError(f"alpha: must be >= 0, got {alpha}")
-        if not l2 > 0:
-            raise BanditError(f"l2: must be > 0, got {l2}")
-        self.arm_features, self.alpha, self.l2 = feats, float(alpha), float(l2)
+        self.arm_features = feats
+        self.alpha, self.l2 = _hyperparameter("alpha", alpha, 0), _hyperparameter("l2", l2, 0, above=True)
         self.a_inv = np.eye(self.dim) / self.l2
         self.b = np.zeros(self.dim)
         self.theta = np.zeros(self.dim)
@@ -425,13 +421,12 @@ class UCB1(Bandit):
     """Context-free UCB1: mean + c sqrt(2 ln n / n_a); every arm once first. c is the reward's scale."""
 
     kind = "ucb1"
+    hyperparameters = ("c",)
     needs_context = False
 
     def __init__(self, arms: Sequence[str], dim: int, *, c: float = 0.5, **kw: Any):
         super().__init__(arms, dim, **kw)
-        if not c >= 0:
-            raise BanditError(f"c: must be >= 0, got {c}")
-        self.c = float(c)
+        self.c = _hyperparameter("c", c, 0)
         self.sums = np.zeros(len(self.arms))
         self.counts = np.zeros(len(self.arms), dtype=np.int64)
 
@@ -445,9 +440,6 @@ class UCB1(Bandit):
     def _update(self, a: int, x: np.ndarray, r: float) -> None:
         self.sums[a] += r
         self.counts[a] += 1
-
-    def params(self) -> dict[str, Any]:
-        return {"c": self.c}
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"sums": self.sums, "counts": self.counts}
@@ -469,6 +461,7 @@ class FixedArm(Bandit):
 
     kind = "fixed"
     needs_context = False
+    hyperparameters = ("arm",)
 
     def __init__(self, arms: Sequence[str], dim: int, *, arm: int | str = 0, **kw: Any):
         super().__init__(arms, dim, **kw)
@@ -476,9 +469,6 @@ class FixedArm(Bandit):
 
     def _decide(self, x: np.ndarray) -> int:
         return self.arm
-
-    def params(self) -> dict[str, Any]:
-        return {"arm": self.arm}
 
 
 class Oracle(Bandit):
