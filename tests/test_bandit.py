@@ -580,6 +580,47 @@ def test_bandit_live_cli_rejects_cpu_clock_with_threads():
     assert res.exit_code == 2 and "--algorithm: unknown 'nope'" in res.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bandit", "live", "--alpha", "-0.1"], "--alpha must be a finite number >= 0, got -0.1"),
+    (["bandit", "live", "--alpha", "nan"], "--alpha must be a finite number >= 0, got nan"),
+    (["bandit", "live", "--alpha", "inf"], "--alpha must be a finite number >= 0, got inf"),
+    (["bandit", "live", "--alpha", "0.3", "--algorithm", "lints"], "--alpha: lints has no alpha"),
+    (["bandit", "live", "--alpha", "0.3", "--state", "s.json"], "--alpha: a bandit loaded with --state keeps"),
+    (["bench", "bandit", "--alpha", "-1"], "--alpha must be a finite number >= 0, got -1.0"),
+])
+def test_bandit_cli_rejects_a_bad_alpha_in_one_line(args, message):
+    from typer.testing import CliRunner
+
+    from relaydiff.cli import app
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_bandit_live_cli_passes_alpha_to_the_run(monkeypatch):
+    """--alpha reaches the live run's config (and the shared LinUCB it makes); without it, LiveConfig's default."""
+    from typer.testing import CliRunner
+
+    from relaydiff.cli import app
+    from relaydiff.serve import bandit_live
+
+    seen = []
+
+    def fake_run(cfg, say, report_dir):
+        seen.append(cfg)
+        return {"policies": {"bandit_linucb_shared": {"arm_counts": {}, "mean_utility": 0.0, "mean_quality": 0.0,
+                                                      "mean_latency_s": 0.0}}, "report": []}
+
+    monkeypatch.setattr(bandit_live, "run_live", fake_run)
+    for args, alpha in ((["--alpha", "0.25"], 0.25), ([], bandit_live.LiveConfig.alpha)):
+        res = CliRunner().invoke(app, ["bandit", "live", "--no-compare-fixed", *args])
+        assert res.exit_code == 0, res.output
+        assert seen[-1].alpha == alpha
+    st = RelayStream(load_relay_scenario("stationary").model_copy(update={"requests": 5}), _pool(), seed=0)
+    assert bandit_live.new_bandit(seen[0], st.arms).bandit.alpha == 0.25
+
+
 def test_bench_bandit_reports_every_algorithm_and_times_both_shared_paths():
     """A small bench: the JSON of record's fields, the oracle's regret 0, and the decision timings
     (shared LinUCB's projected and full-stack paths interleaved with LinUCB and MABWiser's predict)."""

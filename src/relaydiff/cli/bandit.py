@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
@@ -11,6 +12,11 @@ from relaydiff.cli.errors import check, console, fail
 from relaydiff.cli.options import JsonFlag, JsonOut, SharedThreads, save_json
 
 bandit_app = typer.Typer(no_args_is_help=True, help="The relay contextual bandit (RISE): live runs on the engine.")
+
+
+def _check_alpha(alpha: float) -> None:
+    """One rule for every ``--alpha``: a finite number >= 0 (0: no exploration bonus)."""
+    check(math.isfinite(alpha) and alpha >= 0, f"--alpha must be a finite number >= 0, got {alpha}")
 
 
 def bench_bandit_cmd(
@@ -33,7 +39,8 @@ def bench_bandit_cmd(
     from relaydiff.system.scenario import ScenarioError
 
     check(seeds >= 1 and requests >= 0 and jobs >= 1, "--seeds and --jobs must be >= 1, --requests >= 0")
-    check(alpha >= 0 and l2 > 0, "--alpha must be >= 0 and --l2 > 0")
+    _check_alpha(alpha)
+    check(l2 > 0, "--l2 must be > 0")
     names = tuple(s.strip() for s in scenarios.split(",") if s.strip())
     check(bool(names), "--scenarios needs at least one scenario")
     try:
@@ -81,6 +88,9 @@ def bandit_live_cmd(
     rate: float = typer.Option(0.0, help="Arrivals per second (0: the scenario's)."),
     algorithm: str = typer.Option("linucb_shared", help="linucb_shared (one model over arm-context features) | "
                                                          "linucb | lints | egreedy | swlinucb."),
+    alpha: float = typer.Option(None, show_default="0.1",
+                                help="Exploration alpha of the LinUCB policies (linucb_shared, linucb, swlinucb); "
+                                     "lints and egreedy keep their own."),
     warm_requests: int = typer.Option(3000, help="Simulated requests to train on before going live (0: cold)."),
     state: Path = typer.Option(None, help="Start from this saved bandit state (.json/.safetensors) instead."),
     save_state: Path = typer.Option(None, help="Save the bandit's state here after the live run."),
@@ -98,14 +108,19 @@ def bandit_live_cmd(
     # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.engine.family import FamilyError
     from relaydiff.sched.bandit import BanditError
-    from relaydiff.serve.bandit_live import LiveConfig, run_live
+    from relaydiff.serve.bandit_live import UCB_POLICIES, LiveConfig, run_live
     from relaydiff.system.scenario import ScenarioError
 
     check(requests >= 1 and warm_requests >= 0 and rate >= 0, "--requests must be >= 1, --warm-requests and --rate >= 0")
     check(threads == 1 or not cpu_clock, "--cpu-clock times one thread: use --threads 1 or --wall-clock")
     check(algorithm in ("linucb_shared", "linucb", "lints", "egreedy", "swlinucb"), f"--algorithm: unknown {algorithm!r}")
+    if alpha is not None:
+        _check_alpha(alpha)
+        check(algorithm in UCB_POLICIES, f"--alpha: {algorithm} has no alpha (the LinUCB policies: "
+                                          f"{', '.join(UCB_POLICIES)})")
+        check(state is None, "--alpha: a bandit loaded with --state keeps the alpha it was made with")
     cfg = LiveConfig(family=family, requests=requests, seed=seed, scenario=scenario, arrival_rate_hz=rate or None,
-                     algorithm=algorithm, warm_requests=warm_requests, state=str(state) if state else None,
+                     algorithm=algorithm, alpha=LiveConfig.alpha if alpha is None else alpha, warm_requests=warm_requests, state=str(state) if state else None,
                      compare_fixed=compare_fixed, threads=threads, save_state=str(save_state) if save_state else None,
                      cpu_clock=cpu_clock, recalibrate=recalibrate)
     try:

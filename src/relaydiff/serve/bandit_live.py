@@ -64,7 +64,7 @@ from relaydiff.serve.bandit_prompts import calibration_featurizer, prompt_pool, 
 from relaydiff.sim.relay_stream import CONTEXT_FEATURES, PromptPool, RelayStream
 from relaydiff.system.profiles import load_profile
 from relaydiff.system.quality import REFERENCE_TABLE
-from relaydiff.system.relay_scenario import load_relay_scenario
+from relaydiff.system.relay_scenario import RelayScenario, load_relay_scenario
 
 
 @dataclass
@@ -75,7 +75,7 @@ class LiveConfig:
     scenario: str = "stationary"
     arrival_rate_hz: float | None = None  # None: the scenario's
     algorithm: str = RELAY_BANDIT
-    alpha: float = 0.1
+    alpha: float = 0.1  # exploration of the LinUCB policies (UCB_POLICIES); lints and egreedy keep their own
     l2: float = 0.1
     warm_requests: int = 3000  # simulator requests before going live (0: start cold)
     state: str | None = None  # a saved bandit state instead of the warm start
@@ -102,8 +102,8 @@ class LiveRun:
     latency_s: list[float]
 
 
-def _measured_edge_profile(family: Any, member: str, max_batch: int, guidance: float, folder: Path,
-                           clock: Callable[[], float]) -> Path:
+def measured_edge_profile(family: Any, member: str, max_batch: int, guidance: float, folder: Path,
+                          clock: Callable[[], float]) -> Path:
     """This machine as the edge: the member's batched step latency, written as a profile file."""
     sizes = sorted({1, 4, max_batch})
     lat = measure_step_latency(family, member, sizes, steps=3, guidance=guidance, warmup=1, clock=clock)
@@ -121,6 +121,60 @@ def _device_scale(family: Any, stream: RelayStream, member: str, guidance: float
     """Per request: device profile step latency / this machine's measured step of ``member``."""
     here = measure_step_latency(family, member, [1], steps=6, guidance=guidance, warmup=1, clock=clock)[1]
     return stream.device_step_s / here, here
+
+
+def table_guidance(scenario: str) -> float:
+    """The guidance the scenario's quality table was measured at (the live run generates at it)."""
+    table = json.loads(Path(_table_path(load_relay_scenario(scenario).quality_table)).read_text())
+    return float(table.get("config", {}).get("guidance", 3.0))
+
+
+UCB_POLICIES = ("linucb", "swlinucb", RELAY_BANDIT)  # the policies whose exploration is ``alpha``
+
+
+def live_scenario(cfg: LiveConfig, edge_profile: str | Path | None) -> RelayScenario:
+    """The scenario of a live run: ``cfg``'s requests (no phases) and rate, and ``edge_profile`` (this
+    machine measured as the edge, :func:`measured_edge_profile`; None: the scenario's own) as the edge."""
+    scenario = load_relay_scenario(cfg.scenario)
+    updates: dict[str, Any] = {"requests": cfg.requests, "phases": ()}
+    if cfg.arrival_rate_hz is not None:
+        updates["arrival_rate_hz"] = cfg.arrival_rate_hz
+    if edge_profile is not None:
+        updates["edge"] = scenario.edge.model_copy(update={"profile": str(edge_profile), "member": "large",
+                                                           "max_batch": cfg.max_batch})
+    return scenario.model_copy(update=updates)
+
+
+@dataclass
+class LiveStreams:
+    """The request stream of a live run (users, prompts and their scenes) and the simulated warm-start stream."""
+
+    stream: RelayStream
+    prompts: list[str]
+    scenes: list[Any]
+    warm: RelayStream | None  # None: no warm start (``warm_requests`` 0)
+
+
+def live_streams(cfg: LiveConfig, scenario: RelayScenario) -> LiveStreams:
+    """The live stream of ``cfg.seed`` (prompt features fitted on seeded calibration prompts) and the
+    warm-start stream (``warm_requests`` simulated requests of the same scenario, seed + 1)."""
+    featurizer = calibration_featurizer(cfg.seed, n=150)
+    per_class = max(4, -(-cfg.requests // 3))
+    prompts, scenes = sample_prompts(per_class, seed=cfg.seed + 777)
+    pool = PromptPool(features=featurizer(prompts), n_objects=np.array([len(s.objects) for s in scenes]))
+    stream = RelayStream(scenario, pool, seed=cfg.seed)
+    warm = None
+    if cfg.warm_requests > 0:
+        warm = RelayStream(scenario.model_copy(update={"requests": cfg.warm_requests}),
+                           prompt_pool(featurizer, 50, seed=cfg.seed + 1), seed=cfg.seed + 1)
+    return LiveStreams(stream, prompts, scenes, warm)
+
+
+def new_bandit(cfg: LiveConfig, arms: Sequence[Any]) -> RelayBandit:
+    """A fresh ``cfg.algorithm`` over ``arms``: ``cfg.alpha`` for the LinUCB policies, ``cfg.l2`` for every linear one."""
+    ucb = cfg.algorithm in UCB_POLICIES
+    return RelayBandit.make(cfg.algorithm, arms, seed=cfg.seed, **({"alpha": cfg.alpha} if ucb else {}),
+                            **({"l2": cfg.l2} if ucb or cfg.algorithm in ("lints", "egreedy") else {}))
 
 
 def train_in_simulator(bandit: RelayBandit, stream: RelayStream) -> float:
@@ -228,27 +282,18 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
     """Warm-start (or load) the bandit, serve the stream live with it and with every fixed arm."""
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    scenario = load_relay_scenario(cfg.scenario)
-    updates: dict[str, Any] = {"requests": cfg.requests, "phases": ()}
-    if cfg.arrival_rate_hz is not None:
-        updates["arrival_rate_hz"] = cfg.arrival_rate_hz
     family = load_family(cfg.family, trace=True)
     judge = load_judge()
-    table = json.loads(Path(_table_path(scenario.quality_table)).read_text())
-    guidance = float(table.get("config", {}).get("guidance", 3.0))
+    guidance = table_guidance(cfg.scenario)
     with tempfile.TemporaryDirectory() as tmp:
-        edge_profile = _measured_edge_profile(family, "large", cfg.max_batch, guidance, Path(tmp), cfg.clock)
+        edge_profile = measured_edge_profile(family, "large", cfg.max_batch, guidance, Path(tmp), cfg.clock)
         edge_measured = load_profile(edge_profile)
-        scenario = scenario.model_copy(update={**updates, "edge": scenario.edge.model_copy(
-            update={"profile": str(edge_profile), "member": "large", "max_batch": cfg.max_batch})})
+        scenario = live_scenario(cfg, edge_profile)
         say(f"edge = this machine ({hardware()}): large-member step {edge_measured.member('large').at(1) * 1e3:.1f} ms "
             f"at batch 1, {edge_measured.member('large').at(cfg.max_batch) * 1e3:.1f} ms at {cfg.max_batch} (measured now, "
             f"{'CPU' if cfg.cpu_clock else 'wall'} time)")
-        featurizer = calibration_featurizer(cfg.seed, n=150)
-        per_class = max(4, -(-cfg.requests // 3))
-        prompts, scenes = sample_prompts(per_class, seed=cfg.seed + 777)
-        pool = PromptPool(features=featurizer(prompts), n_objects=np.array([len(s.objects) for s in scenes]))
-        stream = RelayStream(scenario, pool, seed=cfg.seed)
+        streams = live_streams(cfg, scenario)
+        stream, prompts, scenes = streams.stream, streams.prompts, streams.scenes
         names = stream.arm_names
         if cfg.state:
             bandit = RelayBandit.from_pretrained(cfg.state)
@@ -256,13 +301,9 @@ def run_live(cfg: LiveConfig, say: Callable[[str], None] = print, report_dir: st
                 raise ValueError(f"bandit state {cfg.state}: arms {bandit.arms} do not match this stream's arms {names}")
             say(f"policy: {bandit.kind} loaded from {cfg.state} ({bandit.bandit.t} updates)")
         else:
-            ucb = cfg.algorithm in ("linucb", "swlinucb", RELAY_BANDIT)
-            bandit = RelayBandit.make(cfg.algorithm, stream.arms, seed=cfg.seed, **({"alpha": cfg.alpha} if ucb else {}),
-                                      **({"l2": cfg.l2} if ucb or cfg.algorithm in ("lints", "egreedy") else {}))
-            if cfg.warm_requests > 0:
-                warm = scenario.model_copy(update={"requests": cfg.warm_requests})
-                warm_stream = RelayStream(warm, prompt_pool(featurizer, 50, seed=cfg.seed + 1), seed=cfg.seed + 1)
-                mean = train_in_simulator(bandit, warm_stream)
+            bandit = new_bandit(cfg, stream.arms)
+            if streams.warm is not None:
+                mean = train_in_simulator(bandit, streams.warm)
                 say(f"policy: {bandit.kind} trained on {cfg.warm_requests} simulated requests of '{cfg.scenario}' "
                     f"(this machine's edge profile; mean reward {mean:.3f})")
         scale, here = _device_scale(family, stream, "small", guidance, cfg.clock)
@@ -407,4 +448,5 @@ def _report(out: dict[str, Any], runs: list[LiveRun], names: tuple[str, ...], fo
     return [str(folder / "bandit_live.json"), str(png)]
 
 
-__all__ = ["LiveConfig", "LiveRun", "LiveStream", "model_check", "run_live", "train_in_simulator"]
+__all__ = ["UCB_POLICIES", "LiveConfig", "LiveRun", "LiveStream", "LiveStreams", "live_scenario", "live_streams",
+           "measured_edge_profile", "model_check", "new_bandit", "run_live", "table_guidance", "train_in_simulator"]
