@@ -41,7 +41,7 @@ import torch
 from relaydiff.engine.profile import hardware_info
 from relaydiff.sched.rl.ddpg import evaluate, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import train_gddpg
-from relaydiff.sim.qoe_env import HEURISTICS, QoEEnv
+from relaydiff.sim.qoe_env import HEURISTICS, K_MAX, K_MIN, QoEEnv
 from relaydiff.sim.waterfill_env import WaterFillingEnv
 from relaydiff.system.grouping import SHARE_RETENTION
 
@@ -60,8 +60,8 @@ class QoEBenchConfig:
     waterfill_steps: int = 3000
     eval_rounds: int = 64
     eval_every: int = 250
-    k_min: int = 5
-    k_max: int = 20
+    k_min: int = K_MIN  # users a round: the env's range
+    k_max: int = K_MAX
     scenario: str = "congested"
     sb3: bool = True  # train the Stable-Baselines3 references (one run each, seed 0)
     workers: int = 1  # training processes (each 1 torch thread); 2 on a free 2-core machine halves the time
