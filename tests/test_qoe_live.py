@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -79,6 +80,18 @@ def test_pairs_run_the_envs_groups_on_the_engine(tmp_path) -> None:
     for row in report["rows"]:
         assert len(row["fidelity"]) == 2 and all(0.0 <= f <= 1.0 for f in row["fidelity"])
     assert json.loads((tmp_path / "p.json").read_text())["followers"] == report["followers"]
+
+
+def test_live_chains_run_at_the_guidance_of_the_curves() -> None:
+    from relaydiff.bench.qoe_live import curves_guidance
+    from relaydiff.system.grouping import load_sharing_cost
+    from relaydiff.system.quality import REFERENCE_TABLE
+
+    cost = load_sharing_cost()
+    assert cost.guidance == json.loads(REFERENCE_TABLE.read_text())["config"]["guidance"]
+    assert curves_guidance(None, cost) == cost.guidance and curves_guidance(5.0, cost) == 5.0
+    with pytest.raises(ValueError, match="guidance"):
+        curves_guidance(None, dataclasses.replace(cost, guidance=None))
 
 
 def test_live_rounds_summary_pairs_the_arms() -> None:

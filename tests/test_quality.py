@@ -167,13 +167,15 @@ def test_logistic_fit_recovers_a_known_curve() -> None:
 
 
 def test_shared_prefix_variants_stay_valid_scenes() -> None:
-    from relaydiff.bench.quality import SHARED_VARIANTS, _variant, fidelity_by_objects
+    from relaydiff.bench.quality import SHARED_VARIANTS, fidelity_by_objects
 
     world, rng = World(), np.random.default_rng(0)
+    with pytest.raises(ValueError, match="variant kind"):
+        world.variant(world.sample_scene(rng), "three_attributes", rng)
     for _ in range(30):
         scene = world.sample_scene(rng, split="heldout")
         for kind in SHARED_VARIANTS:
-            v = _variant(world, scene, kind, rng)
+            v = world.variant(scene, kind, rng)
             assert len({(o.shape, o.color) for o in v.objects}) == len(v.objects)
             if kind == "one_attribute":
                 diff = sum((a.shape, a.color) != (b.shape, b.color) for a, b in zip(scene.objects, v.objects))
@@ -181,6 +183,45 @@ def test_shared_prefix_variants_stay_valid_scenes() -> None:
             world.describe(v, rng)
     scenes = [world.sample_scene(rng, n_objects=n) for n in (1, 2, 3, 3)]
     assert fidelity_by_objects([1.0, 0.5, 0.0, 1.0], scenes) == {"1": 1.0, "2": 0.5, "3": 0.5, "2-3": 0.5}
+
+
+def test_shared_prefix_measures_followers_of_other_scenes_as_the_env_groups_them(tiny_family, judge: Judge) -> None:
+    """The curves hold followers like the QoE env's groups: rounds drawn from a pool as the env
+    draws them, grouped at the service's threshold, other scenes' prompts among the followers (the
+    own-scene variants alone overrated the env's groups); the bins above the threshold are theirs."""
+    from relaydiff.bench.quality import QualityBenchConfig, SHARED_VARIANTS, _default_similarity_bins, _shared_prefix, finite
+    from relaydiff.bench.qoe_pool import prompt_pool
+    from relaydiff.engine.runner import generate_shared_prefix
+    from relaydiff.quality.similarity import prompt_similarity
+    from relaydiff.system.grouping import GROUP_THRESHOLD
+
+    cfg = QualityBenchConfig(family="tiny", steps=4, shared_groups=1, shared_pool_rounds=4, shared_x=(0, 4))
+    pool, scenes = prompt_pool(cfg.shared_pool_topics, seed=cfg.seed + 305)
+    topic = dict(zip(pool.prompts, pool.topics.tolist()))
+    calls = []
+
+    def spy(family, reqs, plans, x, leader, max_batch):
+        calls.append((x, [r.prompt for r in reqs]))
+        return generate_shared_prefix(family, reqs, plans, x, leader=leader, max_batch=max_batch)
+
+    out = _shared_prefix(cfg, tiny_family, World(32), judge, spy, prompt_similarity, lambda _m: None)
+    pool_calls = [ps for x, ps in calls if x == 0 and ps[0] in topic]
+    assert len(pool_calls) == out["pool"]["groups"] > 0 and len(calls) == 2 * (1 + out["pool"]["groups"])
+    other = [(lead, q) for lead, *fs in pool_calls for q in fs if topic[q] != topic[lead]]
+    assert len(other) == out["pool"]["followers"]["other_topic"] > 0
+    assert all(q != lead for lead, *fs in pool_calls for q in fs)  # a leader's own prompt is not measured
+    sims = prompt_similarity([lead for lead, _ in other], [q for _, q in other])
+    assert sims.min() >= GROUP_THRESHOLD - 0.01  # grouped: at the threshold or above (fp16 embeddings)
+    bins = out["bins"]
+    assert bins[1]["similarity"][0] == GROUP_THRESHOLD and bins[-1]["similarity"][1] <= 1.0
+    assert sum(b["followers"].get("other_topic", 0) for b in bins[1:]) == len(other)
+    assert sum(b["n_requests"] for b in bins) == len(SHARED_VARIANTS) + sum(out["pool"]["followers"].values())
+    assert all(len(b["fidelity"]) == 2 and all(0.0 <= f <= 1.0 for f in b["fidelity"]) for b in bins)
+    assert set(out["similarity_by_variant"]) == set(SHARED_VARIANTS)
+    json.dumps(finite(out), allow_nan=False)
+    # no follower above the threshold: terciles of all, as before
+    assert _default_similarity_bins(np.array([0.3, 0.5, 0.6, 0.7])) == pytest.approx((0.3, 0.5, 0.6, 0.7))
+    assert _default_similarity_bins(np.array([0.5, 0.76, 0.8, 0.9]))[:2] == (0.5, GROUP_THRESHOLD)
 
 
 def test_recorded_run_matches_the_engine(tiny_family) -> None:

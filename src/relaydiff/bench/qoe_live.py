@@ -38,7 +38,7 @@ from relaydiff.sched.rl.ddpg import Policy
 from relaydiff.sim.agents import Perception, SurrogateAgent
 from relaydiff.sim.agents_llm import LLMAgent
 from relaydiff.sim.qoe_env import QoEEnv
-from relaydiff.system.grouping import SHARE_RETENTION
+from relaydiff.system.grouping import SHARE_RETENTION, SharingCost
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class LiveQoEConfig:
     k_min: int = 5
     k_max: int = 20
     scenario: str = "congested"
-    guidance: float = 5.0  # the guidance the shipped family's shared-prefix curves were measured at
+    guidance: float | None = None  # None: the guidance the env's shared-prefix curves were measured at
     llm: bool = False  # score with LLMAgent (RELAYDIFF_LLM_* environment) instead of the surrogate
     max_batch: int = 16
     # the cap on a group's shared steps (the service's rule; None: the curves alone, up to T)
@@ -61,6 +61,16 @@ def _png(image: np.ndarray, scale: int = 4) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST).save(buf, "PNG")
     return buf.getvalue()
+
+
+def curves_guidance(guidance: float | None, cost: SharingCost) -> float:
+    """The guidance to run live chains at: ``guidance``, or (None) the one the curves that predict
+    them were measured at (their table's config), so that measured and predicted fidelity compare."""
+    if guidance is not None:
+        return float(guidance)
+    if cost.guidance is None:
+        raise ValueError(f"the shared-prefix curves ({cost.source}) do not say their guidance: pass one")
+    return float(cost.guidance)
 
 
 def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
@@ -80,6 +90,7 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     bandwidth, compute, shared = env.decode_action(action)
     predicted = env.outcome(bandwidth, compute, shared)
     rnd = env.round
+    guidance = curves_guidance(cfg.guidance, env.sharing_cost)
     scenes = pool_scenes()
     family = load_family(cfg.family)
     judge = load_judge()
@@ -89,7 +100,7 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     g = rnd.groups
     for j in range(g.n_groups):
         members = list(g.members(j))
-        reqs = [Request(prompt=rnd.prompts[i], steps=steps, guidance=cfg.guidance, seed=cfg.seed * 1000 + int(i)) for i in members]
+        reqs = [Request(prompt=rnd.prompts[i], steps=steps, guidance=guidance, seed=cfg.seed * 1000 + int(i)) for i in members]
         plans = [Plan.single("large", steps)] * len(members)
         res = generate_shared_prefix(family, reqs, plans, int(shared[j]), leader=members.index(int(g.leader[j])),
                                      max_batch=cfg.max_batch)
@@ -125,7 +136,7 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
              "battery_j": float(predicted.battery_j[i]), "score": float(scores[i]),
              **({"reason": reasons[i]} if reasons else {})} for i in members]})
     report = {
-        "config": asdict(cfg), "hardware": hardware_info(), "agent": agent_info, "users": rnd.k,
+        "config": asdict(cfg), "guidance": guidance, "hardware": hardware_info(), "agent": agent_info, "users": rnd.k,
         "qoe": float(np.sum(scores)), "qoe_predicted": float(predicted.scores.sum()),
         "unet_evals": evals_run, "unet_evals_unshared": evals_alone,
         "unet_evals_saved": 1.0 - evals_run / evals_alone if evals_alone else 0.0,
@@ -207,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(result["summary"], indent=1))
 
 
-__all__ = ["LiveQoEConfig", "live_rounds", "run_qoe_live", "summarize_rounds"]
+__all__ = ["LiveQoEConfig", "curves_guidance", "live_rounds", "run_qoe_live", "summarize_rounds"]
 
 
 if __name__ == "__main__":

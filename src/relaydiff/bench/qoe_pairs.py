@@ -1,15 +1,17 @@
 """The shared-prefix cost measured on the QoE env's own groups (``python -m relaydiff.bench.qoe_pairs``).
 
 The family's shared-prefix curves (``shared_prefix`` in ``quality.json``, ``relaydiff bench
-quality``) were measured on that bench's pairs: a leader and four variants of its scene (a
-paraphrase, one or two attributes changed, an unrelated scene), about ten followers a similarity
-bin. The QoE env groups its pool's prompts by MiniLM similarity instead, which also joins prompts
-of other scenes, and identical prompts (users who drew the same pool prompt). This runs what
-those groups would get: the bench's fixed evaluation rounds (``env.reset(seed=EVAL_SEED + j)``),
+quality``) were first measured only on that bench's pairs (a leader and four variants of its scene,
+about ten followers a similarity bin), and overrated the env's groups, which also join prompts of
+other scenes at cosine 0.75-0.9. Since 2026-12-03 the bench also measures followers of rounds drawn
+as the env draws them, from a pool of another seed; this is the check on the env's own rounds and
+pool (out of that sample), and identical prompts (users who drew the same pool prompt) apart. It
+runs what those groups would get: the bench's fixed evaluation rounds (``env.reset(seed=EVAL_SEED + j)``),
 each group of two or more on the engine with s shared steps for every s of a grid
 (:func:`relaydiff.engine.runner.generate_shared_prefix`, the leader's prompt and seed for the
-prefix, as ``relaydiff qoe live`` runs them), every follower's image read by the judge against its
-own prompt's scene. The report gives, per similarity bin (followers with the leader's own prompt
+prefix, as ``relaydiff qoe live`` runs them; at the guidance the curves were measured at), every
+follower's image read by the judge against its own prompt's scene. ``--table`` reads the curves
+from another quality.json (a re-measured one, before it is installed). The report gives, per similarity bin (followers with the leader's own prompt
 apart), the followers' mean fidelity at each s with its standard error, the measured retention
 (mean F(s) / mean F(0)), what the family's curves predict for the same followers, and the
 followers' fidelity at their group's cap (:func:`relaydiff.system.grouping.shared_steps_caps`).
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 
 from relaydiff.bench.qoe import EVAL_SEED
+from relaydiff.bench.qoe_live import curves_guidance
 from relaydiff.bench.qoe_pool import pool_scenes
 from relaydiff.engine.family import load_family
 from relaydiff.engine.plan import Plan, Request
@@ -36,7 +39,7 @@ from relaydiff.engine.runner import generate_shared_prefix
 from relaydiff.quality.judge import load_judge
 from relaydiff.quality.metrics import prompt_fidelity
 from relaydiff.sim.qoe_env import QoEEnv
-from relaydiff.system.grouping import SHARE_RETENTION, shared_steps_caps
+from relaydiff.system.grouping import SHARE_RETENTION, load_sharing_cost, shared_steps_caps
 
 SIMILARITY_BINS = (0.75, 0.80, 0.85, 0.90, 1.0 + 1e-9)  # the env groups at cosine >= 0.75
 
@@ -46,7 +49,8 @@ class PairsConfig:
     family: str = "reference"
     rounds: int = 16  # evaluation rounds whose groups run (EVAL_SEED + 0 .. rounds - 1)
     shared: tuple[int, ...] = (0, 2, 4, 6, 8, 10, 12, 16, 20)  # s grid (of the scenario's T)
-    guidance: float = 5.0  # the guidance the shipped curves were measured at (as qoe live)
+    guidance: float | None = None  # None: the guidance the curves were measured at (as qoe live)
+    table: str | None = None  # the quality.json whose shared-prefix curves predict (None: the shipped one)
     scenario: str = "congested"
     max_batch: int = 16
     out: str = "out/qoe_pairs.json"
@@ -62,7 +66,8 @@ def measure_pairs(cfg: PairsConfig, say: Callable[[str], None] = print) -> dict[
     """Run the groups (see the module docstring); returns the JSON-ready report and writes ``out``."""
     t0 = time.perf_counter()
     torch.set_num_threads(1)
-    env = QoEEnv(scenario=cfg.scenario)
+    env = QoEEnv(scenario=cfg.scenario, sharing_cost=load_sharing_cost(cfg.table) if cfg.table else None)
+    guidance = curves_guidance(cfg.guidance, env.sharing_cost)
     steps = env.steps
     if cfg.shared[-1] > steps:
         raise ValueError(f"shared steps {cfg.shared} run past the scenario's {steps} steps")
@@ -79,7 +84,7 @@ def measure_pairs(cfg: PairsConfig, say: Callable[[str], None] = print) -> dict[
             if len(members) < 2:
                 continue
             lead = members.index(int(g.leader[gi]))
-            reqs = [Request(prompt=r.prompts[i], steps=steps, guidance=cfg.guidance, seed=j * 1000 + i) for i in members]
+            reqs = [Request(prompt=r.prompts[i], steps=steps, guidance=guidance, seed=j * 1000 + i) for i in members]
             plans = [Plan.single("large", steps)] * len(members)
             fid = np.empty((len(cfg.shared), len(members)))
             for si, s in enumerate(cfg.shared):
@@ -92,7 +97,7 @@ def measure_pairs(cfg: PairsConfig, say: Callable[[str], None] = print) -> dict[
                                  "same_prompt": bool(r.same_prompt[i]), "cap": int(caps[gi]),
                                  "fidelity": [float(x) for x in fid[:, m]]})
         say(f"round {j}: {sum(g.sizes() >= 2)} groups, {len(rows)} followers so far")
-    report = {"config": asdict(cfg), "hardware": hardware_info(), "steps": steps, "retention_rule": SHARE_RETENTION,
+    report = {"config": asdict(cfg), "guidance": guidance, "hardware": hardware_info(), "steps": steps, "retention_rule": SHARE_RETENTION,
               "curves": cost.source, "followers": len(rows), "bins": summarize(rows, cfg.shared, cost),
               "at_cap": at_cap(rows, cfg.shared), "rows": rows, "wall_s": time.perf_counter() - t0}
     Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
@@ -154,9 +159,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--family", default=PairsConfig.family)
     ap.add_argument("--rounds", type=int, default=PairsConfig.rounds)
     ap.add_argument("--out", default=PairsConfig.out)
+    ap.add_argument("--table", default=None, help="quality.json whose shared-prefix curves predict (default: the shipped one)")
     a = ap.parse_args(argv)
     try:
-        report = measure_pairs(PairsConfig(family=a.family, rounds=a.rounds, out=a.out))
+        report = measure_pairs(PairsConfig(family=a.family, rounds=a.rounds, out=a.out, table=a.table))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     for b in report["bins"]:

@@ -21,7 +21,18 @@ Every number comes from real generation with the engine and is read by the shipp
 - `relay_device_guidance`: the same curve (every 2 steps) and best relay with the device segment at
   another guidance (default 1: no classifier-free guidance on the device, half its U-Net rows);
 - `shared_prefix`: fidelity versus number of shared steps per prompt-similarity bin (a request's
-  prompt vs its group leader's, MiniLM cosine) and the fit Q(x) = L / (1 + exp(k (x - x0))) + C;
+  prompt vs its group leader's, MiniLM cosine) and the fit Q(x) = L / (1 + exp(k (x - x0))) + C, on
+  two sets of followers: a leader's own scene's variants (a paraphrase, one or two attributes
+  changed, an unrelated scene; `shared_groups` groups), and the groups that the QoE env and the
+  service's rounds form: `shared_pool_rounds` rounds drawn as the env draws them (5-20 users whose
+  prompts come from a few topics of a pool built as the shipped one, of another seed), grouped at
+  cosine >= 0.75 (`system.grouping`), every follower whose prompt is not its leader's. Those include
+  other scenes' prompts at cosine 0.75-0.9 (`pool.followers.other_topic`), which lose far more to a
+  shared prefix than a variant of the leader's own scene at the same cosine; before 2026-12-03 the
+  curves had only the own-scene variants and overrated the env's groups (live: other-prompt
+  followers read 0.54 where those curves said 0.79, docs/qoe.md). Default bins: one below 0.75
+  (nothing is grouped there) and terciles of the followers at or above it; each bin counts its
+  followers by kind;
 - `personalization`: style and prompt fidelity versus split point, large (edge, no adapter) for
   0..k then the user's style adapter on small (device) for k..T; with `device_guidance` set, the
   same curves with the device segment at that guidance (`*_device_guidance`), and
@@ -36,7 +47,6 @@ under `updates` (sections, config, hardware, wall time): what it holds was not a
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,15 +56,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from relaydiff.bench.qoe_pool import prompt_pool
 from relaydiff.engine.chain import new_chain
 from relaydiff.engine.executor import Executor
 from relaydiff.engine.family import load_family
 from relaydiff.engine.plan import Plan, Request, parse_plan
 from relaydiff.engine.profile import hardware, measure_step_latency
 from relaydiff.engine.runner import generate, generate_shared_prefix
-from relaydiff.models.world import COLORS, SHAPES, STYLES, Scene, World
+from relaydiff.models.world import STYLES, VARIANT_KINDS, Scene, World
 from relaydiff.quality.judge import Judge, load_judge
 from relaydiff.quality.similarity import prompt_similarity
+from relaydiff.sim.qoe_env import K_MAX, K_MIN
+from relaydiff.system.grouping import GROUP_THRESHOLD, group_prompts
 from relaydiff.quality.metrics import (
     frechet_distance,
     handoff_shift,
@@ -85,6 +98,10 @@ class QualityBenchConfig:
     repeats: int = 3
     n_judge: int = 1000  # held-out renders for the judge's accuracy
     shared_groups: int = 8  # groups of a leader and `len(SHARED_VARIANTS)` followers
+    # rounds drawn as the QoE env draws them, whose groups' followers (other scenes' prompts at the
+    # grouping threshold and up among them) join the curves; 0 measures the own-scene groups only
+    shared_pool_rounds: int = 32
+    shared_pool_topics: int = 48  # topics of that rounds' prompt pool (the shipped pool's size)
     shared_x: tuple[int, ...] | None = None  # shared-step counts; None: every 2 steps
     similarity_bins: tuple[float, ...] | None = None  # bin edges; None: 3 equal-count bins (terciles)
     personal_prompts: int = 24  # per style
@@ -152,7 +169,7 @@ def update_table(table: dict, partial: dict) -> dict:
     return merged
 
 
-SHARED_VARIANTS = ("paraphrase", "one_attribute", "two_attributes", "unrelated")
+SHARED_VARIANTS = VARIANT_KINDS  # the followers of bench quality's own groups: World.variant
 
 
 def _grid(steps: int, every: int) -> tuple[int, ...]:
@@ -344,26 +361,6 @@ def logistic_fit(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
     return {"ok": True, **dict(zip(("L", "k", "x0", "C"), (float(v) for v in params))), "r2": r2}
 
 
-def _variant(world: World, scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
-    """A follower's scene: the leader's, paraphrased, with attributes changed, or unrelated."""
-    if kind == "paraphrase":
-        return scene
-    if kind == "unrelated":
-        return world.sample_scene(rng, split="heldout")
-    objs = list(scene.objects)
-    changes = 1 if kind == "one_attribute" else 2
-    for _ in range(changes):
-        i = int(rng.integers(len(objs)))
-        taken = {(o.shape, o.color) for o in objs}
-        if rng.random() < 0.5:
-            options = [c for c in COLORS if (objs[i].shape, c) not in taken]
-            objs[i] = dataclasses.replace(objs[i], color=options[int(rng.integers(len(options)))])
-        else:
-            options = [s for s in SHAPES if (s, objs[i].color) not in taken]
-            objs[i] = dataclasses.replace(objs[i], shape=options[int(rng.integers(len(options)))])
-    return dataclasses.replace(scene, objects=tuple(objs))
-
-
 def bench_quality(
     cfg: QualityBenchConfig,
     judge: Judge | None = None,
@@ -523,56 +520,119 @@ def fidelity_by_objects(per_image: Sequence[float], scenes: Sequence[Scene]) -> 
     return out
 
 
+def _pool_groups(cfg: QualityBenchConfig) -> list[tuple[list[Scene], list[str], list[float], list[str]]]:
+    """The followers a group of the QoE env or the service's rounds has: ``cfg.shared_pool_rounds``
+    rounds drawn as the env draws them (K users, their prompts from a few topics of a pool,
+    :meth:`PromptPool.draw`), from a pool of ``cfg.shared_pool_topics`` topics built as the shipped one
+    (:func:`relaydiff.bench.qoe_pool.prompt_pool`) but of another seed, grouped by
+    :func:`group_prompts` (cosine >= ``GROUP_THRESHOLD``). Per group of two or more: (scenes, prompts,
+    similarities to the leader, kinds), the leader first, then each follower whose prompt is not the
+    leader's (one with the leader's prompt keeps its fidelity at any s), of kind "same_topic" (a
+    paraphrase or an attribute variant of the leader's scene) or "other_topic" (another scene)."""
+    pool, scenes = prompt_pool(cfg.shared_pool_topics, seed=cfg.seed + 305)
+    rng = np.random.default_rng(cfg.seed + 306)
+    out = []
+    for _ in range(cfg.shared_pool_rounds):
+        idx = pool.draw(rng, int(rng.integers(K_MIN, K_MAX + 1)))
+        groups = group_prompts(pool.embeddings[idx])
+        for g in range(groups.n_groups):
+            lead = int(idx[groups.leader[g]])
+            members = [int(m) for m in groups.members(g) if m != groups.leader[g] and idx[m] != lead]
+            if not members:
+                continue
+            out.append(([scenes[lead]] + [scenes[idx[m]] for m in members],
+                        [pool.prompts[lead]] + [pool.prompts[idx[m]] for m in members],
+                        [float(groups.similarity[m]) for m in members],
+                        ["same_topic" if pool.topics[idx[m]] == pool.topics[lead] else "other_topic" for m in members]))
+    return out
+
+
 def _shared_prefix(cfg, family, world, judge, generate_shared_prefix, prompt_similarity, say) -> dict[str, Any]:
+    """Fidelity of followers after s shared steps, per similarity bin, on two sets of groups: a
+    leader and its own scene's variants (``SHARED_VARIANTS``, ``cfg.shared_groups`` groups), and the
+    groups of rounds drawn as the QoE env draws them (:func:`_pool_groups`), whose followers at
+    cosine >= ``GROUP_THRESHOLD`` include other scenes' prompts. The default bins: one below the
+    threshold (no group is formed there) and terciles of the followers at or above it."""
     T = cfg.steps
     xs = tuple(cfg.shared_x) if cfg.shared_x is not None else _grid(T, 2)
     rng = np.random.default_rng(cfg.seed + 303)
     leaders = world.batch(cfg.shared_groups, seed=cfg.seed + 304, split="heldout", styles=("plain",))
-    groups = []
-    for g, (scene, prompt) in enumerate(zip(leaders.scenes, leaders.prompts)):
-        scenes = [scene] + [_variant(world, scene, kind, rng) for kind in SHARED_VARIANTS]
+    groups = []  # (scenes, prompts, similarity of each follower, kind of each follower), leader first
+    for scene, prompt in zip(leaders.scenes, leaders.prompts):
+        scenes = [scene] + [world.variant(scene, kind, rng) for kind in SHARED_VARIANTS]
         prompts = [prompt] + [world.describe(s, rng, split="heldout") for s in scenes[1:]]
-        groups.append((scenes, prompts))
-    sims = prompt_similarity(
-        [p[0] for _, p in groups for _ in SHARED_VARIANTS], [q for _, p in groups for q in p[1:]]
-    ).reshape(len(groups), len(SHARED_VARIANTS))
-    records = []  # (similarity, x, fidelity)
+        groups.append((scenes, prompts, None, list(SHARED_VARIANTS)))
+    if groups:
+        sims = prompt_similarity([p[0] for _, p, _, _ in groups for _ in SHARED_VARIANTS],
+                                 [q for _, p, _, _ in groups for q in p[1:]]).reshape(len(groups), len(SHARED_VARIANTS))
+        groups = [(sc, pr, [float(v) for v in sims[g]], kinds) for g, (sc, pr, _, kinds) in enumerate(groups)]
+    pool_groups = _pool_groups(cfg) if cfg.shared_pool_rounds else []
+    groups += pool_groups
+    records = []  # (similarity, x, fidelity, kind)
     for x in xs:
-        for g, (scenes, prompts) in enumerate(groups):
+        for g, (scenes, prompts, sims_g, kinds) in enumerate(groups):
             reqs = _requests(prompts, cfg, seed0=cfg.seed * 100_000 + 50_000 + g * 10)
             plans = [Plan.single(cfg.large, T)] * len(reqs)
             res = generate_shared_prefix(family, reqs, plans, x, leader=0, max_batch=cfg.max_batch)
             images = np.stack([r.image for r in res.results[1:]])
-            for i, scene in enumerate(scenes[1:]):
-                fid = prompt_fidelity(images[i : i + 1], [scene], judge).fidelity
-                records.append((float(sims[g, i]), x, fid))
+            fid = prompt_fidelity(images, scenes[1:], judge).per_image
+            records += [(sims_g[i], x, float(fid[i]), kinds[i]) for i in range(len(kinds))]
         say(f"shared prefix x={x} done")
+    if not records:
+        raise ValueError("shared_prefix has no followers (shared_groups and shared_pool_rounds are both 0)")
+    all_sims = np.array([r[0] for r in records if r[1] == xs[0]])
     if cfg.similarity_bins is not None:
         edges = tuple(float(e) for e in cfg.similarity_bins)
         if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
             raise ValueError(f"similarity_bins must be >= 2 increasing edges, got {edges}")
     else:
-        edges = tuple(float(q) for q in np.quantile(sims, [0.0, 1 / 3, 2 / 3, 1.0]))
+        edges = _default_similarity_bins(all_sims)
     edges = edges[:-1] + (edges[-1] + 1e-9,)  # the top edge is inclusive
     bins = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        pts = [(x, f) for s, x, f in records if lo <= s < hi]
+        pts = [(x, f) for s, x, f, _ in records if lo <= s < hi]
         curve = {}
         for x in xs:
             vals = [f for xx, f in pts if xx == x]
             if vals:
                 curve[x] = float(np.mean(vals))
+        kinds = [k for s, x, _, k in records if x == xs[0] and lo <= s < hi]
         bins.append({
             "similarity": [lo, hi - 1e-9 if hi == edges[-1] else hi],
             "n_requests": len(pts) // max(len(xs), 1),
+            "followers": {k: kinds.count(k) for k in sorted(set(kinds))},
             "shared_steps": sorted(curve),
             "fidelity": [curve[x] for x in sorted(curve)],
             "fit": logistic_fit([p[0] for p in pts], [p[1] for p in pts]),
         })
+    own = [r for r in records if r[3] in SHARED_VARIANTS and r[1] == xs[0]]
+    pooled = [r for r in records if r[3] not in SHARED_VARIANTS and r[1] == xs[0]]
     return {"plan": f"{cfg.large} for all {T} steps; the prefix is conditioned on the leader's prompt",
-            "groups": len(groups), "followers_per_group": len(SHARED_VARIANTS), "variants": list(SHARED_VARIANTS),
-            "similarity_by_variant": {k: float(sims[:, i].mean()) for i, k in enumerate(SHARED_VARIANTS)},
+            "groups": cfg.shared_groups, "followers_per_group": len(SHARED_VARIANTS), "variants": list(SHARED_VARIANTS),
+            "similarity_by_variant": {k: float(np.mean([r[0] for r in own if r[3] == k]))
+                                      for k in SHARED_VARIANTS if any(r[3] == k for r in own)},
+            "pool": {"rounds": cfg.shared_pool_rounds, "topics": cfg.shared_pool_topics, "seed": cfg.seed + 305,
+                     "groups": len(pool_groups), "group_threshold": GROUP_THRESHOLD,
+                     "followers": {k: sum(r[3] == k for r in pooled) for k in ("same_topic", "other_topic")},
+                     "similarity_by_kind": {k: float(np.mean([r[0] for r in pooled if r[3] == k]))
+                                            for k in ("same_topic", "other_topic") if any(r[3] == k for r in pooled)}},
             "bins": bins}  # fmt: skip
+
+
+def _default_similarity_bins(sims: np.ndarray) -> tuple[float, ...]:
+    """One bin below ``GROUP_THRESHOLD`` (where nothing is grouped) and terciles of the followers at or
+    above it (where the service's and the env's groups are); terciles of all when none is above."""
+    sims = np.asarray(sims, dtype=float)
+    above = sims[sims >= GROUP_THRESHOLD]
+    if above.size < 3:
+        return tuple(float(q) for q in np.quantile(sims, [0.0, 1 / 3, 2 / 3, 1.0]))
+    edges = [float(sims.min())] if (sims < GROUP_THRESHOLD).any() else []
+    edges += [GROUP_THRESHOLD] + [float(q) for q in np.quantile(above, [1 / 3, 2 / 3])] + [float(above.max())]
+    out = [edges[0]]
+    for e in edges[1:]:
+        if e > out[-1]:
+            out.append(e)
+    return tuple(out)
 
 
 def _personalization(cfg, family, world, judge, generate, say) -> dict[str, Any]:

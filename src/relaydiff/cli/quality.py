@@ -94,7 +94,7 @@ def bench_quality_cmd(
     if quick:
         cfg = QualityBenchConfig(family=family, steps=min(steps, 8), n_prompts=min(n_prompts, 16), sampler=sampler,
                                  guidance=guidance, seed=seed, repeats=1, timing_batch=4, n_judge=200,
-                                 shared_groups=2, personal_prompts=4, judge_dir=cfg.judge_dir, trace=trace,
+                                 shared_groups=2, shared_pool_rounds=4, personal_prompts=4, judge_dir=cfg.judge_dir, trace=trace,
                                  device_guidance=cfg.device_guidance, sections=sections)
     try:
         result = bench_quality(cfg, log=lambda msg: console.print(msg))

@@ -12,7 +12,7 @@ Everything is a pure function of a seed: `World.batch(n, seed)` always returns t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,6 +23,8 @@ RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 STYLES: tuple[str, ...] = ("plain", "outline", "stripes", "pastel", "dark")
 BACKGROUNDS: tuple[str, ...] = ("white", "gray", "beige")
 SPLITS: tuple[str, ...] = ("train", "heldout")
+# how another user's scene relates to a given one (World.variant)
+VARIANT_KINDS: tuple[str, ...] = ("paraphrase", "one_attribute", "two_attributes", "unrelated")
 
 # One held-out colour per shape (and each colour at most once): never seen in the train split.
 HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset(
@@ -171,6 +173,27 @@ class World:
         relations = self._pick_relations(rng, objects)
         background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
         return Scene(objects=objects, relations=relations, background=background)
+
+    def variant(self, scene: Scene, kind: str, rng: np.random.Generator) -> Scene:
+        """A scene like ``scene`` for another user: ``kind`` in ``VARIANT_KINDS`` ("paraphrase": the
+        same scene, to be described anew; "one_attribute"/"two_attributes": that many objects' colour
+        or shape changed, combinations kept distinct; "unrelated": a fresh held-out scene)."""
+        _check(kind, VARIANT_KINDS, "variant kind")
+        if kind == "paraphrase":
+            return scene
+        if kind == "unrelated":
+            return self.sample_scene(rng, split="heldout")
+        objs = list(scene.objects)
+        for _ in range(1 if kind == "one_attribute" else 2):
+            i = int(rng.integers(len(objs)))
+            taken = {(o.shape, o.color) for o in objs}
+            if rng.random() < 0.5:
+                options = [c for c in COLORS if (objs[i].shape, c) not in taken]
+                objs[i] = replace(objs[i], color=options[int(rng.integers(len(options)))])
+            else:
+                options = [s for s in SHAPES if (s, objs[i].color) not in taken]
+                objs[i] = replace(objs[i], shape=options[int(rng.integers(len(options)))])
+        return replace(scene, objects=tuple(objs))
 
     def _pick_combos(self, rng: np.random.Generator, n: int, split: str) -> list[tuple[str, str]]:
         if split == "train":

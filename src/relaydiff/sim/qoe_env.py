@@ -54,8 +54,8 @@ from safetensors.numpy import load_file
 
 from relaydiff.sim.agents import Perception, QoEAgent, SurrogateAgent
 from relaydiff.system.bandwidth import inverse_cost_shares
-from relaydiff.system.grouping import (group_prompts, Groups, load_sharing_cost, same_prompt_followers,
-                                       SHARE_RETENTION, shared_steps_caps, SharingCost)
+from relaydiff.system.grouping import (GROUP_THRESHOLD, group_prompts, Groups, load_sharing_cost,
+                                       same_prompt_followers, SHARE_RETENTION, shared_steps_caps, SharingCost)
 from relaydiff.system.problem import sample_instance
 from relaydiff.system.profiles import load_profile
 from relaydiff.system.quality import load_quality
@@ -69,6 +69,10 @@ SHARE_SCALE = 3.0  # softmax temperature of the share actions: shares span e^6 ~
 EDGE_POWER_W = {"a100-sd15": 400.0, "h100-sd15": 350.0}
 N_FEATURES = 12  # per user slot; see QoEEnv._observe
 SATURATED = 0.99  # |a| above this counts as at the box's edge (info["action_saturation"])
+# a round's users and how many topics they draw their prompts from (QoEEnv's defaults; bench quality
+# draws its shared-prefix followers' rounds the same way)
+K_MIN, K_MAX = 5, 20
+TOPICS_PER_USER = 0.35
 
 
 class PromptPoolError(ValueError):
@@ -94,6 +98,14 @@ class PromptPool:
         if len(meta.get("prompts", ())) != emb.shape[0] or len(meta.get("topics", ())) != emb.shape[0]:
             raise PromptPoolError(f"prompt pool {path}: prompts, topics and embeddings differ in length")
         return cls(tuple(meta["prompts"]), np.asarray(meta["topics"], dtype=int), emb)
+
+    def draw(self, rng: np.random.Generator, k: int, topics_per_user: float = TOPICS_PER_USER) -> np.ndarray:
+        """[k] indices of a round's prompts: round(topics_per_user k) topics (at least one) drawn
+        without replacement, then each user a topic of those and one of its prompts, uniformly."""
+        n_topics = max(1, int(round(topics_per_user * k)))
+        all_topics = np.unique(self.topics)
+        chosen = rng.choice(all_topics, size=min(n_topics, all_topics.size), replace=False)
+        return np.array([rng.choice(np.flatnonzero(self.topics == rng.choice(chosen))) for _ in range(k)])
 
 
 @dataclass
@@ -159,10 +171,10 @@ class QoEEnv(gym.Env):
 
     metadata: dict[str, Any] = {"render_modes": []}
 
-    def __init__(self, k_min: int = 5, k_max: int = 20, scenario: str | Scenario = "congested",
+    def __init__(self, k_min: int = K_MIN, k_max: int = K_MAX, scenario: str | Scenario = "congested",
                  agent: QoEAgent | None = None, pool: PromptPool | None = None,
-                 sharing_cost: SharingCost | None = None, topics_per_user: float = 0.35,
-                 group_threshold: float = 0.75, max_group: int = 8, allow_sharing: bool = True,
+                 sharing_cost: SharingCost | None = None, topics_per_user: float = TOPICS_PER_USER,
+                 group_threshold: float = GROUP_THRESHOLD, max_group: int = 8, allow_sharing: bool = True,
                  edge_power_w: float | None = None, learned_shared_steps: bool = False,
                  share_retention: float | None = SHARE_RETENTION) -> None:
         if not 1 <= k_min <= k_max:
@@ -200,10 +212,7 @@ class QoEEnv(gym.Env):
     def draw_round(self, rng: np.random.Generator) -> Round:
         """K users: prompts from a few topics of the pool, traits, devices and links."""
         k = int(rng.integers(self.k_min, self.k_max + 1))
-        n_topics = max(1, int(round(self.topics_per_user * k)))
-        all_topics = np.unique(self.pool.topics)
-        chosen = rng.choice(all_topics, size=min(n_topics, all_topics.size), replace=False)
-        idx = np.array([rng.choice(np.flatnonzero(self.pool.topics == rng.choice(chosen))) for _ in range(k)])
+        idx = self.pool.draw(rng, k, self.topics_per_user)
         emb = self.pool.embeddings[idx]
         inst = sample_instance(self.scenario, n_users=k, seed=rng, quality_model=self._quality)
         batch = min(k, self._max_batch)
@@ -381,5 +390,5 @@ class QoEEnv(gym.Env):
 
 HEURISTICS = ("equal", "proportional", "sqrt")
 
-__all__ = ["HEURISTICS", "PROMPT_POOL", "SATURATED", "Outcome", "PromptPool", "PromptPoolError", "QoEEnv", "Round",
-           "share_action", "softmax_shares"]
+__all__ = ["HEURISTICS", "K_MAX", "K_MIN", "PROMPT_POOL", "SATURATED", "TOPICS_PER_USER", "Outcome", "PromptPool",
+           "PromptPoolError", "QoEEnv", "Round", "share_action", "softmax_shares"]

@@ -10,18 +10,19 @@ arrays (MiniLM runs at the edge, in ``bench``/``serve``, or comes from a precomp
 
 Sharing cost: the family's measured shared-prefix curves (``relaydiff bench quality``,
 ``shared_prefix`` in ``quality.json``): per similarity bin, a follower's prompt fidelity after s
-shared steps. The measured points are noisy (about 10 requests a bin, standard error ~0.03), so
-each bin's curve is made non-increasing in s by isotonic regression (pool adjacent violators:
+shared steps, measured on followers like the ones grouped here (rounds drawn as the QoE env draws
+them, other scenes' prompts among them, and a leader's own scene's variants). The measured points
+are noisy (tens of followers a bin), so each bin's curve is made non-increasing in s by isotonic regression (pool adjacent violators:
 sharing more of another prompt's steps cannot help) and read as the retention
 F_bin(s) / F_bin(0), interpolated linearly in s. The leader keeps its own fidelity.
 
 How far a group shares (one rule, for the service's rounds and the QoE env): a group's s is at
 most the largest s that keeps its least similar follower at >= ``SHARE_RETENTION`` of its prompt
-fidelity on these curves (:meth:`SharingCost.longest_sharing`, :func:`shared_steps_caps`). Past
-that the curves are not to be trusted: each bin holds about 10 measured followers, the bench's
-own variants of one scene, while a MiniLM similarity of 0.78-0.88 also joins prompts of other
-scenes, and at s = T a follower gets the leader's image (the live round of docs/qoe.md: such
-followers read 0.22-0.62 fidelity at s = T where the top bin's curve keeps 0.93 of 0.84). A
+fidelity on these curves (:meth:`SharingCost.longest_sharing`, :func:`shared_steps_caps`): a
+bin's mean hides its worst followers, and at s = T a follower gets the leader's image (the live
+rounds of docs/qoe.md: followers of another scene read 0.22-0.62 at s = T; curves measured on the
+leader's own scene's variants only had predicted 0.79-0.93, which is why the bench now measures
+followers of env-drawn rounds too). A
 follower whose prompt *is* its leader's does not bind the cap and keeps its fidelity at any s:
 it is conditioned on the same prompt throughout.
 """
@@ -42,6 +43,9 @@ from relaydiff.system.quality import QualityTableError, REFERENCE_TABLE
 # A follower keeps at least this share of its prompt fidelity on the measured curves: the largest
 # shared prefix a group may run (see the module docstring; serve.rounds and sim.qoe_env apply it)
 SHARE_RETENTION = 0.95
+# Two prompts may share a prefix when their MiniLM cosine is at least this (group_prompts' cut: the
+# service's rounds and the QoE env group at it; bench quality measures its followers from here up)
+GROUP_THRESHOLD = 0.75
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class Groups:
         return np.bincount(self.label, minlength=self.n_groups)
 
 
-def group_prompts(embeddings: np.ndarray, threshold: float = 0.75, max_group: int = 8) -> Groups:
+def group_prompts(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, max_group: int = 8) -> Groups:
     """Complete-linkage groups at cosine ``threshold`` (see the module docstring)."""
     e = np.asarray(embeddings, dtype=float)
     if e.ndim != 2 or e.shape[0] == 0:
@@ -114,6 +118,7 @@ class SharingCost:
     retention: np.ndarray  # [n_bins, n_points] F_bin(s) / F_bin(0), non-increasing in s
     steps: int  # T, the chain length the curves were measured at
     source: str = ""
+    guidance: float | None = None  # the guidance the curves were measured at (the table's config)
 
     def retain(self, similarity: np.ndarray, shared: np.ndarray) -> np.ndarray:
         """F(s) / F(0) for followers at ``similarity`` sharing ``shared`` steps (broadcasts)."""
@@ -180,10 +185,12 @@ def load_sharing_cost(path: str | Path = REFERENCE_TABLE) -> SharingCost:
         f = _non_increasing(np.asarray(b["fidelity"], dtype=float))
         ret.append(f / max(f[0], 1e-12))
     edges = [float(bins[0]["similarity"][0])] + [float(b["similarity"][1]) for b in bins]
-    steps = int((data.get("config") or {}).get("steps", xs[0][-1]))
+    config = data.get("config") or {}
+    steps = int(config.get("steps", xs[0][-1]))
+    guidance = float(config["guidance"]) if config.get("guidance") is not None else None
     return SharingCost(np.asarray(edges), np.asarray(xs[0], dtype=float), np.asarray(ret), steps,
-                       f"measured shared_prefix bins of {path} (isotonic in s)")
+                       f"measured shared_prefix bins of {path} (isotonic in s)", guidance)
 
 
-__all__ = ["SHARE_RETENTION", "Groups", "SharingCost", "group_prompts", "load_sharing_cost", "same_prompt_followers",
+__all__ = ["GROUP_THRESHOLD", "SHARE_RETENTION", "Groups", "SharingCost", "group_prompts", "load_sharing_cost", "same_prompt_followers",
            "shared_steps_caps"]
