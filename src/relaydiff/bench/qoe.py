@@ -43,7 +43,7 @@ from relaydiff.sched.rl.ddpg import evaluate, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import train_gddpg
 from relaydiff.sim.qoe_env import HEURISTICS, K_MAX, K_MIN, QoEEnv
 from relaydiff.sim.waterfill_env import WaterFillingEnv
-from relaydiff.system.grouping import SHARE_RETENTION
+from relaydiff.system.grouping import load_sharing_cost, SHARE_RETENTION
 
 EVAL_SEED = 10_000  # evaluation rounds are env.reset(seed=EVAL_SEED + j), for every algorithm
 SB3_REFERENCES = ("sb3_ddpg", "sb3_td3", "sb3_sac")
@@ -70,6 +70,7 @@ class QoEBenchConfig:
     # a group shares at most the steps that keep its least similar follower at this share of its
     # prompt fidelity on the measured curves (the service's rule); None: up to T (before 2026-12-03)
     share_retention: float | None = SHARE_RETENTION
+    sharing_table: str | None = None  # a quality.json whose shared-prefix curves the env reads (None: the shipped one)
     action_penalty: float = RLConfig.action_penalty  # the actors' pre-squash penalty (0: the plain -Q1 loss)
     # water-filling's optimum lies on the action box's edge (channels at zero power), where the
     # saturation penalty would pull it away (G-DDPG 0.995 -> 0.976 of the optimum): that task trains
@@ -96,7 +97,8 @@ def rl_config(cfg: QoEBenchConfig, seed: int, steps: int) -> RLConfig:
 
 
 def _env_factory(cfg: QoEBenchConfig, **kw: Any) -> Callable[[int], QoEEnv]:
-    return lambda seed: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
+    cost = load_sharing_cost(cfg.sharing_table) if cfg.sharing_table else None
+    return lambda seed: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario, sharing_cost=cost,
                                learned_shared_steps=cfg.learned_shared_steps, share_retention=cfg.share_retention, **kw)
 
 

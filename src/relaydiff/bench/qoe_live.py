@@ -38,7 +38,7 @@ from relaydiff.sched.rl.ddpg import Policy
 from relaydiff.sim.agents import Perception, SurrogateAgent
 from relaydiff.sim.agents_llm import LLMAgent
 from relaydiff.sim.qoe_env import QoEEnv
-from relaydiff.system.grouping import SHARE_RETENTION, SharingCost
+from relaydiff.system.grouping import load_sharing_cost, SHARE_RETENTION, SharingCost
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class LiveQoEConfig:
     max_batch: int = 16
     # the cap on a group's shared steps (the service's rule; None: the curves alone, up to T)
     share_retention: float | None = SHARE_RETENTION
+    sharing_table: str | None = None  # a quality.json whose shared-prefix curves the env reads (None: the shipped one)
     out: str = "out/qoe_live"
 
 
@@ -80,7 +81,8 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     policy = Policy.from_pretrained(cfg.policy, seed=cfg.seed)
     # a policy that sets the shared steps too (bench qoe --learned-shared-steps) has a third action block
     env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
-                 learned_shared_steps=policy.act_dim == 3 * cfg.k_max, share_retention=cfg.share_retention)
+                 learned_shared_steps=policy.act_dim == 3 * cfg.k_max, share_retention=cfg.share_retention,
+                 sharing_cost=load_sharing_cost(cfg.sharing_table) if cfg.sharing_table else None)
     if policy.obs_dim != env.observation_space.shape[0] or policy.act_dim != env.action_space.shape[0]:
         raise ValueError(f"policy {cfg.policy} was trained for another round size (obs {policy.obs_dim}, action "
                          f"{policy.act_dim}; this round needs {env.observation_space.shape[0]}, {env.action_space.shape[0]}: "
@@ -182,7 +184,7 @@ def summarize_rounds(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def live_rounds(policy: str, seeds: int = 5, family: str = "reference", out: str = "out/qoe_live_rounds",
-                say: Callable[[str], None] = print) -> dict[str, Any]:
+                say: Callable[[str], None] = print, sharing_table: str | None = None) -> dict[str, Any]:
     """Rounds 0..seeds-1 of the policy, each run twice on the engine: the env's shared steps capped
     by the service's rule and uncapped (the same round, shares and noise); writes ``out``/rounds.json
     (each run's own report under ``out``/ARM/SEED) and returns it."""
@@ -191,10 +193,11 @@ def live_rounds(policy: str, seeds: int = 5, family: str = "reference", out: str
     for seed in range(seeds):
         for arm, retention in RULES.items():
             report = run_qoe_live(LiveQoEConfig(policy=policy, family=family, seed=seed, share_retention=retention,
-                                                out=str(Path(out) / arm / str(seed))), say=lambda s: None)
+                                                sharing_table=sharing_table, out=str(Path(out) / arm / str(seed))),
+                                  say=lambda s: None)
             rows[arm].append(_round_row(report))
             say(json.dumps({"arm": arm, **rows[arm][-1]}))
-    result = {"policy": policy, "family": family, "rules": RULES, "hardware": hardware_info(), "rows": rows,
+    result = {"policy": policy, "family": family, "sharing_table": sharing_table, "rules": RULES, "hardware": hardware_info(), "rows": rows,
               "summary": summarize_rounds(rows), "wall_s": time.perf_counter() - t0}
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "rounds.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -208,11 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--family", default="reference")
     ap.add_argument("--out", default="out/qoe_live_rounds")
+    ap.add_argument("--table", default=None, help="quality.json whose shared-prefix curves the env reads (default: the shipped one)")
     a = ap.parse_args(argv)
     if a.seeds < 1:
         raise SystemExit("error: --seeds must be >= 1")
     try:
-        result = live_rounds(a.policy, a.seeds, a.family, a.out)
+        result = live_rounds(a.policy, a.seeds, a.family, a.out, sharing_table=a.table)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(result["summary"], indent=1))

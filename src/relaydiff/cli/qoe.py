@@ -27,6 +27,8 @@ def bench_qoe_cmd(
         help="The actors also set each group's shared steps (default: the env picks them exactly for the actors' shares)."),
     action_penalty: float | None = typer.Option(
         None, help="Weight of the actors' pre-squash penalty (default: RLConfig's; 0: the plain -Q loss)."),
+    sharing_table: Path = typer.Option(None, help="A quality.json whose shared-prefix curves the env reads "
+                                                  "(default: the shipped family's)."),
     out: Path = typer.Option(Path("out/bench_qoe"), help="Folder for the plots and report.json."),
     resume: bool = typer.Option(False, "--resume", help="Reuse the runs a cut-short bench left in OUT/runs (same settings)."),
     as_json: JsonFlag = False,
@@ -46,6 +48,7 @@ def bench_qoe_cmd(
         cfg = QoEBenchConfig(seeds=seeds, steps=steps, waterfill_steps=waterfill_steps, eval_rounds=eval_rounds,
                              k_min=k_min, k_max=k_max, scenario=scenario, sb3=sb3, workers=workers, out=str(out),
                              resume=resume, learned_shared_steps=learned_shared_steps,
+                             sharing_table=str(sharing_table) if sharing_table else None,
                              **({} if action_penalty is None else {"action_penalty": action_penalty}))
     except ValueError as exc:
         fail(str(exc))
