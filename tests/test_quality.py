@@ -411,3 +411,37 @@ def test_one_section_is_measured_and_merged_into_a_table(tiny_family) -> None:
         update_table(dict(table, family={"id": "other"}), part)
     with pytest.raises(ValueError, match="differ in steps"):
         update_table(dict(table, config=dict(table["config"], steps=20)), part)
+
+
+def test_device_guidance_curve_of_a_distilled_small_member_is_the_guided_one(tiny_family, judge: Judge,
+                                                                             monkeypatch) -> None:
+    """A guidance-distilled small member runs at guidance 1 either way: the second relay curve is the
+    guided one, read from it rather than generated and timed again; a plain member gets its own run."""
+    import relaydiff.bench.quality as bq
+
+    calls = []
+    real = bq._relay_curve
+
+    def spy(cfg, family, judge, held, reqs, ref_feats, ks, device_guidance, say):
+        calls.append(device_guidance)
+        return real(cfg, family, judge, held, reqs, ref_feats, ks, device_guidance, say)
+
+    monkeypatch.setattr(bq, "_relay_curve", spy)
+    cfg = bq.QualityBenchConfig(family="tiny", steps=4, n_prompts=3, repeats=1, timing_batch=2,
+                                device_guidance=1.0, device_guidance_ks=(0, 2, 4))
+    saved = tiny_family.guidance_distilled
+    tiny_family.guidance_distilled = {"small": 3.0}
+    try:
+        out: dict = {}
+        bq._relay_section(cfg, tiny_family, World(32), judge, out, lambda _m: None)
+    finally:
+        tiny_family.guidance_distilled = saved
+    dev = out["relay_device_guidance"]
+    assert calls == [None] and dev["same_chains_as_relay"] is True
+    relay = {e["k"]: e for e in out["relay"]}
+    assert [e["k"] for e in dev["relay"]] == [0, 2, 4] and all(e == relay[e["k"]] for e in dev["relay"])
+
+    calls.clear()
+    plain: dict = {}
+    bq._relay_section(cfg, tiny_family, World(32), judge, plain, lambda _m: None)
+    assert calls == [None, 1.0] and plain["relay_device_guidance"]["same_chains_as_relay"] is False

@@ -486,13 +486,20 @@ def _relay_section(cfg: QualityBenchConfig, family: Any, world: World, judge: Ju
         dks = tuple(cfg.device_guidance_ks) if cfg.device_guidance_ks is not None else _grid(T, 2)
         if T not in dks or any(not 0 <= k <= T for k in dks):
             raise ValueError(f"device_guidance_ks must lie in 0..{T} and include {T} (full large), got {dks}")
-        dev, _ = _relay_curve(cfg, family, judge, held, reqs, ref_feats, dks, cfg.device_guidance, say)
-        for entry in dev.values():
-            entry.pop("per_image")
+        same = all(k in relay and family.native_plan(Plan.relay(cfg.large, cfg.small, k, T,
+                                                                 device_guidance=cfg.device_guidance))
+                   == family.native_plan(Plan.relay(cfg.large, cfg.small, k, T)) for k in dks)
+        if same:  # a guidance-distilled small member runs at guidance 1 either way: the guided chains
+            dev = {k: dict(relay[k]) for k in dks}
+            say(f"relay (device guidance {cfg.device_guidance:g}): the same chains as the guided curve's")
+        else:
+            dev, _ = _relay_curve(cfg, family, judge, held, reqs, ref_feats, dks, cfg.device_guidance, say)
+            for entry in dev.values():
+                entry.pop("per_image")
         ok = [dev[k] for k in dks if dev[k]["fidelity"] >= 0.99 * full_large]
         dbest = max(ok, key=lambda e: e["speedup"]) if ok else None
         out["relay_device_guidance"] = {
-            "guidance": cfg.device_guidance, "relay": [dev[k] for k in sorted(dks)],
+            "guidance": cfg.device_guidance, "same_chains_as_relay": same, "relay": [dev[k] for k in sorted(dks)],
             "best_relay": None if dbest is None else {
                 "k": dbest["k"], "fidelity": dbest["fidelity"], "fidelity_ratio": dbest["fidelity"] / full_large,
                 "speedup": dbest["speedup"], "speedup_single": dbest["speedup_single"]}}
