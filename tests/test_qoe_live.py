@@ -48,14 +48,14 @@ def test_pool_scenes_rebuild_every_shipped_prompt() -> None:
 
 
 def test_pairs_summary_is_paired_and_apart_for_identical_prompts() -> None:
-    from relaydiff.bench.qoe_pairs import at_cap, PairsConfig, summarize
+    from relaydiff.bench.qoe_pairs import at_cap, by_topic, PairsConfig, summarize
     from relaydiff.system.grouping import SharingCost
 
     shared = (0, 4, 20)
-    rows = [{"similarity": 0.82, "same_prompt": False, "cap": 4, "fidelity": [0.8, 0.8, 0.4]},
-            {"similarity": 0.84, "same_prompt": False, "cap": 4, "fidelity": [0.6, 0.5, 0.2]},
-            {"similarity": 0.95, "same_prompt": False, "cap": 20, "fidelity": [1.0, 1.0, 1.0]},
-            {"similarity": 1.0, "same_prompt": True, "cap": 20, "fidelity": [0.9, 0.9, 0.9]}]
+    rows = [{"similarity": 0.82, "same_prompt": False, "same_topic": False, "cap": 4, "fidelity": [0.8, 0.8, 0.4]},
+            {"similarity": 0.84, "same_prompt": False, "same_topic": False, "cap": 4, "fidelity": [0.6, 0.5, 0.2]},
+            {"similarity": 0.95, "same_prompt": False, "same_topic": True, "cap": 20, "fidelity": [1.0, 1.0, 1.0]},
+            {"similarity": 1.0, "same_prompt": True, "same_topic": True, "cap": 20, "fidelity": [0.9, 0.9, 0.9]}]
     cost = SharingCost(np.array([0.0, 1.0]), np.array([0.0, 20.0]), np.array([[1.0, 0.9]]), 20)
     bins = {b["bin"]: b for b in summarize(rows, shared, cost)}
     assert set(bins) == {"same prompt as the leader", "[0.80, 0.85)", "[0.90, 1.00]"}
@@ -66,6 +66,9 @@ def test_pairs_summary_is_paired_and_apart_for_identical_prompts() -> None:
     cap = at_cap(rows, shared)  # the three followers of another prompt, each at its own group's cap
     assert cap["n"] == 3 and cap["at_cap"]["fidelity"] == pytest.approx((0.8 + 0.5 + 1.0) / 3)
     assert cap["at_T"]["change"] == pytest.approx((-0.4 - 0.4 + 0.0) / 3)
+    topics = by_topic(rows, shared, cost)  # identical prompts apart; the other two by their leader's topic
+    assert topics["other_topic"]["n"] == 2 and topics["other_topic"]["retention"] == pytest.approx(b["retention"])
+    assert topics["same_topic"]["n"] == 1 and topics["same_topic"]["at_cap"]["at_T"]["change"] == 0.0
     with pytest.raises(ValueError, match="start at 0"):
         PairsConfig(shared=(2, 4))
 
