@@ -33,6 +33,7 @@ def tiny_config(**over) -> ReferenceConfig:
         styles=("outline", "dark"), lora_rank=2,
         # the plain recipe (the defaults distil a guidance-distilled small member): tests opt in
         small_distill=0.0, small_guidance=0.0, small_late_share=0.0, style_guidance_direction="base",
+        style_steps={},  # every style at style_train.steps (the defaults train dark and stripes longer)
     )
     cfg.update(over)
     return ReferenceConfig(**cfg)
@@ -199,7 +200,7 @@ def test_style_steps_continue_one_style_to_its_own_length(tiny_run, tmp_path):
     with pytest.raises(TrainingError, match="trained 4 steps, not 3"):
         train_reference(tiny_config(style_steps={"dark": 3}), runs["continued"], stages=["styles"], resume=True,
                         quiet=True)
-    for bad in ({"pastel": 4}, {"dark": 0}):
+    for bad in ({"sepia": 4}, {"dark": 0}):
         with pytest.raises(TrainingError, match="style_steps"):
             tiny_config(style_steps=bad)
 

@@ -175,9 +175,10 @@ class ReferenceConfig:
         if self.small_guidance and not self.small_distill:
             raise TrainingError("small_guidance distils the large member's guided prediction: it needs small_distill > 0")
         self.style_steps = {str(k): int(v) for k, v in dict(self.style_steps).items()}
-        odd = {k: v for k, v in self.style_steps.items() if k not in self.styles or v < 1}
-        if odd:
-            raise TrainingError(f"style_steps must map styles of {self.styles} to steps >= 1, got {odd}")
+        odd = {k: v for k, v in self.style_steps.items() if k not in (*USER_STYLES, *self.styles) or v < 1}
+        if odd:  # a user style this run does not train is left alone (a run of a subset of the styles)
+            raise TrainingError(f"style_steps must map styles of {(*USER_STYLES, *self.styles)} to steps >= 1, "
+                                f"got {odd}")
 
     def style_spec(self, style: str) -> TrainSpec:
         """The training spec of one style's adapter: ``style_train`` with that style's steps."""
