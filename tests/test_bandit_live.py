@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 
 from relaydiff.sched.bandit import FixedArm, make_bandit
 from relaydiff.serve.bandit_live import LiveConfig, LiveStream
@@ -78,12 +79,41 @@ def test_live_summary_and_report(tmp_path):
     assert abs(out["policies"]["fixed_edge_only"]["bandit_minus_this"]["mean"] - 0.1) < 1e-12
     runs.append(LiveRun("fixed_device_only", [1, 1, 1], [0.0, 0.1, 0.2], [0.7] * 3, [2.0] * 3))
     out = _summary(cfg, runs, names, np.array([2.0, 3.0, 2.5]), 0.01, edge, 0.0)
-    assert out["complete"] and out["bandit_beats_every_fixed_arm"]
+    # above every fixed arm on the mean, but 3 noisy requests leave 0 inside the paired interval
+    assert out["complete"] and out["bandit_mean_above_every_fixed_arm"] and not out["bandit_beats_every_fixed_arm"]
+    assert out["policies"]["fixed_device_only"]["bandit_minus_this"]["ci95"][0] < 0
     vs = out["bandit_vs_best_fixed"]
     assert vs["best_fixed"] == "fixed_edge_only" and abs(vs["bandit_minus_best_mean"] - 0.1) < 1e-12
     assert vs["ci95"][0] < 0.1 < vs["ci95"][1]
     files = _report(out, runs, names, tmp_path)
     assert all((tmp_path / f).exists() for f in ("bandit_live.json", "bandit_live.png")) and len(files) == 2
+
+
+def test_a_win_needs_every_paired_interval_above_zero_and_reports_pool():
+    from relaydiff.serve.bandit_live import bandit_vs_fixed, pool_reports
+
+    rewards = {"bandit_x": [0.30, 0.31, 0.32, 0.33], "fixed_a": [0.10, 0.10, 0.11, 0.10],
+               "fixed_b": [0.0, 0.01, 0.0, 0.02]}
+    v = bandit_vs_fixed(rewards, "bandit_x")
+    assert v["bandit_beats_every_fixed_arm"] and v["bandit_vs_best_fixed"]["best_fixed"] == "fixed_a"
+    assert not bandit_vs_fixed(rewards, "bandit_x", complete=False)["bandit_beats_every_fixed_arm"]
+    noisy = dict(rewards, fixed_b=[0.5, 0.0, 0.6, 0.0])  # above on the mean, not beyond the noise
+    assert not bandit_vs_fixed(noisy, "bandit_x")["bandit_beats_every_fixed_arm"]
+
+    def report(seed, per):
+        return {"config": {"seed": seed, "alpha": 0.3, "requests": 2, "report": f"r{seed}"}, "complete": True,
+                "per_request": {n: {"rewards": r} for n, r in per.items()}}
+
+    halves = [{n: r[:2] for n, r in rewards.items()}, {n: r[2:] for n, r in rewards.items()}]
+    pooled = pool_reports([report(2, halves[0]), report(3, halves[1])])
+    assert pooled["seeds"] == [2, 3] and pooled["requests"] == 4 and pooled["bandit"] == "bandit_x"
+    assert pooled["by_arm"] == v["by_arm"] and pooled["bandit_beats_every_fixed_arm"]
+    with pytest.raises(ValueError, match="repeat a seed"):
+        pool_reports([report(2, halves[0]), report(2, halves[1])])
+    other = report(3, halves[1])
+    other["config"]["alpha"] = 0.1
+    with pytest.raises(ValueError, match=r"another protocol than report 0's \(alpha\)"):
+        pool_reports([report(2, halves[0]), other])
 
 
 def test_step_latency_uses_the_given_clock(tiny):

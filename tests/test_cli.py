@@ -42,6 +42,7 @@ def _no_model_loads(*args, **kwargs):
     (["train", "offload", "--families", "default,nope"], "unknown families ['nope']"),
     (["bench", "quality", "--only", "relay,bogus"], "unknown bench quality section(s) ['bogus']"),
     (["bench", "quality", "--only", "relay", "--update", "/nowhere/quality.json"], "cannot read the table"),
+    (["bandit", "pool", "/nowhere/bandit_live.json"], "cannot read the report"),
 ])
 def test_user_mistakes_end_in_one_error_line_before_any_model_loads(monkeypatch, args, says):
     import relaydiff.demo

@@ -1,4 +1,4 @@
-"""Relay bandit commands: `relaydiff bench bandit` and `relaydiff bandit live`."""
+"""Relay bandit commands: `relaydiff bench bandit`, `relaydiff bandit live` and `relaydiff bandit pool`."""
 
 from __future__ import annotations
 
@@ -137,17 +137,57 @@ def bandit_live_cmd(
         console.print(f"{name:24s} mean utility {p['mean_utility']:.4f}  quality {p['mean_quality']:.3f}  "
                       f"latency {p['mean_latency_s']:.2f} s{extra}", highlight=False)
     if cfg.compare_fixed:
-        console.print(f"bandit beats every fixed arm: {out['bandit_beats_every_fixed_arm']}")
-        vs = out.get("bandit_vs_best_fixed")
-        if vs:
-            console.print(f"bandit - best fixed arm ({vs['best_fixed']}): {vs['bandit_minus_best_mean']:+.4f}, 95% CI "
-                          f"[{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}] (paired, same requests)", highlight=False)
+        _print_verdict(out)
     console.print(f"report: {', '.join(out.get('report', []))}")
     if out.get("saved_state"):
         console.print(f"bandit state: {out['saved_state']} (+ .safetensors)")
 
 
+def _print_verdict(out: dict) -> None:
+    console.print(f"bandit above every fixed arm on the mean: {out['bandit_mean_above_every_fixed_arm']}; "
+                  f"beyond the noise (every paired 95% interval above 0): {out['bandit_beats_every_fixed_arm']}")
+    vs = out.get("bandit_vs_best_fixed")
+    if vs and vs["ci95"] is not None:
+        console.print(f"bandit - best fixed arm ({vs['best_fixed']}): {vs['bandit_minus_best_mean']:+.4f}, 95% CI "
+                      f"[{vs['ci95'][0]:+.4f}, {vs['ci95'][1]:+.4f}] (paired, same requests)", highlight=False)
+
+
+def bandit_pool_cmd(
+    reports: list[Path] = typer.Argument(..., help="bandit_live.json files of the same protocol, other seeds."),
+    out: JsonOut = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Several `bandit live` streams (other seeds) as one paired sample: the bandit against every fixed arm."""
+    # lazy: the CLI starts without torch; only this command loads what it runs
+    from relaydiff.serve.bandit_live import pool_reports
+
+    loaded = []
+    for path in reports:
+        try:
+            loaded.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            fail(f"{path}: cannot read the report ({exc})")
+    try:
+        pooled = pool_reports(loaded)
+    except ValueError as exc:
+        fail(str(exc))
+    pooled["reports"] = [str(p) for p in reports]
+    text = json.dumps(pooled, allow_nan=False)
+    save_json(text, out)
+    if as_json:
+        print(text)
+        return
+    console.print(f"{pooled['requests']} requests from seeds {pooled['seeds']}", highlight=False)
+    for name, mean in pooled["mean_utility"].items():
+        row = pooled["by_arm"].get(name)
+        extra = (f"  bandit - this {row['mean']:+.4f} [{row['ci95'][0]:+.4f}, {row['ci95'][1]:+.4f}]"
+                 if row and row["ci95"] else "")
+        console.print(f"{name:24s} mean utility {mean:.4f}{extra}", highlight=False)
+    _print_verdict(pooled)
+
+
 def register(app: typer.Typer, bench: typer.Typer, train: typer.Typer) -> None:
     bench.command("bandit")(bench_bandit_cmd)
     bandit_app.command("live")(bandit_live_cmd)
+    bandit_app.command("pool")(bandit_pool_cmd)
     app.add_typer(bandit_app, name="bandit")

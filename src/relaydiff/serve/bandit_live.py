@@ -382,23 +382,11 @@ def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale
         policies[r.name] = {"mean_utility": float(np.mean(r.rewards)), "mean_quality": float(np.mean(r.quality)),
                             "mean_latency_s": float(np.mean(r.latency_s)),
                             "arm_counts": {names[a]: int(c) for a, c in enumerate(counts)}}
-        if r is not bandit:
-            diff = np.asarray(bandit.rewards) - np.asarray(r.rewards)
-            policies[r.name]["bandit_minus_this"] = {
-                "mean": float(diff.mean()), "se": float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None}
     fixed = {k: v["mean_utility"] for k, v in policies.items() if k.startswith("fixed_")}
     complete = len(fixed) == len(names) or not cfg.compare_fixed
-    vs_best = None
-    if fixed and len(bandit.rewards) > 1:
-        # lazy: scipy.stats is slow to import; only the paired interval needs it
-        from scipy import stats
-
-        best = max(fixed, key=fixed.get)
-        diff = np.asarray(bandit.rewards) - np.asarray(next(r for r in runs if r.name == best).rewards)
-        half = float(stats.t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / np.sqrt(len(diff)))
-        vs_best = {"best_fixed": best, "bandit_minus_best_mean": float(diff.mean()),
-                   "ci95": [float(diff.mean() - half), float(diff.mean() + half)],
-                   "note": "paired over the same requests; 95% t-interval of the per-request difference"}
+    verdict = bandit_vs_fixed({r.name: r.rewards for r in runs}, bandit.name, complete)
+    for name, row in verdict.pop("by_arm").items():
+        policies[name]["bandit_minus_this"] = row
     return {"config": asdict(cfg), "hardware": hardware(), "requests": cfg.requests,
             "clock": "this thread's CPU time" if cfg.cpu_clock else "wall time",
             "edge": {"profile": "measured on this machine at the start of the run",
@@ -413,10 +401,69 @@ def _summary(cfg: LiveConfig, runs: list[LiveRun], names: tuple[str, ...], scale
                                           ", measured at the start)")},
             "policies": policies,
             "complete": complete,
-            "bandit_vs_best_fixed": vs_best,
-            "bandit_beats_every_fixed_arm": (complete and bool(fixed)
-                                             and policies[bandit.name]["mean_utility"] > max(fixed.values())),
+            **verdict,
             "wall_s": time.perf_counter() - t_start}
+
+
+def bandit_vs_fixed(rewards: dict[str, Sequence[float]], bandit: str, complete: bool = True) -> dict[str, Any]:
+    """The bandit against each fixed arm, paired over the same requests: the mean difference and its
+    95% t-interval per arm (``by_arm``), the same against the best fixed arm, and the verdict. The
+    bandit beats every fixed arm when each interval's lower bound is above 0 (a mean above each
+    arm's, noise included, is reported beside it, not taken for a win)."""
+    # lazy: scipy.stats is slow to import; only the paired interval needs it
+    from scipy import stats
+
+    ours = np.asarray(rewards[bandit], dtype=float)
+    by_arm: dict[str, dict[str, Any]] = {}
+    for name, r in rewards.items():
+        if not name.startswith("fixed_"):
+            continue
+        diff = ours - np.asarray(r, dtype=float)
+        if len(diff) < 2:
+            by_arm[name] = {"mean": float(diff.mean()), "se": None, "ci95": None}
+            continue
+        se = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+        half = float(stats.t.ppf(0.975, len(diff) - 1)) * se
+        by_arm[name] = {"mean": float(diff.mean()), "se": se,
+                        "ci95": [float(diff.mean() - half), float(diff.mean() + half)]}
+    vs_best = None
+    if by_arm:
+        best = max(by_arm, key=lambda n: float(np.mean(rewards[n])))
+        vs_best = {"best_fixed": best, "bandit_minus_best_mean": by_arm[best]["mean"], "ci95": by_arm[best]["ci95"],
+                   "note": "paired over the same requests; 95% t-interval of the per-request difference"}
+    return {"by_arm": by_arm, "bandit_vs_best_fixed": vs_best,
+            "bandit_mean_above_every_fixed_arm": bool(complete and by_arm
+                                                      and all(v["mean"] > 0 for v in by_arm.values())),
+            "bandit_beats_every_fixed_arm": bool(complete and by_arm and all(
+                v["ci95"] is not None and v["ci95"][0] > 0 for v in by_arm.values()))}
+
+
+def pool_reports(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several `bandit live` reports (other seeds: other streams, same protocol) as one paired sample:
+    each policy's per-request rewards concatenated, then :func:`bandit_vs_fixed`. Every report must
+    carry ``per_request`` and the same policies, and differ only in the seed."""
+    if len(reports) < 1:
+        raise ValueError("pool: need at least one bandit live report")
+    first = reports[0]
+    for i, rep in enumerate(reports):
+        if "per_request" not in rep or "config" not in rep:
+            raise ValueError(f"report {i}: not a bandit live report (no per_request/config)")
+        if set(rep["per_request"]) != set(first["per_request"]):
+            raise ValueError(f"report {i}: other policies than report 0's")
+        other = {k: v for k, v in rep["config"].items() if k not in ("seed", "report", "save_state")}
+        same = {k: v for k, v in first["config"].items() if k not in ("seed", "report", "save_state")}
+        if other != same:
+            raise ValueError(f"report {i}: another protocol than report 0's (" + ", ".join(
+                sorted(k for k in set(other) | set(same) if other.get(k) != same.get(k))) + ")")
+    seeds = [rep["config"].get("seed") for rep in reports]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"pool: the reports repeat a seed ({seeds}): the same stream counted twice")
+    bandit = next(n for n in first["per_request"] if not n.startswith("fixed_"))
+    rewards = {n: [x for rep in reports for x in rep["per_request"][n]["rewards"]] for n in first["per_request"]}
+    complete = all(rep.get("complete", False) for rep in reports)
+    return {"seeds": seeds, "requests": len(rewards[bandit]), "bandit": bandit,
+            "mean_utility": {n: float(np.mean(v)) for n, v in rewards.items()},
+            **bandit_vs_fixed(rewards, bandit, complete)}
 
 
 def _report(out: dict[str, Any], runs: list[LiveRun], names: tuple[str, ...], folder: Path) -> list[str]:
