@@ -45,8 +45,9 @@ def test_sharing_cost_comes_from_the_measured_curves() -> None:
     assert np.all(cost.retention[:, 0] == 1.0) and np.all(np.diff(cost.retention, axis=1) <= 1e-12)
     # the last bin's retention at s = T is its measured (smoothed) end over its start
     f = _non_increasing(np.asarray(data[-1]["fidelity"]))
-    assert cost.retain(0.85, 20.0) == pytest.approx(f[-1] / f[0])
-    assert cost.retain(0.85, 0.0) == 1.0
+    inside = float(np.mean(data[-1]["similarity"]))  # a similarity inside the last bin
+    assert cost.retain(inside, 20.0) == pytest.approx(f[-1] / f[0])
+    assert cost.retain(inside, 0.0) == 1.0
     assert np.allclose(_non_increasing(np.array([1.0, 2.0, 0.5])), [1.5, 1.5, 0.5])
 
 
