@@ -419,6 +419,14 @@ def test_round_decider_groups_similar_prompts_on_the_edge():
     assert shared[2].steps == shared[4].steps == 3 and shared[2].leader == shared[4].leader
     assert RoundDecider("greedy", "large", "small", share_prefix=False).share(jobs, decided) == [None] * 5
 
+    # the env's rule: a follower with the leader's very prompt does not bind the cap, so two identical
+    # prompts share their whole common edge part (k = 6), past the curves' 4; a third, other prompt binds again
+    same = [RoundJob(8, "a red circle", (0.4, 0.4, 0.2), "phone-mid", None) for _ in range(2)]
+    both = decider.share(same, [plan_for(6, 8, "large", "small", None)] * 2)
+    assert both[0] == both[1] and both[0].steps == 6
+    mixed = decider.share(same + [jobs[1]], [plan_for(6, 8, "large", "small", None)] * 3)
+    assert {m.steps for m in mixed} == {4}
+
 
 _fixed_split("test_relay3", lambda inst: int(inst.splits[1]))   # k = 3 of 8: below HALF_CHAIN's 4
 

@@ -29,8 +29,8 @@ from relaydiff.models.world import World
 from relaydiff.quality.metrics import prompt_fidelity, style_fidelity
 from relaydiff.quality.similarity import prompt_embeddings
 from relaydiff.serve.demo_round import ServedJob, serve_one_round
-from relaydiff.serve.rounds import SHARE_MAX_GROUP, SHARE_RETENTION, SHARE_SIMILARITY
-from relaydiff.system.grouping import group_prompts, load_sharing_cost, QualityTableError
+from relaydiff.serve.rounds import SHARE_MAX_GROUP, SHARE_RETENTION
+from relaydiff.system.grouping import GROUP_THRESHOLD, group_prompts, load_sharing_cost, QualityTableError
 
 # what run_demo does, in order (a progress callback hears each name as it starts)
 PHASES = ("warm up the traced members", "edge batch and devices", "shared-prefix group",
@@ -131,10 +131,10 @@ def _similar_group(world: World, rng: np.random.Generator, candidates: int = 8, 
 
 def group_sharing(prompts: list[str], steps: int, k_edge: int) -> dict[str, Any]:
     """The group's leader and shared steps by the service's rule (`serve.rounds`): MiniLM groups
-    at ``SHARE_SIMILARITY``; the largest s that keeps the least similar follower at >=
+    at ``GROUP_THRESHOLD``; the largest s that keeps the least similar follower at >=
     ``SHARE_RETENTION`` of its prompt fidelity on the shipped family's measured shared-prefix
     curves, never past the members' edge part ``k_edge``."""
-    groups = group_prompts(prompt_embeddings(prompts), SHARE_SIMILARITY, SHARE_MAX_GROUP)
+    groups = group_prompts(prompt_embeddings(prompts), GROUP_THRESHOLD, SHARE_MAX_GROUP)
     sizes = groups.sizes()
     g = int(np.argmax(sizes))
     members = groups.members(g)

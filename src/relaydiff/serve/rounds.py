@@ -16,13 +16,14 @@ segment's guidance too, and learns from each job's completion (``observe``).
 
 Shared prefixes (seed 002): among a round's jobs that start on the edge (k >= 1) with the same
 step count and sampler, prompts are grouped by MiniLM cosine similarity
-(:func:`~relaydiff.system.grouping.group_prompts`, complete linkage at ``SHARE_SIMILARITY``); a
+(:func:`~relaydiff.system.grouping.group_prompts`, complete linkage at ``GROUP_THRESHOLD``); a
 group's edge runs its first s steps once, conditioned on the leader's prompt and seed, then every
 member continues with its own prompt. No scheduler decides s yet, so the documented default is
-the largest s that keeps the group's least similar follower at >= ``SHARE_RETENTION`` of its
-prompt fidelity on the family's measured shared-prefix curves
-(:func:`~relaydiff.system.grouping.load_sharing_cost`, read as a share of T), and never past any
-member's own edge part (its k).
+the largest s that keeps the group's least similar follower whose prompt is not the leader's at
+>= ``SHARE_RETENTION`` of its prompt fidelity on the family's measured shared-prefix curves
+(:func:`~relaydiff.system.grouping.shared_steps_caps`, the QoE env's rule: a follower with the
+leader's very prompt loses nothing to the prefix and does not bind), and never past any member's
+own edge part (its k).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import numpy as np
 
 from relaydiff.engine.plan import Plan
 from relaydiff.sched.registry import available_solvers, get_solver
-from relaydiff.system.grouping import group_prompts, load_sharing_cost, SHARE_RETENTION, SharingCost
+from relaydiff.system.grouping import (GROUP_THRESHOLD, group_prompts, load_sharing_cost, same_prompt_followers,
+                                       SHARE_RETENTION, shared_steps_caps, SharingCost)
 from relaydiff.system.problem import device_numbers, RoundInstance, sample_instance
 from relaydiff.system.profiles import load_profile, ProfileError
 from relaydiff.system.quality import load_quality, QualityModel
@@ -44,7 +46,6 @@ from relaydiff.system.scenario import load_scenario, Scenario
 # a prompt of this many words counts as fully complex (the reference world's longest prompts: ~16)
 COMPLEX_PROMPT_WORDS = 16
 PERSONALIZATION_WITH_ADAPTER = 0.5
-SHARE_SIMILARITY = 0.75      # group_prompts' default threshold: every two prompts of a group at least this similar
 SHARE_MAX_GROUP = 8
 _EMBEDDING_CACHE = 4096      # prompts whose embedding the decider keeps
 BANDIT_SCHEDULER = "bandit"  # the relay contextual bandit (not a round solver; see the module docstring)
@@ -187,13 +188,16 @@ class RoundDecider:
             idx = [i for i, (j, d) in enumerate(zip(jobs, decided)) if d.k >= 1 and (j.steps, j.sampler) == (steps, sampler)]
             if len(idx) < 2:
                 continue
-            groups = group_prompts(self._vectors([jobs[i].prompt for i in idx]), SHARE_SIMILARITY, SHARE_MAX_GROUP)
+            prompts = [jobs[i].prompt for i in idx]
+            groups = group_prompts(self._vectors(prompts), GROUP_THRESHOLD, SHARE_MAX_GROUP)
+            # the QoE env's rule: the least similar follower whose prompt is not the leader's binds
+            caps = shared_steps_caps(groups, self.sharing, steps, SHARE_RETENTION,
+                                     same_prompt_followers(groups, prompts))
             for g in range(groups.n_groups):
                 members = groups.members(g)
                 if members.size < 2:
                     continue
-                s = min(self.shared_steps(float(groups.similarity[members].min()), steps),
-                        min(decided[idx[m]].k for m in members))
+                s = min(int(caps[g]), min(decided[idx[m]].k for m in members))
                 if s >= 1:
                     for m in members:
                         out[idx[m]] = SharedPrefix(idx[int(groups.leader[g])], s)
