@@ -127,22 +127,30 @@ def _style_curve(pers: dict[str, Any], key: str, path: Path) -> dict[int, float]
     return dict(zip((int(k) for k in pers["split_points"]), (float(v) for v in mean)))
 
 
-def _adapter_costs(entry: Any, path: Path) -> dict[float, float] | None:
-    """``personalization.adapter_step_cost``: the batch-1 factor's median per guidance (None: not in the table)."""
+def _adapter_costs(entry: Any, path: Path) -> tuple[dict[float, float] | None, dict[float, float]]:
+    """``personalization.adapter_step_cost`` per guidance, read once: the batch-1 factor's median
+    (required when the entry is there; None: not in the table) and the small member's plain batch-1
+    step in ms (median; only where measured: older tables lack it)."""
     if entry is None:
-        return None
+        return None, {}
     by = entry.get("by_guidance") if isinstance(entry, dict) else None
-    out = {}
+    factors, plain_ms = {}, {}
     for g, rows in (by.items() if isinstance(by, dict) else ()):
         try:
-            out[float(g)] = float(rows["batch1"]["factor"]["median"])
+            factors[float(g)] = float(rows["batch1"]["factor"]["median"])
         except (KeyError, TypeError, ValueError):
             raise QualityTableError(f"{path}: 'personalization.adapter_step_cost.by_guidance.{g}' needs "
                                     "batch1.factor.median") from None
-    if not out or any(not np.isfinite(f) or f <= 0 for f in out.values()):
+        try:
+            v = float(rows["batch1"]["plain_ms"]["median"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if np.isfinite(v) and v > 0:
+            plain_ms[float(g)] = v
+    if not factors or any(not np.isfinite(f) or f <= 0 for f in factors.values()):
         raise QualityTableError(f"{path}: 'personalization.adapter_step_cost' needs a positive batch-1 factor per "
                                 "guidance (relaydiff bench quality --json)")
-    return out
+    return factors, plain_ms
 
 
 def _adapter_factor(costs: dict[float, float] | None, guidance: Any, path: Path) -> tuple[float, str]:
@@ -153,20 +161,6 @@ def _adapter_factor(costs: dict[float, float] | None, guidance: Any, path: Path)
         raise QualityTableError(f"{path}: 'personalization.adapter_step_cost' has no factor at guidance {guidance} "
                                 f"(has {sorted(costs)})")
     return costs[float(guidance)], f"{path}: personalization.adapter_step_cost at guidance {float(guidance):g}, batch 1"
-
-
-def _plain_step_ms(entry: Any) -> dict[float, float]:
-    """The small member's batch-1 step without an adapter per guidance, from ``adapter_step_cost`` (ms, median)."""
-    out = {}
-    by = entry.get("by_guidance") if isinstance(entry, dict) else None
-    for g, rows in (by.items() if isinstance(by, dict) else ()):
-        try:
-            v = float(rows["batch1"]["plain_ms"]["median"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if np.isfinite(v) and v > 0:
-            out[float(g)] = v
-    return out
 
 
 def _row_factor(plain_ms: dict[float, float], guidance: Any, device_guidance: float, relay: dict[int, Any],
@@ -203,8 +197,7 @@ def load_relay_arms(specs: tuple[ArmSpec, ...] = DEFAULT_ARMS, table: str | Path
     has_unguided = isinstance(pers_dg, (int, float)) and all(isinstance(v, dict) and "style_fidelity_device_guidance" in v
                                                for v in pers["styles"].values())
     style_curve_dg = _style_curve(pers, "style_fidelity_device_guidance", path) if has_unguided else None
-    adapter_cost = _adapter_costs(pers.get("adapter_step_cost"), path)
-    plain_steps = _plain_step_ms(pers.get("adapter_step_cost"))
+    adapter_cost, plain_steps = _adapter_costs(pers.get("adapter_step_cost"), path)
     request_guidance = cfg.get("guidance")
     dg = data.get("relay_device_guidance")
     no_cfg = _points(dg.get("relay"), "relay_device_guidance.relay", path) if isinstance(dg, dict) else {}
