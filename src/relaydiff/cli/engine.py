@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console, fail, int_list
-from relaydiff.cli.options import JsonFlag, Sampler, Trace
+from relaydiff.cli.options import FamilyDir, JsonFlag, Sampler, TorchDevice, Trace
 
 PLAN_HELP = ("Segments member[+adapter][@node]:start-end joined by commas, e.g. large:0-4,small:4-8; "
              "[g=G] after a segment sets its guidance. Default: the family's first member for all steps.")
@@ -165,17 +165,17 @@ def _family_for_handoff(family_id: str, version: str, given: str | None):
 
 
 def profile_cmd(
-    family: str = typer.Option("tiny", help="Family to time: 'tiny', 'reference' or a diffusers-format directory."),
+    family: FamilyDir = "tiny",
     members: str = typer.Option("", help="Comma-separated members to time (default: all of the family's)."),
     batch_sizes: str = typer.Option("1,2,4,8", help="Comma-separated batch sizes (chains per batched step)."),
     steps: int = typer.Option(5, help="Timed steps per batch size (median reported, after 2 warm-up steps)."),
     kind: str = typer.Option("edge", help="'edge' (batched server) or 'device' (one user's device)."),
     name: str = typer.Option("measured", help="Profile name written into the file."),
-    out: str = typer.Option("out/profile.json", help="Where to write the profile JSON."),
+    out: Path = typer.Option(Path("out/profile.json"), help="Where to write the profile JSON."),
     max_batch: int = typer.Option(0, help="Edge memory limit (largest batch); default: largest measured."),
     step_power_w: float = typer.Option(0.0, help="Device power while denoising, W (not measurable here; 0 = omit)."),
     radio_power_w: float = typer.Option(0.0, help="Device radio power, W (0 = omit)."),
-    device: str = typer.Option("cpu", help="torch device to run on ('cpu', 'cuda')."),
+    device: TorchDevice = "cpu",
 ) -> None:
     """Measure per-step latency per member and batch size, and decode time; write a profile JSON."""
     sizes = int_list(batch_sizes, "--batch-sizes")
@@ -213,8 +213,8 @@ def bench_engine_cmd(
     steps: int = typer.Option(20, help="Steps per request."),
     max_batch: int = typer.Option(16, help="Largest batch (chains) of the executor."),
     stagger: int = typer.Option(1, help="Executor steps between two arrivals."),
-    family: str = typer.Option("tiny", help="Family to bench."),
-    device: str = typer.Option("cpu", help="cpu | cuda."),
+    family: FamilyDir = "tiny",
+    device: TorchDevice = "cpu",
     dtype: str = typer.Option("fp32", help="fp32 | fp16 | bf16."),
     relay: bool = typer.Option(False, help="Relay plans (first member to T/2, then the second) instead of one member."),
     threads: int = typer.Option(1, help="CPU threads for torch (1 keeps shared machines comparable)."),

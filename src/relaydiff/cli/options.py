@@ -20,6 +20,7 @@ RunSeed = Annotated[int, typer.Option(help="Seed: the run is a pure function of 
 SharedThreads = Annotated[int, typer.Option(help="torch threads (the machine is shared).")]
 TorchThreads = Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")]
 FamilyDir = Annotated[str, typer.Option(help="'reference', 'tiny' or a family directory.")]
+TorchDevice = Annotated[str, typer.Option(help="torch device to run on: cpu, cuda, cuda:N or mps (checked before anything loads).")]
 Sampler = Annotated[str, typer.Option(help="ddim | euler | dpmpp_2m.")]
 Trace = Annotated[bool, typer.Option(help="Run the U-Nets as TorchScript traces (exact, less Python per call).")]
 

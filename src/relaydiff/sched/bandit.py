@@ -210,6 +210,18 @@ class _Ridge(Bandit):
         ax = self.a_inv[a] @ x
         self.a_inv[a] -= sign * np.outer(ax, ax) / (1.0 + sign * (x @ ax))
 
+    def _decide(self, x: np.ndarray) -> int:
+        """The arm of the highest index theta.x + width * sqrt(x' A^-1 x): LinUCB's width is alpha,
+        LinTS's a normal draw per arm (scaled by v)."""
+        mean, sd = self._scores(x)
+        np.sqrt(sd, out=sd)
+        sd *= self._width()
+        sd += mean
+        return int(sd.argmax())
+
+    def _width(self) -> float | np.ndarray:
+        raise NotImplementedError
+
     def _update(self, a: int, x: np.ndarray, r: float) -> None:
         self._rank_one(a, x, 1.0)
         self.b[a] += r * x
@@ -225,6 +237,9 @@ class _Ridge(Bandit):
 
 
 class LinUCB(_Ridge):
+    """Optimism in the face of uncertainty: the width is a fixed multiple (alpha) of the score's
+    standard deviation, so an arm's bonus shrinks only as its own data grows."""
+
     kind = "linucb"
     hyperparameters = ("alpha",)
 
@@ -232,15 +247,13 @@ class LinUCB(_Ridge):
         super().__init__(arms, dim, **kw)
         self.alpha = _hyperparameter("alpha", alpha, 0)
 
-    def _decide(self, x: np.ndarray) -> int:
-        mean, var = self._scores(x)
-        var *= self.alpha * self.alpha
-        np.sqrt(var, out=var)
-        var += mean
-        return int(var.argmax())
+    def _width(self) -> float:
+        return self.alpha
 
 
 class LinTS(_Ridge):
+    """Posterior sampling: one normal draw per arm and decision scales the width, so exploration is random."""
+
     kind = "lints"
     hyperparameters = ("v",)
 
@@ -248,9 +261,8 @@ class LinTS(_Ridge):
         super().__init__(arms, dim, **kw)
         self.v = _hyperparameter("v", v, 0)
 
-    def _decide(self, x: np.ndarray) -> int:
-        mean, var = self._scores(x)
-        return int((mean + self.v * np.sqrt(var) * self.rng.standard_normal(len(mean))).argmax())
+    def _width(self) -> np.ndarray:
+        return self.v * self.rng.standard_normal(len(self.arms))
 
 
 class EpsilonGreedy(_Ridge):
