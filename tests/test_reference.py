@@ -205,6 +205,62 @@ def test_style_steps_continue_one_style_to_its_own_length(tiny_run, tmp_path):
             tiny_config(style_steps=bad)
 
 
+def test_style_ranks_give_each_adapter_its_own_rank_and_the_engine_reads_it(tiny_run, tmp_path):
+    """`style_ranks` trains a style at another rank than `lora_rank`; the rank goes into the adapter
+    file's metadata, the config round-trips, and the exported family loads each adapter at its own
+    rank (a file whose weights contradict its metadata is refused)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from relaydiff.engine.family import FamilyError, load_family_dir, read_adapter_config
+
+    cfg, out, _ = tiny_run
+    two = tiny_config(style_ranks={"dark": 3})
+    assert (two.style_rank("dark"), two.style_rank("outline")) == (3, cfg.lora_rank)
+    assert ReferenceConfig.from_dict(json.loads(json.dumps(two.to_dict()))) == two
+    run = tmp_path / "two"
+    manifest = train_reference(two, run, stages=["small", "styles", "export"], from_family=out / "family", quiet=True)
+    assert manifest["training_config"]["style_ranks"] == {"dark": 3}
+    fam = load_family_dir(run / "family")
+    for style, rank in (("dark", 3), ("outline", cfg.lora_rank)):
+        path = run / "family" / "adapters" / f"{style}.safetensors"
+        assert read_adapter_config(path)["rank"] == rank == fam.adapters[style].rank
+        assert fam.members["small"].peft_config[style].r == rank
+        a = [v for k, v in load_file(str(path)).items() if "conv1.lora_A" in k]
+        assert a and all(v.shape[0] == rank for v in a)
+    # a run's adapter of another rank than its config asks for is refused, not silently kept
+    with pytest.raises(TrainingError, match="has rank 3, the config asks for 2"):
+        train_reference(cfg, tmp_path / "mixed", stages=["styles"], from_family=run / "family", styles=["outline"],
+                        quiet=True)
+    bad = tmp_path / "bad.safetensors"
+    path = run / "family" / "adapters" / "dark.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["relaydiff_adapter"])
+    save_file(load_file(str(path)), str(bad), metadata={"relaydiff_adapter": json.dumps({**meta, "rank": 2})})
+    with pytest.raises(FamilyError, match="says rank 2 but"):
+        fam.load_adapter_file("liar", bad)
+    for odd in ({"sepia": 4}, {"dark": 0}):
+        with pytest.raises(TrainingError, match="style_ranks"):
+            tiny_config(style_ranks=odd)
+
+
+def test_styles_option_trains_named_styles_alone_on_a_familys_small_member(tiny_run, tmp_path):
+    """`styles=[...]` with `from_family` and no 'small' stage: the family's small member and its
+    other adapters are taken as they are (same bytes in the export), only the named style trains."""
+    cfg, out, _ = tiny_run
+    again = tiny_config(style_ranks={"dark": 3})
+    run = tmp_path / "one"
+    train_reference(again, run, stages=["styles", "export"], from_family=out / "family", styles=["dark"], quiet=True)
+    src, new = out / "family", run / "family"
+    for rel in ("adapters/outline.safetensors", "unet_small/diffusion_pytorch_model.safetensors",
+                "unet_large/diffusion_pytorch_model.safetensors"):
+        assert (new / rel).read_bytes() == (src / rel).read_bytes(), rel
+    assert (new / "adapters" / "dark.safetensors").read_bytes() != (src / "adapters" / "dark.safetensors").read_bytes()
+    assert not (run / "checkpoints" / "style-outline").exists() and (run / "checkpoints" / "style-dark").exists()
+    with pytest.raises(TrainingError, match="some of the config's styles"):
+        train_reference(again, tmp_path / "x", stages=["styles"], styles=["stripes"], quiet=True)
+
+
 def test_decay_phase_keeps_the_constant_part_and_ends_near_zero():
     from relaydiff.models.reference import lr_at
 

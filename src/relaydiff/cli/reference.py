@@ -30,9 +30,13 @@ def train_reference_cmd(
                                            "written there in fp16 (commit them)."),
     device: str = typer.Option("cpu", help="Where the training steps run: cpu, cuda[:N] or mps. Random "
                                            "draws stay on the CPU, so a GPU run draws the same batches."),
+    styles: str = typer.Option("", help="Comma-separated styles the 'styles' stage trains (default: all); "
+                                          "the others' adapters stay as they are (with --from-family and "
+                                          "no 'small' stage: the family's, with its small member)."),
 ) -> None:
     """Train the reference family (VAE, large/small U-Nets, style LoRAs) and export it."""
     # lazy: the CLI starts without torch; only this command loads what it runs
+    from relaydiff.engine.family import FamilyError
     from relaydiff.models.reference import ReferenceConfig, TrainingError, train_reference
 
     try:
@@ -42,8 +46,9 @@ def train_reference_cmd(
         manifest = train_reference(cfg, out, resume=resume, stages=[s.strip() for s in stages.split(",") if s],
                                    export_to=export_to or None, stop_after=stop_after or None,
                                    from_family=from_family or None, device=device,
-                                   staging=staging or None)
-    except (TrainingError, OSError, json.JSONDecodeError, TypeError) as exc:
+                                   staging=staging or None,
+                                   styles=[s.strip() for s in styles.split(",") if s.strip()] or None)
+    except (TrainingError, FamilyError, OSError, json.JSONDecodeError, TypeError) as exc:
         fail(str(exc))
     if "stopped" in manifest:
         console.print(f"{manifest['stopped']}; continue with --resume")

@@ -108,6 +108,30 @@ def write_adapter_file(path: str | Path, state_dict: dict[str, torch.Tensor], *,
     save_file(sd, str(path), metadata=meta)
 
 
+def read_adapter_config(path: str | Path) -> dict[str, Any]:
+    """The ``relaydiff_adapter`` metadata of an adapter file (member, rank, alpha, targets, extras),
+    checked: a missing or malformed file or config is a FamilyError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FamilyError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors raises several types on bad files
+        raise FamilyError(f"adapter file {path} is not a valid safetensors file: {exc}") from exc
+    try:
+        cfg = json.loads(meta.get("relaydiff_adapter", "{}"))
+        cfg["rank"] = int(cfg["rank"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FamilyError(f"adapter file {path} lacks its relaydiff_adapter metadata") from exc
+    if cfg["rank"] < 1:
+        raise FamilyError(f"adapter file {path} has rank {cfg['rank']}")
+    targets = cfg.get("targets", list(ADAPTER_TARGETS))
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise FamilyError(f"adapter file {path} has malformed target layers: {targets!r}")
+    return cfg
+
+
 @dataclass
 class AdapterSpec:
     """A per-user LoRA adapter attached to one member."""
@@ -307,27 +331,17 @@ class Family:
         return get_peft_model_state_dict(self.members[spec.member], adapter_name=name)
 
     def load_adapter_file(self, name: str, path: str | Path, member: str | None = None) -> None:
-        """Attach a LoRA adapter saved by :meth:`save_adapter_file` (safetensors, config in metadata)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FamilyError(f"adapter file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                sd = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # safetensors raises several types on bad files
-            raise FamilyError(f"adapter file {path} is not a valid safetensors file: {exc}") from exc
-        try:
-            cfg = json.loads(meta.get("relaydiff_adapter", "{}"))
-            rank = int(cfg["rank"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise FamilyError(f"adapter file {path} lacks its relaydiff_adapter metadata") from exc
-        member = member or cfg.get("member")
-        targets = cfg.get("targets", list(ADAPTER_TARGETS))
-        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-            raise FamilyError(f"adapter file {path} has malformed target layers: {targets!r}")
-        self.add_adapter(name, member, {k: v.float() for k, v in sd.items()}, rank=rank,
-                         alpha=cfg.get("alpha"), path=str(path), targets=targets)
+        """Attach a LoRA adapter saved by :meth:`save_adapter_file` (safetensors, config in metadata).
+        The rank, alpha and target layers are the file's own (adapters of one member may differ)."""
+        cfg = read_adapter_config(path)
+        with safe_open(str(path), framework="pt") as f:
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+        rank = int(cfg["rank"])
+        wrong = sorted(k for k, v in sd.items() if ".lora_A." in k and v.shape[0] != rank)
+        if wrong:
+            raise FamilyError(f"adapter file {path} says rank {rank} but {wrong[0]} has rank {sd[wrong[0]].shape[0]}")
+        self.add_adapter(name, member or cfg.get("member"), {k: v.float() for k, v in sd.items()}, rank=rank,
+                         alpha=cfg.get("alpha"), path=str(path), targets=cfg.get("targets", list(ADAPTER_TARGETS)))
 
     def save_adapter_file(self, name: str, path: str | Path, dtype: torch.dtype = torch.float16) -> None:
         spec = self.adapters[name]

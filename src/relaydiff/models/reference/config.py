@@ -33,6 +33,9 @@ class RunOptions:
 
     resume: bool = False
     stop_after: int | None = None
+    # the styles the 'styles' stage trains (None: every style of the config); the others' adapters
+    # stay as they are in the run (with --from-family: the family's)
+    styles: tuple[str, ...] | None = None
     # where the stages compute. Random draws stay on the CPU's generators (see `_rng`), so a run on
     # a GPU draws the same batches and noise as one on the CPU; only float rounding differs.
     device: str = "cpu"
@@ -161,6 +164,9 @@ class ReferenceConfig:
     # stripes LoRAs: at 600 steps their losses were still falling, device-only style fidelity 0.79 and
     # 0.67; at 2400, 0.93 and 0.805 (256 paired prompts, docs/measurements/README.md)
     style_steps: dict[str, int] = field(default_factory=lambda: {"dark": 2400, "stripes": 2400})
+    # styles whose LoRA has another rank than lora_rank (alpha = rank, as for the others). Each
+    # adapter file records its own rank, which the engine's loader reads
+    style_ranks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.small_distill <= 1.0:
@@ -176,15 +182,20 @@ class ReferenceConfig:
                                 f"{self.style_guidance_direction!r}")
         if self.small_guidance and not self.small_distill:
             raise TrainingError("small_guidance distils the large member's guided prediction: it needs small_distill > 0")
-        self.style_steps = {str(k): int(v) for k, v in dict(self.style_steps).items()}
-        odd = {k: v for k, v in self.style_steps.items() if k not in (*USER_STYLES, *self.styles) or v < 1}
-        if odd:  # a user style this run does not train is left alone (a run of a subset of the styles)
-            raise TrainingError(f"style_steps must map styles of {(*USER_STYLES, *self.styles)} to steps >= 1, "
-                                f"got {odd}")
+        for key, what in (("style_steps", "steps"), ("style_ranks", "ranks")):
+            setattr(self, key, {str(k): int(v) for k, v in dict(getattr(self, key)).items()})
+            odd = {k: v for k, v in getattr(self, key).items() if k not in (*USER_STYLES, *self.styles) or v < 1}
+            if odd:  # a user style this run does not train is left alone (a run of a subset of the styles)
+                raise TrainingError(f"{key} must map styles of {(*USER_STYLES, *self.styles)} to {what} >= 1, "
+                                    f"got {odd}")
 
     def style_spec(self, style: str) -> TrainSpec:
         """The training spec of one style's adapter: ``style_train`` with that style's steps."""
         return replace(self.style_train, steps=self.style_steps.get(style, self.style_train.steps))
+
+    def style_rank(self, style: str) -> int:
+        """The LoRA rank of one style's adapter: ``lora_rank`` unless ``style_ranks`` names it."""
+        return self.style_ranks.get(style, self.lora_rank)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from relaydiff.engine.family import write_adapter_file
+from relaydiff.engine.family import read_adapter_config, write_adapter_file
 from relaydiff.models.reference.config import MEMBER_STAGES, ReferenceConfig, RunOptions, STYLE_GUIDANCE_DIRECTIONS, StageStopped, TrainSpec, TrainingError
 from relaydiff.models.reference.builders import build_unet, scheduler_config, unet_flops
 from relaydiff.models.reference.progress import Progress
@@ -273,7 +273,13 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
     all_latents = _load_latents(out)
     for style in cfg.styles:
         path = out / "adapters" / f"{style}.safetensors"
-        spec = cfg.style_spec(style)
+        spec, rank = cfg.style_spec(style), cfg.style_rank(style)
+        if path.is_file() and (had := read_adapter_config(path)["rank"]) != rank:
+            raise TrainingError(f"{path} has rank {had}, the config asks for {rank}: use a new --out "
+                                f"(--from-family with --styles {style} trains that style alone)")
+        if run.styles is not None and style not in run.styles:
+            progress.note(f"style {style}: not requested (--styles), left as it is")
+            continue
         ckpt = Checkpoint(out, f"style-{style}")
         trained = int(ckpt.state()["step"]) if ckpt.exists() else None
         if path.is_file() and trained is not None and trained > spec.steps:
@@ -288,7 +294,7 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
         unet = UNet2DConditionModel.from_pretrained(str(small_dir), local_files_only=True)
         unet.requires_grad_(False)
         torch.manual_seed(_stage_seed(cfg.seed, f"lora-{style}-init", 0))
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, target_modules=list(cfg.lora_targets),
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(cfg.lora_targets),
                                     init_lora_weights=True), adapter_name=style)
         unet.to(run.device)
         params = [p for n, p in unet.named_parameters() if "lora_" in n]
@@ -303,4 +309,4 @@ def stage_styles(cfg: ReferenceConfig, out: Path, progress: Progress, run: RunOp
                         torch.arange(len(latents)), text, uncond[0], params, names, state_fn, target_shift=shift,
                         row_weights=row_weights(cfg, spec, len(latents)))
         write_adapter_file(path, {k: v.cpu() for k, v in get_peft_model_state_dict(unet, adapter_name=style).items()}, member="small",
-                           rank=cfg.lora_rank, alpha=float(cfg.lora_rank), targets=cfg.lora_targets, style=style)
+                           rank=rank, alpha=float(rank), targets=cfg.lora_targets, style=style)

@@ -32,7 +32,7 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
                     stages: Sequence[str] = STAGES, export_to: str | Path | None = None,
                     stop_after: int | None = None, quiet: bool = False,
                     from_family: str | Path | None = None, device: str = "cpu",
-                    staging: str | Path | None = None) -> dict[str, Any]:
+                    staging: str | Path | None = None, styles: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the requested stages in order (finished ones are skipped).
 
     Returns the exported manifest (empty when nothing was exported) or ``{"stopped": why}`` when
@@ -42,22 +42,32 @@ def train_reference(cfg: ReferenceConfig, out: str | Path, *, resume: bool = Fal
     the training steps run ("cuda" on a GPU machine); data and latents are encoded on the CPU.
     ``staging`` (a folder in the repository) seeds the run with the parts earlier sessions staged
     there and, when the stages ran to their end, stages the newly finished parts (fp16).
+    ``styles`` (None: all of ``cfg.styles``) are the styles the 'styles' stage trains; the others'
+    adapters are left as they are, and a run seeded ``from_family`` whose stages include 'styles' but
+    not 'small' takes that family's small member and its adapters of the other styles, e.g. to train one
+    style again (at another rank or length) without the ~20 min each of the others.
     """
     out = Path(out)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise TrainingError(f"unknown stages {unknown}; expected some of {STAGES}")
+    if styles is not None:
+        styles = tuple(styles)
+        odd = [s for s in styles if s not in cfg.styles]
+        if odd or not styles:
+            raise TrainingError(f"styles {odd or '(none)'} to train must be some of the config's styles {cfg.styles}")
     if stop_after is not None and stop_after < 1:
         raise TrainingError(f"stop_after must be >= 1, got {stop_after}")
     dev = _device(device)
     _check_out(cfg, out, resume)
     torch.set_num_threads(cfg.threads)
-    run = RunOptions(resume=resume, stop_after=stop_after, device=str(dev))
+    run = RunOptions(resume=resume, stop_after=stop_after, device=str(dev), styles=styles)
     manifest: dict[str, Any] = {}
     with Progress(quiet) as progress:
         if from_family is not None:
             seed_dir = SHIPPED_DIR if str(from_family) == "reference" else Path(from_family)
-            seed_from_family(cfg, out, seed_dir, progress)
+            seed_from_family(cfg, out, seed_dir, progress, with_small="styles" in stages and "small" not in stages,
+                             retrain_styles=styles if styles is not None else cfg.styles)
         if staging is not None:
             seed_from_staging(cfg, out, Path(staging), progress)
         try:

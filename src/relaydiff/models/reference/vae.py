@@ -184,20 +184,35 @@ def _load_latents(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress: Progress) -> None:
+def seed_from_family(cfg: ReferenceConfig, out: Path, family_dir: Path, progress: Progress,
+                     with_small: bool = False, retrain_styles: Sequence[str] = ()) -> None:
     """Start a run from a trained family's VAE and large member instead of training them again.
 
     The family's ``vae/`` and ``unet_large/`` directories are copied into the run (the engine's
     family layout is the run's), the prompts are encoded as the 'data' stage does, and the
     latents are the copied VAE's posterior means at its own scaling factor, so that the latent
     space of the copied large member is kept. Later stages (e.g. a new small member, styles) then
-    run as usual on top.
+    run as usual on top. ``with_small`` (a run that does not train the small member) copies its
+    ``unet_small/`` too, and its adapters of the run's styles except ``retrain_styles``, which the
+    styles stage then trains alone.
     """
     family_dir = Path(family_dir)
-    for name in ("vae", "unet_large"):
+    names = ("vae", "unet_large", "unet_small") if with_small else ("vae", "unet_large")
+    for name in names:
         if not (family_dir / name / "config.json").is_file():
             raise TrainingError(f"{family_dir / name} is not a trained {name} (no config.json)")
-    _seed_parts(cfg, out, family_dir, ("vae", "unet_large"), progress)
+    if with_small:
+        kept = [s for s in cfg.styles if s not in retrain_styles]
+        absent = [s for s in kept if not (family_dir / "adapters" / f"{s}.safetensors").is_file()]
+        if absent:
+            raise TrainingError(f"{family_dir} has no adapters for styles {absent}: name them with --styles")
+        for style in kept:
+            dest = out / "adapters" / f"{style}.safetensors"
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(family_dir / "adapters" / f"{style}.safetensors", dest)
+                progress.note(f"seed: adapter {style} from {family_dir}")
+    _seed_parts(cfg, out, family_dir, names, progress)
 
 
 def _seed_parts(cfg: ReferenceConfig, out: Path, src: Path, names: Sequence[str], progress: Progress,
