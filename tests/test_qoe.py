@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 
 from relaydiff.sim.agents import Perception, SurrogateAgent
 from relaydiff.sim.qoe_env import HEURISTICS, PromptPool, QoEEnv, share_action, softmax_shares
-from relaydiff.system.grouping import (_non_increasing, group_prompts, Groups, load_sharing_cost, same_prompt_followers,
+from relaydiff.system.grouping import (_non_increasing, chain_owners, group_prompts, Groups, load_sharing_cost, same_prompt_followers,
                                        SHARE_RETENTION, shared_steps_caps, SharingCost)
 from relaydiff.system.quality import REFERENCE_TABLE, QualityTableError
 
@@ -36,6 +36,63 @@ def test_grouping_is_complete_linkage_with_medoid_leaders() -> None:
     assert group_prompts(emb[:1]).n_groups == 1
     with pytest.raises(ValueError):
         group_prompts(np.zeros((0, 3)))
+
+
+def test_grouping_runs_a_prompt_once_per_group() -> None:
+    """With the prompts, the distinct prompts are clustered (max_group of them a group), every user
+    joins its prompt's group, and a copy receives the continuation of the first member who sent
+    its prompt (chain_owners)."""
+    rng = np.random.default_rng(1)
+    center = _unit(rng.normal(size=(1, 16)))
+    emb = _unit(np.repeat(center, 6, axis=0) + 0.02 * rng.normal(size=(6, 16)))  # all six pairwise similar
+    emb[3] = emb[0]  # users 0 and 3 sent the same prompt, so did 2 and 5
+    emb[5] = emb[2]
+    prompts = ["a", "b", "c", "a", "d", "c"]
+    g = group_prompts(emb, threshold=0.9, prompts=prompts)
+    assert g.n_groups == 1 and g.leader[0] in (0, 1, 2, 4)  # a leader is its prompt's first user
+    assert chain_owners(g, prompts).tolist() == [0, 1, 2, 0, 4, 2]
+    lead = prompts[g.leader[0]]
+    assert all((g.similarity[i] == 1.0) == (p == lead) for i, p in enumerate(prompts))
+    # max_group counts distinct prompts; copies stay with their prompt
+    two = group_prompts(emb, threshold=0.9, max_group=2, prompts=prompts)
+    assert two.n_groups == 2 and all(len({two.label[i] for i, p in enumerate(prompts) if p == q}) == 1 for q in "abcd")
+    assert sorted(len({prompts[i] for i in two.members(j)}) for j in range(2)) == [2, 2]
+    assert chain_owners(two, prompts).tolist() == [0, 1, 2, 0, 4, 2]
+    # without the prompts every user is clustered (copies count towards max_group), and none is a copy
+    assert group_prompts(emb, threshold=0.9, max_group=2).n_groups == 3
+    assert group_prompts(emb[[0] * 5], prompts=["a"] * 5).sizes().tolist() == [5]
+    with pytest.raises(ValueError, match="prompts"):
+        group_prompts(emb, prompts=prompts[:2])
+    with pytest.raises(ValueError, match="prompts"):
+        chain_owners(g, prompts[:2])
+
+
+def test_a_prompt_runs_once_per_group_in_the_env() -> None:
+    """Copies of a prompt cost no U-Net evaluation at any s, get their prompt's first sender's
+    fidelity and edge time; with sharing off every user runs its own chain."""
+    env, off = QoEEnv(), QoEEnv(allow_sharing=False)
+    copies = 0
+    for j in range(6):
+        env.reset(seed=10_000 + j)
+        off.reset(seed=10_000 + j)
+        r, g = env.round, env.round.groups
+        owner = r.owner
+        assert np.array_equal(owner, chain_owners(g, r.prompts)) and np.array_equal(off.round.owner, np.arange(r.k))
+        assert all(r.prompts[i] == r.prompts[o] and g.label[i] == g.label[o] for i, o in enumerate(owner))
+        n_copies = int(np.sum(owner != np.arange(r.k)))
+        copies += n_copies
+        bw, cp, s = env.decode_action(env.heuristic_action("equal"))
+        out = env.outcome(bw, cp, s)
+        chains = np.array([len(set(owner[g.members(k)])) for k in range(g.n_groups)])
+        assert out.unet_chain_steps == int(np.sum(s + chains * (env.steps - s)))
+        zero = env.outcome(bw, cp, np.zeros_like(s))
+        assert zero.unet_chain_steps == (r.k - n_copies) * env.steps  # s = 0: only the copies are saved
+        assert np.allclose(out.fidelity, out.fidelity[owner])
+        edge = out.latency_s - r.uplink_s - r.decode_s - 8.0 * env.scenario.payload.latent_bytes / (
+            bw * env.scenario.wireless.bandwidth_hz * r.spectral_eff)
+        assert np.allclose(edge, edge[owner])
+        assert off.outcome(bw, cp, np.zeros_like(s)).unet_chain_steps == r.k * env.steps
+    assert copies > 0
 
 
 def test_sharing_cost_comes_from_the_measured_curves() -> None:
@@ -85,9 +142,11 @@ def test_sharing_saves_edge_work_and_costs_followers_fidelity() -> None:
     bw, cp, _ = env.decode_action(env.heuristic_action("sqrt"))
     none = env.outcome(bw, cp, np.zeros(g.n_groups, dtype=int))
     full = env.outcome(bw, cp, np.where(g.sizes() > 1, env.steps, 0))
-    assert none.unet_chain_steps == none.unet_chain_steps_unshared == 12 * env.steps
+    copies = int(np.sum(env.round.owner != np.arange(12)))  # a prompt runs once per group, even at s = 0
+    assert copies and none.unet_chain_steps == none.unet_chain_steps_unshared - copies * env.steps
+    assert none.unet_chain_steps_unshared == 12 * env.steps
     saved = int(np.sum((g.sizes() - 1) * env.steps))
-    assert full.unet_chain_steps == none.unet_chain_steps - saved
+    assert full.unet_chain_steps == none.unet_chain_steps_unshared - saved
     assert full.edge_energy_j < none.edge_energy_j
     followers = np.setdiff1d(np.arange(12), g.leader)
     shared_followers = followers[g.sizes()[g.label[followers]] > 1]
@@ -96,8 +155,12 @@ def test_sharing_saves_edge_work_and_costs_followers_fidelity() -> None:
     assert np.all(full.fidelity[other] < none.fidelity[other])
     assert np.allclose(full.fidelity[same], none.fidelity[same])  # the leader's own prompt: nothing lost
     assert np.allclose(full.fidelity[g.leader], none.fidelity[g.leader])
-    # pooled prefix compute: every member of a shared group finishes earlier
-    assert np.all(full.latency_s[shared_followers] < none.latency_s[shared_followers])
+    # pooled prefix compute: every member of a group of several prompts finishes earlier (a group of
+    # one prompt's copies already runs once on their pooled share at s = 0)
+    chains = np.array([len(set(env.round.owner[g.members(k)])) for k in range(g.n_groups)])
+    several = np.flatnonzero(chains[g.label] > 1)
+    assert several.size and np.all(full.latency_s[several] < none.latency_s[several])
+    assert np.allclose(full.latency_s[chains[g.label] == 1], none.latency_s[chains[g.label] == 1])
     # with sharing disabled the action's shared steps are ignored
     off = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2, allow_sharing=False)
     off.reset(seed=1)

@@ -210,6 +210,7 @@ def test_shared_prefix_measures_followers_of_other_scenes_as_the_env_groups_them
     other = [(lead, q) for lead, *fs in pool_calls for q in fs if topic[q] != topic[lead]]
     assert len(other) == out["pool"]["followers"]["other_topic"] > 0
     assert all(q != lead for lead, *fs in pool_calls for q in fs)  # a leader's own prompt is not measured
+    assert all(len(set(ps)) == len(ps) for ps in pool_calls)  # a prompt runs once per group (chain_owners)
     sims = prompt_similarity([lead for lead, _ in other], [q for _, q in other])
     assert sims.min() >= GROUP_THRESHOLD - 0.01  # grouped: at the threshold or above (fp16 embeddings)
     bins = out["bins"]

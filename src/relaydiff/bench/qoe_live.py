@@ -5,7 +5,9 @@ the policy (saved by ``bench qoe``, or any :meth:`relaydiff.sched.rl.ddpg.Policy
 bandwidth shares and compute shares, and the env each group's shared steps (exactly for those
 shares, at most the service's cap ``share_retention``; or the policy, if it was trained to). Then, on this machine's engine,
 each group's shared prefix runs once on the large member, conditioned on the leader's prompt, and
-every member continues with its own prompt (:func:`relaydiff.engine.runner.generate_shared_prefix`).
+every member continues with its own prompt (:func:`relaydiff.engine.runner.generate_shared_prefix`);
+a prompt runs once per group, and its other senders receive that image
+(:func:`relaydiff.system.grouping.chain_owners`).
 The judge reads each decoded image against the scene its prompt describes (real prompt fidelity),
 latency and battery come from the system model (the edge here is not the profile's GPU), and the
 agents (the surrogate, or an LLM endpoint when one is configured) score each user. The report
@@ -101,16 +103,20 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     evals_run = evals_alone = 0
     g = rnd.groups
     for j in range(g.n_groups):
-        members = list(g.members(j))
-        reqs = [Request(prompt=rnd.prompts[i], steps=steps, guidance=guidance, seed=cfg.seed * 1000 + int(i)) for i in members]
-        plans = [Plan.single("large", steps)] * len(members)
-        res = generate_shared_prefix(family, reqs, plans, int(shared[j]), leader=members.index(int(g.leader[j])),
+        members = [int(i) for i in g.members(j)]
+        runs = [i for i in members if rnd.owner[i] == i]  # a prompt runs once per group (chain_owners)
+        reqs = [Request(prompt=rnd.prompts[i], steps=steps, guidance=guidance, seed=cfg.seed * 1000 + i) for i in runs]
+        plans = [Plan.single("large", steps)] * len(runs)
+        res = generate_shared_prefix(family, reqs, plans, int(shared[j]), leader=runs.index(int(g.leader[j])),
                                      max_batch=cfg.max_batch)
         evals_run += sum(res.unet_evals.values())
-        evals_alone += sum(res.unet_evals_unshared.values())
-        for i, r in zip(members, res.results):
+        # every user alone, copies too (each run's own chain, as many times as users receive it)
+        evals_alone += sum(res.unet_evals_unshared.values()) * len(members) / len(runs)
+        for i, r in zip(runs, res.results):
             images[i] = r.image
-        say(f"group {j}: {len(members)} users, {int(shared[j])} shared steps")
+        for i in members:
+            images[i] = images[int(rnd.owner[i])]
+        say(f"group {j}: {len(members)} users, {len(runs)} prompts, {int(shared[j])} shared steps")
     fidelity = np.array([prompt_fidelity(images[i][None], [scenes[rnd.prompts[i]]], judge).fidelity for i in range(rnd.k)])
     seen = [Perception(rnd.prompts[i], float(fidelity[i]), float(predicted.latency_s[i]), float(predicted.battery_j[i]))
             for i in range(rnd.k)]

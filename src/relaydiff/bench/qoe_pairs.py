@@ -82,7 +82,7 @@ def measure_pairs(cfg: PairsConfig, say: Callable[[str], None] = print) -> dict[
         g = r.groups
         caps = shared_steps_caps(g, cost, steps, SHARE_RETENTION, r.same_prompt)
         for gi in range(g.n_groups):
-            members = [int(i) for i in g.members(gi)]
+            members = [int(i) for i in g.members(gi) if r.owner[i] == i]  # a prompt runs once per group
             if len(members) < 2:
                 continue
             lead = members.index(int(g.leader[gi]))

@@ -67,7 +67,7 @@ from relaydiff.models.world import STYLES, VARIANT_KINDS, Scene, World
 from relaydiff.quality.judge import Judge, load_judge
 from relaydiff.quality.similarity import prompt_similarity
 from relaydiff.sim.qoe_env import K_MAX, K_MIN
-from relaydiff.system.grouping import GROUP_THRESHOLD, group_prompts
+from relaydiff.system.grouping import chain_owners, GROUP_THRESHOLD, group_prompts
 from relaydiff.quality.metrics import (
     frechet_distance,
     handoff_shift,
@@ -541,10 +541,12 @@ def _pool_groups(cfg: QualityBenchConfig) -> list[tuple[list[Scene], list[str], 
     out = []
     for _ in range(cfg.shared_pool_rounds):
         idx = pool.draw(rng, int(rng.integers(K_MIN, K_MAX + 1)))
-        groups = group_prompts(pool.embeddings[idx])
+        prompts = [pool.prompts[i] for i in idx]
+        groups = group_prompts(pool.embeddings[idx], prompts=prompts)
+        owner = chain_owners(groups, prompts)  # a prompt runs once per group: one follower per prompt
         for g in range(groups.n_groups):
             lead = int(idx[groups.leader[g]])
-            members = [int(m) for m in groups.members(g) if m != groups.leader[g] and idx[m] != lead]
+            members = [int(m) for m in groups.members(g) if m != groups.leader[g] and idx[m] != lead and owner[m] == m]
             if not members:
                 continue
             out.append(([scenes[lead]] + [scenes[idx[m]] for m in members],

@@ -5,7 +5,8 @@ narrow 2 MHz downlink carrying SDXL-size handoff latents, an H100 edge with 20-6
 free): in the ``default`` cell the downlink is so wide that bandwidth shares barely matter. K users (``k_min``..``k_max``) each bring a
 prompt from the prompt pool, Big-Five traits (uniform in [0, 1]^5), a device and a Rayleigh-faded
 link, drawn by :func:`relaydiff.system.problem.sample_instance` from the scenario's profiles. The
-prompts are grouped by similarity (:func:`relaydiff.system.grouping.group_prompts`). The action,
+round's distinct prompts are grouped by similarity, each user in its prompt's group
+(:func:`relaydiff.system.grouping.group_prompts`). The action,
 a Box in [-1, 1]^(2 k_max) (user slots beyond K are ignored), sets per slot:
 
 - ``a[0:k]``   downlink bandwidth shares b = softmax(3 a) over the K users;
@@ -30,9 +31,14 @@ and an actor that only allocates has a third fewer action dimensions to learn.
 System model (all on the edge's large model, as the shared-prefix curves were measured; the
 device decodes): the edge's chain-step time at the round's batch is tau = t(B) / B (the edge
 profile's batched step latency, B = min(K, max_batch)), its throughput c / tau at compute share c.
-A group's prefix runs once with the members' pooled share, then each member continues alone:
-E_i = s_g tau / (c F_g) + (T - s_g) tau / (c f_i), F_g = sum of the group's f (a fluid
-processor-sharing model; shares of finished users are not redistributed). Then the handoff latent
+A group's prefix runs once with the members' pooled share, then each of its distinct prompts
+continues once, on the pooled share of the users who sent it, and all of them receive that image
+(:func:`relaydiff.system.grouping.chain_owners`: the same prompt continued from the same latent is
+the same chain): E_i = s_g tau / (c F_g) + (T - s_g) tau / (c F_p(i)), F_g = sum of the group's f,
+F_p(i) = sum of f over the users of i's prompt in the group (a fluid processor-sharing model;
+shares of finished users are not redistributed). The edge runs sum_g s_g + P_g (T - s_g)
+chain-steps, P_g the group's distinct prompts; with ``allow_sharing=False`` every user runs its
+own T steps. Then the handoff latent
 goes down at b_i B r_i, and the device decodes. Latency L_i = uplink_i + E_i + down_i + decode_i;
 battery J_i = p_tx uplink_i + p_rx down_i + decode_j_i; edge energy = ``edge_power_w`` tau
 (chain-steps run). Prompt fidelity: the family's full-large fidelity (the quality table), times a
@@ -54,7 +60,7 @@ from safetensors.numpy import load_file
 
 from relaydiff.sim.agents import Perception, QoEAgent, SurrogateAgent
 from relaydiff.system.bandwidth import inverse_cost_shares
-from relaydiff.system.grouping import (GROUP_THRESHOLD, group_prompts, Groups, load_sharing_cost,
+from relaydiff.system.grouping import (chain_owners, GROUP_THRESHOLD, group_prompts, Groups, load_sharing_cost,
                                        same_prompt_followers, SHARE_RETENTION, shared_steps_caps, SharingCost)
 from relaydiff.system.problem import sample_instance
 from relaydiff.system.profiles import load_profile
@@ -127,6 +133,9 @@ class Round:
     tau_s: float
     same_prompt: np.ndarray  # [K] a follower whose prompt is its leader's (keeps its fidelity at any s)
     caps: np.ndarray  # [G] the most steps each group may share (shared_steps_caps)
+    # [K] the user whose continuation each user receives (chain_owners: a prompt runs once per
+    # group; with sharing off every user runs its own chain)
+    owner: np.ndarray
 
     @property
     def k(self) -> int:
@@ -217,16 +226,17 @@ class QoEEnv(gym.Env):
         inst = sample_instance(self.scenario, n_users=k, seed=rng, quality_model=self._quality)
         batch = min(k, self._max_batch)
         prompts = [self.pool.prompts[i] for i in idx]
-        groups = group_prompts(emb, self.group_threshold, self.max_group)
+        groups = group_prompts(emb, self.group_threshold, self.max_group, prompts)
         same = same_prompt_followers(groups, prompts)
         caps = shared_steps_caps(groups, self.sharing_cost, self.steps, self.share_retention, same)
+        owner = chain_owners(groups, prompts) if self.allow_sharing else np.arange(k)
         return Round(
             prompts=prompts, embeddings=emb, traits=rng.uniform(0.0, 1.0, (k, 5)),
             groups=groups, capacity=inst.capacity,
             spectral_eff=inst.spectral_eff, uplink_s=inst.uplink_s, decode_s=inst.decode_s, decode_j=inst.decode_j,
             tx_power_w=inst.tx_power_w, rx_power_w=inst.rx_power_w,
             base_fidelity=np.full(k, self._full_fidelity), tau_s=self._edge_member.at(batch) / batch,
-            same_prompt=same, caps=caps if self.allow_sharing else np.zeros_like(caps))
+            same_prompt=same, caps=caps if self.allow_sharing else np.zeros_like(caps), owner=owner)
 
     def _observe(self) -> np.ndarray:
         r = self.round
@@ -277,8 +287,9 @@ class QoEEnv(gym.Env):
         assert r is not None
         g, t_steps, sc = r.groups, self.steps, self.scenario
         pooled = np.bincount(g.label, weights=compute, minlength=g.n_groups)[g.label]
+        own = np.bincount(r.owner, weights=compute, minlength=r.k)[r.owner]  # a prompt's chain: its senders' shares
         rate = r.tau_s / r.capacity
-        edge_s = s_user * rate / pooled + (t_steps - s_user) * rate / compute
+        edge_s = s_user * rate / pooled + (t_steps - s_user) * rate / own
         down_s = 8.0 * sc.payload.latent_bytes / (bandwidth * sc.wireless.bandwidth_hz * r.spectral_eff)
         latency = r.uplink_s + edge_s + down_s + r.decode_s
         battery = r.tx_power_w * r.uplink_s + r.rx_power_w * down_s + r.decode_j
@@ -309,8 +320,8 @@ class QoEEnv(gym.Env):
         fidelity, latency, battery = self._user_terms(bandwidth, compute, shared[g.label])
         scores = self._surrogate_scores(self.agent, fidelity, latency, battery) if isinstance(self.agent, SurrogateAgent) \
             else self.agent.score(r.traits, self.perceptions(fidelity, latency, battery))
-        sizes = g.sizes()
-        chain_steps = int(np.sum(shared + sizes * (t_steps - shared)))
+        chains = np.bincount(g.label[np.unique(r.owner)], minlength=g.n_groups)  # continuations run per group
+        chain_steps = int(np.sum(shared + chains * (t_steps - shared)))
         return Outcome(np.asarray(scores, dtype=float), fidelity, latency, battery, shared, chain_steps,
                        r.k * t_steps, self.edge_power_w * r.tau_s * chain_steps)
 

@@ -8,6 +8,19 @@ the first s steps once, conditioned on the leader's prompt, then every member co
 own prompt. A follower's similarity is its cosine with the leader. Embeddings come in as numpy
 arrays (MiniLM runs at the edge, in ``bench``/``serve``, or comes from a precomputed pool).
 
+*A prompt runs once per group* (when the prompts are given, as the QoE env gives them): the
+clustering is over the round's distinct prompts (``max_group`` of them at most), and every user
+joins the group of its prompt. After the group's prefix, each distinct prompt's continuation runs
+once, and every user who sent that prompt receives its image (:func:`chain_owners`): the same
+prompt continued from the same latent is the same chain. Copies of a prompt therefore cost no
+U-Net evaluation of their own at any s, and still share the prefix with the group's other
+prompts. In the QoE env about a quarter of the users sent a prompt that another user of the round
+also sent (its rounds draw 5-20 users from a few topics of four prompts each). Before, each copy
+ran its own continuation, so a copy in a group with another prompt got only that group's cap of
+2-8 steps. Measured in the bench of record (docs/qoe.md): 16.8% of U-Net evaluations saved
+before, 29.2% now (G-DDPG's shares; 30.9% with equal shares). The service's rounds run every
+job's own continuation and call this without prompts.
+
 Sharing cost: the family's measured shared-prefix curves (``relaydiff bench quality``,
 ``shared_prefix`` in ``quality.json``): per similarity bin, a follower's prompt fidelity after s
 shared steps, measured on followers like the ones grouped here (rounds drawn as the QoE env draws
@@ -30,6 +43,7 @@ it is conditioned on the same prompt throughout.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,33 +82,56 @@ class Groups:
         return np.bincount(self.label, minlength=self.n_groups)
 
 
-def group_prompts(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, max_group: int = 8) -> Groups:
-    """Complete-linkage groups at cosine ``threshold`` (see the module docstring)."""
+def group_prompts(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, max_group: int = 8,
+                  prompts: Sequence[str] | None = None) -> Groups:
+    """Complete-linkage groups at cosine ``threshold``; with ``prompts``, of the distinct prompts,
+    every user in its prompt's group (see the module docstring)."""
     e = np.asarray(embeddings, dtype=float)
     if e.ndim != 2 or e.shape[0] == 0:
         raise ValueError(f"embeddings must be a non-empty [K, d] array, got shape {e.shape}")
     if max_group < 1:
         raise ValueError(f"max_group must be >= 1, got {max_group}")
+    k = e.shape[0]
+    if prompts is None:
+        first, of = np.arange(k), np.arange(k)
+    else:
+        if len(prompts) != k:
+            raise ValueError(f"{len(prompts)} prompts for {k} embeddings")
+        index: dict[str, int] = {}
+        of = np.array([index.setdefault(p, len(index)) for p in prompts])  # each user's distinct prompt
+        first = np.array([prompts.index(p) for p in index])  # each distinct prompt's first user
     e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     sim = np.clip(e @ e.T, -1.0, 1.0)
-    k = e.shape[0]
-    if k == 1:
+    u = sim[np.ix_(first, first)]
+    n = first.size
+    if n == 1:
         raw = np.zeros(1, dtype=int)
     else:
-        dist = np.clip(1.0 - sim, 0.0, 2.0)
+        dist = np.clip(1.0 - u, 0.0, 2.0)
         np.fill_diagonal(dist, 0.0)
         z = linkage(squareform(dist, checks=False), method="complete")
         raw = fcluster(z, t=1.0 - threshold, criterion="distance") - 1
-    label = np.empty(k, dtype=int)
+    label_u = np.empty(n, dtype=int)
     leaders: list[int] = []
-    for c in np.unique(raw):  # clusters in order of first appearance of their label
+    for c in np.unique(raw):  # clusters in order of their label
         idx = np.flatnonzero(raw == c)
         for start in range(0, idx.size, max_group):
             part = idx[start : start + max_group]
-            label[part] = len(leaders)
-            leaders.append(int(part[np.argmax(sim[np.ix_(part, part)].mean(axis=1))]))
-    leader = np.asarray(leaders, dtype=int)
-    return Groups(label, leader, sim[np.arange(k), leader[label]])
+            label_u[part] = len(leaders)
+            leaders.append(int(first[part[np.argmax(u[np.ix_(part, part)].mean(axis=1))]]))
+    leader, label = np.asarray(leaders, dtype=int), label_u[of]
+    similarity = sim[np.arange(k), leader[label]]
+    similarity[of == of[leader[label]]] = 1.0  # the leader's own prompt: 1 exactly (not the fp16 embeddings' rounding)
+    return Groups(label, leader, similarity)
+
+
+def chain_owners(groups: Groups, prompts: Sequence[str]) -> np.ndarray:
+    """[K] the user whose continuation each user receives when a prompt runs once per group (the
+    module docstring): the first member of its group who sent its prompt (itself for that one)."""
+    if len(prompts) != groups.label.size:
+        raise ValueError(f"{len(prompts)} prompts for {groups.label.size} grouped users")
+    first: dict[tuple[int, str], int] = {}
+    return np.array([first.setdefault((int(g), p), i) for i, (g, p) in enumerate(zip(groups.label.tolist(), prompts))])
 
 
 def _non_increasing(y: np.ndarray) -> np.ndarray:
@@ -192,5 +229,5 @@ def load_sharing_cost(path: str | Path = REFERENCE_TABLE) -> SharingCost:
                        f"measured shared_prefix bins of {path} (isotonic in s)", guidance)
 
 
-__all__ = ["GROUP_THRESHOLD", "SHARE_RETENTION", "Groups", "SharingCost", "group_prompts", "load_sharing_cost", "same_prompt_followers",
+__all__ = ["GROUP_THRESHOLD", "SHARE_RETENTION", "Groups", "SharingCost", "chain_owners", "group_prompts", "load_sharing_cost", "same_prompt_followers",
            "shared_steps_caps"]
