@@ -337,3 +337,26 @@ def test_surrogate_agent_mapping() -> None:
     assert not np.array_equal(s, SurrogateAgent(seed=1).score(t, ps))
     with pytest.raises(ValueError, match="traits"):
         agent.score(np.ones((2, 4)), ps[:2])
+
+
+def test_qoe_split_attributes_every_saved_step_to_a_kind() -> None:
+    """bench.qoe_split: per-user savings add up to the env's chain-steps saved (it checks that
+    itself), copies save all T steps, and a paraphrase-aware oracle can only save more."""
+    from relaydiff.bench.qoe_split import follower_kind, pool_labels, split_savings
+
+    topic, variant = pool_labels()
+    by = {}
+    for p, v in variant.items():
+        by.setdefault(topic[p], {})[v] = p
+    t0, t1 = by[0], by[1]
+    assert follower_kind(t0["paraphrase"], t0["leader"], topic, variant) == "paraphrase"
+    assert follower_kind(t0["one_attribute"], t0["leader"], topic, variant) == "attribute_variant"
+    assert follower_kind(t0["two_attributes"], t0["paraphrase"], topic, variant) == "attribute_variant"
+    assert follower_kind(t1["leader"], t0["leader"], topic, variant) == "other_scene"
+    capped = split_savings(QoEEnv(), 4)
+    assert capped["by_kind"]["copy"]["users"] > 0 and capped["by_kind"]["copy"]["steps_saved_mean"] == 20
+    assert sum(v["saved_share"] for v in capped["by_kind"].values()) == pytest.approx(capped["unet_evals_saved"])
+    assert capped["bounds"]["copies"] <= capped["unet_evals_saved"] <= capped["bounds"]["same_scene"] + 0.2
+    uncapped = split_savings(QoEEnv(share_retention=None), 4)
+    oracle = split_savings(QoEEnv(), 4, oracle_scene=True)
+    assert capped["unet_evals_saved"] <= oracle["unet_evals_saved"] <= uncapped["unet_evals_saved"]
