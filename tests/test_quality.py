@@ -325,7 +325,9 @@ def test_personalization_measures_the_device_segment_without_guidance(tiny_famil
 
     out = _personalization(cfg, tiny_family, World(32), judge, spy, lambda _m: None)
     style = out["styles"]["outline"]
-    assert out["device_guidance"] == 1.0 and out["split_points"] == [0, 2, 4]
+    assert out["device_guidance"] == 1.0 and out["split_points"] == [0, 2, 4] and out["prompts_per_style"] == 2
+    p0 = style["style_fidelity"][0]
+    assert style["device_only_style_fidelity_se"] == pytest.approx((p0 * (1 - p0) / 2) ** 0.5)
     for key in ("style_fidelity", "prompt_fidelity", "style_fidelity_device_guidance",
                 "prompt_fidelity_device_guidance"):
         assert len(style[key]) == 3 and all(0.0 <= v <= 1.0 for v in style[key]), key
