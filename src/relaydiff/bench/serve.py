@@ -1,7 +1,7 @@
 """`relaydiff bench serve`: the edge service under load and faults, on loopback, self-contained.
 
 The edge runs as its own process (``python -m relaydiff.cli serve edge`` on 127.0.0.1, a fresh
-SQLite store, 1 torch thread); C device clients (asyncio + httpx, in this process) submit jobs for
+SQLite store, ``threads`` torch threads, 1 by default); C device clients (asyncio + httpx, in this process) submit jobs for
 S seconds, each finishing its relay or device-only chains locally (one thread: the devices share
 this process's core). A fraction F of devices vanish right after taking their handoff; halfway
 the edge is killed (SIGKILL) and restarted on the same port and store. Afterwards every accepted
@@ -10,7 +10,8 @@ job must end done: finished by its device, by the edge, or by the edge's fallbac
 Two calibrations run first (after a warm-up pair), one request at a time, interleaved and paired: the same request over
 HTTP (end to end) and in this process through the engine (edge part, handoff encode/decode,
 device part); ``http_overhead`` = 1 - mean engine latency / mean HTTP latency (the pairs' spread beside it), and
-``sequential_images_per_s`` = 1 / the engine's mean latency (a one-job-at-a-time server).
+``sequential_images_per_s`` = 1 / the engine's mean latency (a one-job-at-a-time server, at the edge's
+``threads``: equal hardware).
 ``pairs_ms`` keeps each pair (HTTP, in-process, and the HTTP job's time to its 202: the round's
 wait and decision), ``http_planned_ms_mean`` the last one's mean.
 
@@ -92,7 +93,7 @@ class EdgeProcess:
 
     def __init__(self, family: str, workdir: Path, token: str, scheduler: str, *, fetch_timeout_s: float,
                  report_timeout_s: float, max_queue: int, steps: int | None, ray_replicas: int | None = None,
-                 round_gap_s: float | None = None):
+                 round_gap_s: float | None = None, threads: int = 1):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens = workdir / "tokens"
@@ -101,8 +102,9 @@ class EdgeProcess:
                      "--port", str(self.port), "--tokens", str(self.tokens), "--db", str(workdir / "jobs.sqlite"),
                      "--scheduler", scheduler, "--fetch-timeout", str(fetch_timeout_s), "--report-timeout",
                      str(report_timeout_s), "--max-queue", str(max_queue), "--rate", "1000", "--burst", "1000",
-                     "--threads", "1"] + (["--steps", str(steps)] if steps else []) + \
+                     "--threads", str(threads)] + (["--steps", str(steps)] if steps else []) + \
             (["--round-gap", str(round_gap_s)] if round_gap_s is not None else [])
+        self.threads = threads
         self.ray = ray_replicas is not None
         if self.ray:   # Ray Serve's own local cluster on 127.0.0.1, one CPU per replica
             self.args += ["--ray", "--replicas", str(ray_replicas)]
@@ -110,7 +112,7 @@ class EdgeProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout_s: float = 900.0) -> None:  # a shared, loaded host starts slowly
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
         with open(self.log, "ab") as log:   # with Ray: its own process group, so its leftovers can be reaped
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=self.ray)
@@ -213,8 +215,19 @@ async def _confirm_done(url: str, owner: dict[str, str], timeout_s: float) -> tu
     return done, sum(1 for v in views if v and v["fallback"])
 
 
-def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:
-    """Paired, interleaved: each request over HTTP and in-process, order alternating."""
+def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, seed: int,
+               threads: int = 1) -> dict[str, float]:
+    """Paired, interleaved: each request over HTTP and in-process, order alternating; the in-process
+    side (the one-job server) at ``threads`` torch threads, as many as the edge has."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _calibrate_pairs(url, token, family, n, steps, seed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed)
     http_ms, engine_ms, planned_ms = [], [], []
     with DeviceClient(url, token, family, timeout_s=120) as device:
@@ -267,7 +280,7 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
                     scheduler: str = "local_search", seed: int = 0, steps: int | None = None, restart: bool = True,
                     calibration_pairs: int = 6, log=print, ray_replicas: int | None = None,
-                    round_gap_s: float | None = None) -> dict[str, Any]:
+                    round_gap_s: float | None = None, threads: int = 1) -> dict[str, Any]:
     if ray_replicas is not None:
         if not _ray_installed():
             raise RuntimeError(RAY_MISSING)
@@ -275,19 +288,20 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
             raise RuntimeError(f"--replicas must be in 1..{os.cpu_count()} here: the local Ray gives each "
                                f"replica one of this machine's {os.cpu_count()} CPUs")
         restart = False
-    torch.set_num_threads(1)
+        threads = 1   # one Ray CPU per replica
+    torch.set_num_threads(1)   # the devices: one thread each, sharing this process's core
     family = load_family(family_name)
     token = "bench-token-0123456789-"
     report_timeout = 5.0
     with tempfile.TemporaryDirectory(prefix="relaydiff-bench-serve-") as tmp:
         edge = EdgeProcess(family_name, Path(tmp), token, scheduler, fetch_timeout_s=20.0,
                            report_timeout_s=report_timeout, max_queue=max(256, 4 * clients), steps=steps,
-                           ray_replicas=ray_replicas, round_gap_s=round_gap_s)
+                           ray_replicas=ray_replicas, round_gap_s=round_gap_s, threads=threads)
         t_start = time.perf_counter()
         try:
             edge.start(timeout_s=600.0 if ray_replicas else 900.0)
             log(f"edge ready on {edge.url} in {time.perf_counter() - t_start:.1f} s")
-            calib = _calibrate(edge.url, f"{token}0000", family, calibration_pairs, steps, seed)
+            calib = _calibrate(edge.url, f"{token}0000", family, calibration_pairs, steps, seed, threads)
             log(f"calibration: {calib}")
             tally = _Tally()
             restarts = 0
@@ -317,7 +331,8 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
     completed = confirmed
     lat = np.array(tally.latencies_ms) if tally.latencies_ms else np.array([np.nan])
     images_per_s = len(tally.done) / load_s
-    edge_desc = "edge 1 torch thread in its own process"
+    edge_desc = (f"edge {threads} torch thread(s) in its own process, the one-job baseline {threads} thread(s) "
+                 "in the bench process")
     if ray_replicas is not None:
         edge_desc = (f"edge on a local Ray Serve, {ray_replicas} engine replica(s), each 1 torch thread and 1 Ray CPU "
                      "in its own worker process, ingress and proxy beside them")
@@ -336,7 +351,7 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
         "jobs_per_replica": dict(sorted(per_replica.items())), "load_s": load_s,
         "config": {"family": family_name, "clients": clients, "duration_s": duration_s, "dropout": dropout,
                    "scheduler": scheduler, "seed": seed, "steps": steps, "report_timeout_s": report_timeout,
-                   "restart": restart, "ray_replicas": ray_replicas,
+                   "restart": restart, "ray_replicas": ray_replicas, "threads": threads,
                    "round_gap_s": EdgeSettings.round_gap_s if round_gap_s is None else round_gap_s,
                    "round_window_s": EdgeSettings.round_window_s},
         "hardware": f"{_cpu_name()}, {os.cpu_count()} cores, CPU only, shared host; "

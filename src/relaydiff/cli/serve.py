@@ -25,7 +25,7 @@ def serve_edge_cmd(
     scenario: str = typer.Option("default", help="Scenario of the edge and wireless cell the scheduler models."),
     db: Path = typer.Option(Path("relaydiff-jobs.sqlite"), help="SQLite store of accepted jobs (re-run on restart)."),
     steps: int = typer.Option(None, help="Default denoising steps of a job (default: the family's)."),
-    max_batch: int = typer.Option(16, help="Chains per batched U-Net call."),
+    max_batch: int = typer.Option(64, help="Chains per batched U-Net call."),
     max_queue: int = typer.Option(256, help="Unfinished jobs before new ones get 503."),
     rate: float = typer.Option(20.0, help="Job submissions per second per client (429 above)."),
     burst: int = typer.Option(40, help="Burst of submissions per client."),
@@ -150,6 +150,8 @@ def bench_serve_cmd(
                                                   "extra 'ray') with --replicas engine replicas; no restart."),
     replicas: int = typer.Option(None, help="With --ray: engine replicas, one CPU each (default 1)."),
     round_gap: float = typer.Option(None, help="The edge's --round-gap (default: the edge's own)."),
+    threads: int = typer.Option(1, help="torch threads of the edge and of the one-job server it is compared with "
+                                        "(the same for both); the devices keep 1."),
 ) -> None:
     """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
     check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
@@ -157,13 +159,16 @@ def bench_serve_cmd(
     check(replicas is None or ray, "--replicas needs --ray")
     check(replicas is None or replicas >= 1, "--replicas must be >= 1")
     check(round_gap is None or round_gap >= 0, "--round-gap must be >= 0")
+    check(threads >= 1, "--threads must be >= 1")
+    check(threads <= 1 or not ray, "--threads is for one edge; with --ray each replica has one thread")
     # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.serve import run_serve_bench
 
     log = (lambda *a: None) if as_json else console.print
     try:
         report = run_serve_bench(family, clients, duration, dropout, scheduler, seed, steps, restart, pairs, log=log,
-                                 ray_replicas=(replicas or 1) if ray else None, round_gap_s=round_gap)
+                                 ray_replicas=(replicas or 1) if ray else None, round_gap_s=round_gap,
+                                 threads=threads)
     except RuntimeError as exc:
         fail(str(exc))
     text = json.dumps(report, indent=2)

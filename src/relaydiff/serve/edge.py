@@ -54,7 +54,7 @@ class EdgeSettings:
     default_steps: int | None = None     # None: the family's metadata default_steps, else 8
     round_window_s: float = 0.02         # a round closes at most this long after its first job ...
     round_gap_s: float | None = 0.005    # ... or this long after its latest (None: the whole window; docs/service.md)
-    max_batch: int = 16
+    max_batch: int = 64                  # chains per U-Net call: a full queue in one call (docs/service.md)
     max_queue: int = 256                 # unfinished jobs; more: 503
     rate_per_s: float = 20.0             # job submissions per client (token bucket)
     burst: int = 40
