@@ -37,7 +37,7 @@ def test_the_edge_process_runs_at_the_benchs_thread_count(tmp_path, monkeypatch)
 
 
 def test_the_one_job_baseline_runs_at_the_edges_thread_count(monkeypatch):
-    """The calibration's in-process side (the one-job server) computes at the edge's threads, then the
+    """The calibration's in-process side (the one-job server) computes at the edge's threads and row parts, then the
     process goes back to what it had (the devices' one thread)."""
     plan = Plan.single("large", 4, node="edge").to_list()
     job = {"kind": "edge_only", "plan": plan, "handoff_step": 4,
@@ -56,19 +56,21 @@ def test_the_one_job_baseline_runs_at_the_edges_thread_count(monkeypatch):
         def run(self, *a, **k):
             return SimpleNamespace(latency_ms=10.0, job=job, marks_ms={"planned": 1.0})
 
-    threads_seen = []
+    threads_seen, workers_seen = [], []
 
     def generate(family, requests, plans, **kw):
         threads_seen.append(torch.get_num_threads())
+        workers_seen.append(family.row_workers)
 
     monkeypatch.setattr(bench_serve, "DeviceClient", Device)
     monkeypatch.setattr(bench_serve, "generate", generate)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        out = bench_serve._calibrate("http://127.0.0.1:1", "tok", None, 3, None, 0, threads=2)
-        assert threads_seen and set(threads_seen) == {2}
-        assert torch.get_num_threads() == 1
+        family = SimpleNamespace(row_workers=1)
+        out = bench_serve._calibrate("http://127.0.0.1:1", "tok", family, 3, None, 0, threads=2, row_workers=2)
+        assert threads_seen and set(threads_seen) == {2} and set(workers_seen) == {2}
+        assert torch.get_num_threads() == 1 and family.row_workers == 1
         assert out["pairs"] == 3 and out["sequential_images_per_s"] > 0
     finally:
         torch.set_num_threads(before)

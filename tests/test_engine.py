@@ -295,3 +295,30 @@ def test_a_guidance_distilled_member_runs_one_row_unless_the_plan_says_otherwise
     assert forced.accounting["unet_evals"] == {"large": 6, "small": 10}
     assert torch.equal(forced.latents, plain.latents)
     assert torch.equal(resumed.latents, native.latents)
+
+
+@pytest.mark.parametrize("trace", [False, True])
+def test_row_workers_split_a_call_and_give_its_numbers(trace):
+    """``row_workers`` runs a U-Net call's rows in parts on threads: the same numbers as the whole call
+    (to float rounding), every part on a pool thread, and the family's default stays one whole call."""
+    import threading
+
+    from relaydiff.engine.family import tiny_family
+
+    fam = tiny_family(0)
+    fam.trace = trace
+    assert fam.row_workers == 1
+    member = sorted(fam.members)[0]
+    cfg = fam.members[member].config
+    torch.manual_seed(0)
+    x = torch.randn(5, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    t = torch.full((5,), 500, dtype=torch.int64)
+    ctx = fam.encode_prompt(["a red circle", "", "a blue square", "", "a star"])
+    whole = fam.denoise(member, None, x, t, ctx)
+    seen = []
+    real = fam._denoise_rows
+    fam._denoise_rows = lambda *a: (seen.append((threading.current_thread().name, a[2].shape[0])), real(*a))[1]
+    fam.row_workers = 2
+    parts = fam.denoise(member, None, x, t, ctx)
+    assert sorted(n for _, n in seen) == [2, 3] and all(name.startswith("relaydiff-rows") for name, _ in seen)
+    torch.testing.assert_close(parts, whole, rtol=1e-5, atol=1e-5)

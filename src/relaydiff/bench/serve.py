@@ -93,7 +93,7 @@ class EdgeProcess:
 
     def __init__(self, family: str, workdir: Path, token: str, scheduler: str, *, fetch_timeout_s: float,
                  report_timeout_s: float, max_queue: int, steps: int | None, ray_replicas: int | None = None,
-                 round_gap_s: float | None = None, threads: int = 1):
+                 round_gap_s: float | None = None, threads: int = 1, row_workers: int = 1):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens = workdir / "tokens"
@@ -102,7 +102,8 @@ class EdgeProcess:
                      "--port", str(self.port), "--tokens", str(self.tokens), "--db", str(workdir / "jobs.sqlite"),
                      "--scheduler", scheduler, "--fetch-timeout", str(fetch_timeout_s), "--report-timeout",
                      str(report_timeout_s), "--max-queue", str(max_queue), "--rate", "1000", "--burst", "1000",
-                     "--threads", str(threads)] + (["--steps", str(steps)] if steps else []) + \
+                     "--threads", str(threads), "--row-workers", str(row_workers)] + \
+            (["--steps", str(steps)] if steps else []) + \
             (["--round-gap", str(round_gap_s)] if round_gap_s is not None else [])
         self.threads = threads
         self.ray = ray_replicas is not None
@@ -216,15 +217,17 @@ async def _confirm_done(url: str, owner: dict[str, str], timeout_s: float) -> tu
 
 
 def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, seed: int,
-               threads: int = 1) -> dict[str, float]:
+               threads: int = 1, row_workers: int = 1) -> dict[str, float]:
     """Paired, interleaved: each request over HTTP and in-process, order alternating; the in-process
-    side (the one-job server) at ``threads`` torch threads, as many as the edge has."""
-    previous = torch.get_num_threads()
+    side (the one-job server) at ``threads`` torch threads and ``row_workers``, as the edge has."""
+    previous = torch.get_num_threads(), family.row_workers
     torch.set_num_threads(threads)
+    family.row_workers = row_workers
     try:
         return _calibrate_pairs(url, token, family, n, steps, seed)
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous[0])
+        family.row_workers = previous[1]
 
 
 def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:
@@ -280,7 +283,7 @@ def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | Non
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
                     scheduler: str = "local_search", seed: int = 0, steps: int | None = None, restart: bool = True,
                     calibration_pairs: int = 6, log=print, ray_replicas: int | None = None,
-                    round_gap_s: float | None = None, threads: int = 1) -> dict[str, Any]:
+                    round_gap_s: float | None = None, threads: int = 1, row_workers: int = 1) -> dict[str, Any]:
     if ray_replicas is not None:
         if not _ray_installed():
             raise RuntimeError(RAY_MISSING)
@@ -296,12 +299,13 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
     with tempfile.TemporaryDirectory(prefix="relaydiff-bench-serve-") as tmp:
         edge = EdgeProcess(family_name, Path(tmp), token, scheduler, fetch_timeout_s=20.0,
                            report_timeout_s=report_timeout, max_queue=max(256, 4 * clients), steps=steps,
-                           ray_replicas=ray_replicas, round_gap_s=round_gap_s, threads=threads)
+                           ray_replicas=ray_replicas, round_gap_s=round_gap_s, threads=threads,
+                           row_workers=row_workers)
         t_start = time.perf_counter()
         try:
             edge.start(timeout_s=600.0 if ray_replicas else 900.0)
             log(f"edge ready on {edge.url} in {time.perf_counter() - t_start:.1f} s")
-            calib = _calibrate(edge.url, f"{token}0000", family, calibration_pairs, steps, seed, threads)
+            calib = _calibrate(edge.url, f"{token}0000", family, calibration_pairs, steps, seed, threads, row_workers)
             log(f"calibration: {calib}")
             tally = _Tally()
             restarts = 0
@@ -326,13 +330,20 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
             asyncio.run(load())
             load_s = time.perf_counter() - t0
             confirmed, fallbacks = asyncio.run(_confirm_done(edge.url, tally.owner, 300.0))
+            # the one-job server again, now the load is over: this shared host's speed drifts by tens of
+            # percent over minutes, so the ratio is read against both ends of the load phase
+            calib_after = _calibrate(edge.url, f"{token}0000", family, calibration_pairs, steps, seed + 1, threads,
+                                     row_workers)
+            log(f"calibration after the load: {calib_after}")
         finally:
             edge.stop()
     completed = confirmed
     lat = np.array(tally.latencies_ms) if tally.latencies_ms else np.array([np.nan])
     images_per_s = len(tally.done) / load_s
+    ends = (calib["sequential_images_per_s"], calib_after["sequential_images_per_s"])
+    sequential = float(np.mean(ends))
     edge_desc = (f"edge {threads} torch thread(s) in its own process, the one-job baseline {threads} thread(s) "
-                 "in the bench process")
+                 f"in the bench process, both with U-Net calls in {row_workers} row part(s)")
     if ray_replicas is not None:
         edge_desc = (f"edge on a local Ray Serve, {ray_replicas} engine replica(s), each 1 torch thread and 1 Ray CPU "
                      "in its own worker process, ingress and proxy beside them")
@@ -344,14 +355,17 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
         "submitted": len(tally.submitted), "completed": len(completed), "lost": len(set(tally.submitted) - completed),
         "fallbacks": fallbacks, "vanished_devices": len(tally.vanished), "restarts": restarts,
         "p50_ms": float(np.nanpercentile(lat, 50)), "p99_ms": float(np.nanpercentile(lat, 99)),
-        "images_per_s": images_per_s, "sequential_images_per_s": calib["sequential_images_per_s"],
-        "throughput_vs_sequential": images_per_s / calib["sequential_images_per_s"],
-        "http_overhead": calib["http_overhead"], "calibration": calib,
+        "images_per_s": images_per_s, "sequential_images_per_s": sequential,
+        "throughput_vs_sequential": images_per_s / sequential,
+        # against the faster and the slower of the two one-job readings (before and after the load)
+        "throughput_vs_sequential_range": [images_per_s / max(ends), images_per_s / min(ends)],
+        "http_overhead": float(np.mean([calib["http_overhead"], calib_after["http_overhead"]])),
+        "calibration": calib, "calibration_after": calib_after,
         "client_errors": len(tally.errors), "client_error_samples": tally.errors[:3],
         "jobs_per_replica": dict(sorted(per_replica.items())), "load_s": load_s,
         "config": {"family": family_name, "clients": clients, "duration_s": duration_s, "dropout": dropout,
                    "scheduler": scheduler, "seed": seed, "steps": steps, "report_timeout_s": report_timeout,
-                   "restart": restart, "ray_replicas": ray_replicas, "threads": threads,
+                   "restart": restart, "ray_replicas": ray_replicas, "threads": threads, "row_workers": row_workers,
                    "round_gap_s": EdgeSettings.round_gap_s if round_gap_s is None else round_gap_s,
                    "round_window_s": EdgeSettings.round_window_s},
         "hardware": f"{_cpu_name()}, {os.cpu_count()} cores, CPU only, shared host; "

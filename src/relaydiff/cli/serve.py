@@ -37,6 +37,8 @@ def serve_edge_cmd(
     status_thumbnails: bool = typer.Option(False, help="Show finished images on the public status page."),
     share_prefix: bool = typer.Option(True, help="Similar prompts of a round share their first edge steps."),
     threads: TorchThreads = 0,
+    row_workers: int = typer.Option(1, help="Run each U-Net call's rows in this many parts on as many threads "
+                                            "(one core each; results equal to ~1e-6, not bit for bit; docs/service.md)."),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: an ingress and --replicas engine replicas "
                                                   "(the optional extra 'ray')."),
     replicas: int = typer.Option(2, help="With --ray: engine replicas, each with its own executor and store."),
@@ -52,6 +54,8 @@ def serve_edge_cmd(
           "timeouts must be > 0, --round-window and --round-gap >= 0")
     check(threads >= 0, "--threads must be >= 0")
     check(replicas >= 1, "--replicas must be >= 1")
+    check(row_workers >= 1, "--row-workers must be >= 1")
+    check(row_workers == 1 or not ray, "--row-workers is for one edge; with --ray each replica has one CPU")
     if ray:
         try:
             # lazy: the CLI starts without torch; only this command loads what it runs
@@ -74,6 +78,7 @@ def serve_edge_cmd(
     try:
         table = TokenTable.from_file(tokens)
         fam = load_family(family)
+        fam.row_workers = row_workers
         settings = EdgeSettings(scheduler=scheduler, scenario=scenario, db_path=str(db), default_steps=steps,
                                 round_window_s=round_window, round_gap_s=round_gap, max_batch=max_batch,
                                 max_queue=max_queue, rate_per_s=rate, burst=burst, fetch_timeout_s=fetch_timeout,
@@ -152,6 +157,7 @@ def bench_serve_cmd(
     round_gap: float = typer.Option(None, help="The edge's --round-gap (default: the edge's own)."),
     threads: int = typer.Option(1, help="torch threads of the edge and of the one-job server it is compared with "
                                         "(the same for both); the devices keep 1."),
+    row_workers: int = typer.Option(1, help="The edge's --row-workers, and the one-job server's (the same for both)."),
 ) -> None:
     """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
     check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
@@ -161,6 +167,8 @@ def bench_serve_cmd(
     check(round_gap is None or round_gap >= 0, "--round-gap must be >= 0")
     check(threads >= 1, "--threads must be >= 1")
     check(threads <= 1 or not ray, "--threads is for one edge; with --ray each replica has one thread")
+    check(row_workers >= 1, "--row-workers must be >= 1")
+    check(row_workers == 1 or not ray, "--row-workers is for one edge; with --ray each replica has one CPU")
     # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.serve import run_serve_bench
 
@@ -168,7 +176,7 @@ def bench_serve_cmd(
     try:
         report = run_serve_bench(family, clients, duration, dropout, scheduler, seed, steps, restart, pairs, log=log,
                                  ray_replicas=(replicas or 1) if ray else None, round_gap_s=round_gap,
-                                 threads=threads)
+                                 threads=threads, row_workers=row_workers)
     except RuntimeError as exc:
         fail(str(exc))
     text = json.dumps(report, indent=2)
