@@ -220,14 +220,14 @@ def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, see
                threads: int = 1, row_workers: int = 1) -> dict[str, float]:
     """Paired, interleaved: each request over HTTP and in-process, order alternating; the in-process
     side (the one-job server) at ``threads`` torch threads and ``row_workers``, as the edge has."""
-    previous = torch.get_num_threads(), family.row_workers
+    threads_before, row_workers_before = torch.get_num_threads(), family.row_workers
     torch.set_num_threads(threads)
     family.row_workers = row_workers
     try:
         return _calibrate_pairs(url, token, family, n, steps, seed)
     finally:
-        torch.set_num_threads(previous[0])
-        family.row_workers = previous[1]
+        torch.set_num_threads(threads_before)
+        family.row_workers = row_workers_before
 
 
 def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:

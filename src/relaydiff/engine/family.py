@@ -167,7 +167,7 @@ class Family:
     _active: dict[str, str | None] = field(default_factory=dict, repr=False)
     _traced: dict[tuple, Any] = field(default_factory=dict, repr=False)
     _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _row_pool: ThreadPoolExecutor | None = field(default=None, repr=False)
+    _row_pools: dict[int, ThreadPoolExecutor] = field(default_factory=dict, repr=False)  # by row_workers
     _trace_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -290,10 +290,11 @@ class Family:
         n = min(int(self.row_workers), x.shape[0])
         if n > 1:
             self.unet(member, adapter)  # the adapter is set once, before the threads share the member
-            if self._row_pool is None or self._row_pool._max_workers != n:
-                self._row_pool = ThreadPoolExecutor(n, thread_name_prefix="relaydiff-rows")
+            pool = self._row_pools.get(n)
+            if pool is None:
+                pool = self._row_pools[n] = ThreadPoolExecutor(n, thread_name_prefix="relaydiff-rows")
             parts = zip(x.tensor_split(n), t.tensor_split(n), context.tensor_split(n))
-            futures = [self._row_pool.submit(self._denoise_rows, member, adapter, *p) for p in parts]
+            futures = [pool.submit(self._denoise_rows, member, adapter, *p) for p in parts]
             return torch.cat([f.result() for f in futures])
         return self._denoise_rows(member, adapter, x, t, context)
 
@@ -308,7 +309,9 @@ class Family:
         run = self._traced.get(key)
         if run is None:
             with self._trace_lock:  # row parts of one shape would otherwise trace it twice at once
-                run = self._traced.get(key) or self._trace(key, unet, x, t, context, member)
+                run = self._traced.get(key)
+                if run is None:
+                    run = self._trace(key, unet, x, t, context, member)
         return run(x, t, context)
 
     def _trace(self, key: tuple, unet: Any, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
