@@ -29,8 +29,8 @@ from relaydiff.models.world import World
 from relaydiff.quality.metrics import prompt_fidelity, style_fidelity
 from relaydiff.quality.similarity import prompt_embeddings
 from relaydiff.serve.demo_round import ServedJob, serve_one_round
-from relaydiff.serve.rounds import SHARE_MAX_GROUP, SHARE_RETENTION
-from relaydiff.system.grouping import GROUP_THRESHOLD, group_prompts, load_sharing_cost, QualityTableError
+from relaydiff.system.grouping import (GROUP_THRESHOLD, group_prompts, load_sharing_cost, QualityTableError,
+                                       SHARE_MAX_GROUP, SHARE_RETENTION)
 
 # what run_demo does, in order (a progress callback hears each name as it starts)
 PHASES = ("warm up the traced members", "edge batch and devices", "shared-prefix group",

@@ -37,7 +37,7 @@ import numpy as np
 from relaydiff.engine.plan import Plan
 from relaydiff.sched.registry import available_solvers, get_solver
 from relaydiff.system.grouping import (GROUP_THRESHOLD, group_prompts, load_sharing_cost, same_prompt_followers,
-                                       SHARE_RETENTION, shared_steps_caps, SharingCost)
+                                       SHARE_MAX_GROUP, SHARE_RETENTION, shared_steps_caps, SharingCost)
 from relaydiff.system.problem import device_numbers, RoundInstance, sample_instance
 from relaydiff.system.profiles import load_profile, ProfileError
 from relaydiff.system.quality import load_quality, QualityModel
@@ -46,7 +46,6 @@ from relaydiff.system.scenario import load_scenario, Scenario
 # a prompt of this many words counts as fully complex (the reference world's longest prompts: ~16)
 COMPLEX_PROMPT_WORDS = 16
 PERSONALIZATION_WITH_ADAPTER = 0.5
-SHARE_MAX_GROUP = 8
 _EMBEDDING_CACHE = 4096      # prompts whose embedding the decider keeps
 BANDIT_SCHEDULER = "bandit"  # the relay contextual bandit (not a round solver; see the module docstring)
 

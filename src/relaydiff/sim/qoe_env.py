@@ -61,7 +61,8 @@ from safetensors.numpy import load_file
 from relaydiff.sim.agents import Perception, QoEAgent, SurrogateAgent
 from relaydiff.system.bandwidth import inverse_cost_shares
 from relaydiff.system.grouping import (chain_owners, GROUP_THRESHOLD, group_prompts, Groups, load_sharing_cost,
-                                       same_prompt_followers, SHARE_RETENTION, shared_steps_caps, SharingCost)
+                                       same_prompt_followers, SHARE_MAX_GROUP, SHARE_RETENTION, shared_steps_caps,
+                                       SharingCost)
 from relaydiff.system.problem import sample_instance
 from relaydiff.system.profiles import load_profile
 from relaydiff.system.quality import load_quality
@@ -183,7 +184,7 @@ class QoEEnv(gym.Env):
     def __init__(self, k_min: int = K_MIN, k_max: int = K_MAX, scenario: str | Scenario = "congested",
                  agent: QoEAgent | None = None, pool: PromptPool | None = None,
                  sharing_cost: SharingCost | None = None, topics_per_user: float = TOPICS_PER_USER,
-                 group_threshold: float = GROUP_THRESHOLD, max_group: int = 8, allow_sharing: bool = True,
+                 group_threshold: float = GROUP_THRESHOLD, max_group: int = SHARE_MAX_GROUP, allow_sharing: bool = True,
                  edge_power_w: float | None = None, learned_shared_steps: bool = False,
                  share_retention: float | None = SHARE_RETENTION) -> None:
         if not 1 <= k_min <= k_max:

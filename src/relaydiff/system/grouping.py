@@ -60,6 +60,9 @@ SHARE_RETENTION = 0.95
 # Two prompts may share a prefix when their MiniLM cosine is at least this (group_prompts' cut: the
 # service's rounds and the QoE env group at it; bench quality measures its followers from here up)
 GROUP_THRESHOLD = 0.75
+# A group holds at most this many (distinct) prompts: the service's rounds, the QoE env and the demo
+# group with it (a larger cluster is split; see the module docstring)
+SHARE_MAX_GROUP = 8
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class Groups:
         return np.bincount(self.label, minlength=self.n_groups)
 
 
-def group_prompts(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, max_group: int = 8,
+def group_prompts(embeddings: np.ndarray, threshold: float = GROUP_THRESHOLD, max_group: int = SHARE_MAX_GROUP,
                   prompts: Sequence[str] | None = None) -> Groups:
     """Complete-linkage groups at cosine ``threshold``; with ``prompts``, of the distinct prompts,
     every user in its prompt's group (see the module docstring)."""
