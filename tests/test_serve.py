@@ -89,6 +89,22 @@ def test_relay_over_loopback_matches_the_in_process_chain(tiny):
         assert "relaydiff_handoff_bytes_count 1.0" in metrics
 
 
+def test_a_traced_edge_with_row_parts_serves_the_eager_chains_image(tiny):
+    """`serve edge --trace --row-workers 2`: TorchScript traces give the eager images; row parts give the whole
+    call's numbers to ~1e-6, which decoded images hold up to a few levels in a few values (batch numerics)."""
+    from relaydiff.engine.family import tiny_family
+
+    traced = tiny_family(seed=0)
+    traced.trace, traced.row_workers = True, 2
+    app = create_app(traced, settings(scheduler="test_edge"), TOKENS)
+    with LoopbackServer(app) as server, DeviceClient(server.url, ALICE, tiny, timeout_s=30) as device:
+        out = device.run("a green star", seed=3)
+        assert out.finished_by == "edge" and out.job["plan_text"] == "large@edge:0-8"
+        assert traced._traced  # the edge ran its traces
+        ref = reference_image(tiny, "a green star", 3, Plan.from_list(out.job["plan"]))
+        assert batch_numerics_only(out.image, ref)
+
+
 def test_jobs_in_one_window_are_one_round(tiny):
     """Concurrent submissions (asyncio + httpx, as the bench's devices) are decided together. The gap is
     generous: on a loaded 2-core host a burst's arrivals straggle by up to ~25 ms (docs/service.md)."""

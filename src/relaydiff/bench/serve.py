@@ -11,7 +11,10 @@ Two calibrations run first (after a warm-up pair), one request at a time, interl
 HTTP (end to end) and in this process through the engine (edge part, handoff encode/decode,
 device part); ``http_overhead`` = 1 - mean engine latency / mean HTTP latency (the pairs' spread beside it), and
 ``sequential_images_per_s`` = 1 / the engine's mean latency (a one-job-at-a-time server, at the edge's
-``threads``: equal hardware).
+``threads`` and ``trace``: equal hardware). With ``row_workers`` N > 1 the one-job server is timed on each
+pair with its calls whole and in N row parts (order alternating) and is credited with the faster
+(``one_job_ms_mean`` has both): a lone job's call has two rows, and in eager diffusers modules two
+threads fight over the GIL, so its split can be slower than the whole call (docs/service.md).
 ``pairs_ms`` keeps each pair (HTTP, in-process, and the HTTP job's time to its 202: the round's
 wait and decision), ``http_planned_ms_mean`` the last one's mean.
 
@@ -93,7 +96,7 @@ class EdgeProcess:
 
     def __init__(self, family: str, workdir: Path, token: str, scheduler: str, *, fetch_timeout_s: float,
                  report_timeout_s: float, max_queue: int, steps: int | None, ray_replicas: int | None = None,
-                 round_gap_s: float | None = None, threads: int = 1, row_workers: int = 1):
+                 round_gap_s: float | None = None, threads: int = 1, row_workers: int = 1, trace: bool = False):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tokens = workdir / "tokens"
@@ -104,7 +107,8 @@ class EdgeProcess:
                      str(report_timeout_s), "--max-queue", str(max_queue), "--rate", "1000", "--burst", "1000",
                      "--threads", str(threads), "--row-workers", str(row_workers)] + \
             (["--steps", str(steps)] if steps else []) + \
-            (["--round-gap", str(round_gap_s)] if round_gap_s is not None else [])
+            (["--round-gap", str(round_gap_s)] if round_gap_s is not None else []) + \
+            (["--trace"] if trace else [])
         self.threads = threads
         self.ray = ray_replicas is not None
         if self.ray:   # Ray Serve's own local cluster on 127.0.0.1, one CPU per replica
@@ -217,22 +221,25 @@ async def _confirm_done(url: str, owner: dict[str, str], timeout_s: float) -> tu
 
 
 def _calibrate(url: str, token: str, family: Any, n: int, steps: int | None, seed: int,
-               threads: int = 1, row_workers: int = 1) -> dict[str, float]:
+               threads: int = 1, row_workers: int = 1) -> dict[str, Any]:
     """Paired, interleaved: each request over HTTP and in-process, order alternating; the in-process
-    side (the one-job server) at ``threads`` torch threads and ``row_workers``, as the edge has."""
+    side (the one-job server) at ``threads`` torch threads, with ``row_workers`` as the edge has it
+    (the HTTP overhead's side) and, when that is > 1, with whole calls too (the module docstring)."""
     threads_before, row_workers_before = torch.get_num_threads(), family.row_workers
     torch.set_num_threads(threads)
-    family.row_workers = row_workers
     try:
-        return _calibrate_pairs(url, token, family, n, steps, seed)
+        return _calibrate_pairs(url, token, family, n, steps, seed, row_workers)
     finally:
         torch.set_num_threads(threads_before)
         family.row_workers = row_workers_before
 
 
-def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | None, seed: int) -> dict[str, float]:
+def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | None, seed: int,
+                     row_workers: int = 1) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
-    http_ms, engine_ms, planned_ms = [], [], []
+    splits = sorted({1, row_workers})
+    http_ms, planned_ms = [], []
+    split_ms: dict[int, list[float]] = {w: [] for w in splits}
     with DeviceClient(url, token, family, timeout_s=120) as device:
         for r in range(-1, n):   # r = -1: a warm-up pair (first calls on both sides), not counted
             prompt, s = PROMPTS[r % len(PROMPTS)], int(rng.integers(2**31))
@@ -243,18 +250,23 @@ def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | Non
                 planned.append(out.marks_ms["planned"])
                 return out.latency_ms, out.job
 
-            def in_process(job: dict) -> float:
+            def in_process(job: dict) -> dict[int, float]:
+                """The job in this process with each row split (order alternating by pair)."""
                 fields = ("prompt", "negative_prompt", "guidance", "seed", "sampler")
                 req = Request.from_dict({k: job["request"][k] for k in fields} | {"steps": job["plan"][-1]["end"]})
                 plan = Plan.from_list(job["plan"])
-                t0 = time.perf_counter()
-                if job["kind"] == "edge_only":
-                    generate(family, [req], [plan])
-                else:
-                    res = generate(family, [req], [plan], stop_at=job["handoff_step"])[0]
-                    wire = encode_handoff(res.handoff, dtype="fp32", compress=True)
-                    resume(family, decode_handoff(wire))
-                return (time.perf_counter() - t0) * 1e3
+                ms = {}
+                for w in (splits if r % 2 == 0 else splits[::-1]):
+                    family.row_workers = w
+                    t0 = time.perf_counter()
+                    if job["kind"] == "edge_only":
+                        generate(family, [req], [plan])
+                    else:
+                        res = generate(family, [req], [plan], stop_at=job["handoff_step"])[0]
+                        wire = encode_handoff(res.handoff, dtype="fp32", compress=True)
+                        resume(family, decode_handoff(wire))
+                    ms[w] = (time.perf_counter() - t0) * 1e3
+                return ms
 
             planned: list[float] = []
             if r % 2 == 0:
@@ -268,22 +280,27 @@ def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | Non
                     e = in_process(again)
             if r >= 0:
                 http_ms.append(h)
-                engine_ms.append(e)
+                for w in splits:
+                    split_ms[w].append(e[w])
                 planned_ms.append(planned[-1])
-    h, e = np.array(http_ms), np.array(engine_ms)
+    h, e = np.array(http_ms), np.array(split_ms[row_workers])   # the overhead: the edge's own split
     share = 1.0 - e / h   # per pair: the spread; the figure is the share of the mean latency
+    one_job = {w: float(np.mean(v)) for w, v in split_ms.items()}
+    best = min(one_job, key=one_job.__getitem__)
     return {"http_ms_mean": float(h.mean()), "engine_ms_mean": float(e.mean()),
             "http_overhead": float(1.0 - e.mean() / h.mean()),
             "http_overhead_pair_sd": float(share.std(ddof=1)) if n > 1 else 0.0,
-            "sequential_images_per_s": float(1e3 / e.mean()), "pairs": n,
+            "sequential_images_per_s": float(1e3 / one_job[best]), "pairs": n,
+            "one_job_ms_mean": {str(w): v for w, v in one_job.items()}, "one_job_row_workers": best,
             "http_planned_ms_mean": float(np.mean(planned_ms)),
-            "pairs_ms": [[round(a, 2), round(b, 2), round(c, 2)] for a, b, c in zip(http_ms, engine_ms, planned_ms)]}
+            "pairs_ms": [[round(a, 2), round(b, 2), round(c, 2)] for a, b, c in zip(http_ms, e, planned_ms)]}
 
 
 def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: float = 30.0, dropout: float = 0.1,
                     scheduler: str = "local_search", seed: int = 0, steps: int | None = None, restart: bool = True,
                     calibration_pairs: int = 6, log=print, ray_replicas: int | None = None,
-                    round_gap_s: float | None = None, threads: int = 1, row_workers: int = 1) -> dict[str, Any]:
+                    round_gap_s: float | None = None, threads: int = 1, row_workers: int = 1,
+                    trace: bool = False) -> dict[str, Any]:
     if ray_replicas is not None:
         if not _ray_installed():
             raise RuntimeError(RAY_MISSING)
@@ -293,14 +310,14 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
         restart = False
         threads = 1   # one Ray CPU per replica
     torch.set_num_threads(1)   # the devices: one thread each, sharing this process's core
-    family = load_family(family_name)
+    family = load_family(family_name, trace=trace)
     token = "bench-token-0123456789-"
     report_timeout = 5.0
     with tempfile.TemporaryDirectory(prefix="relaydiff-bench-serve-") as tmp:
         edge = EdgeProcess(family_name, Path(tmp), token, scheduler, fetch_timeout_s=20.0,
                            report_timeout_s=report_timeout, max_queue=max(256, 4 * clients), steps=steps,
                            ray_replicas=ray_replicas, round_gap_s=round_gap_s, threads=threads,
-                           row_workers=row_workers)
+                           row_workers=row_workers, trace=trace)
         t_start = time.perf_counter()
         try:
             edge.start(timeout_s=600.0 if ray_replicas else 900.0)
@@ -342,8 +359,10 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
     images_per_s = len(tally.done) / load_s
     ends = (calib["sequential_images_per_s"], calib_after["sequential_images_per_s"])
     sequential = float(np.mean(ends))
-    edge_desc = (f"edge {threads} torch thread(s) in its own process, the one-job baseline {threads} thread(s) "
-                 f"in the bench process, both with U-Net calls in {row_workers} row part(s)")
+    mode = "traced" if trace else "eager"
+    edge_desc = (f"edge {threads} torch thread(s) in its own process, U-Net calls in {row_workers} row part(s); "
+                 f"the one-job baseline {threads} thread(s) in the bench process, the faster of "
+                 f"{' and '.join(str(w) for w in sorted({1, row_workers}))} row part(s); all {mode}")
     if ray_replicas is not None:
         edge_desc = (f"edge on a local Ray Serve, {ray_replicas} engine replica(s), each 1 torch thread and 1 Ray CPU "
                      "in its own worker process, ingress and proxy beside them")
@@ -366,7 +385,7 @@ def run_serve_bench(family_name: str = "tiny", clients: int = 8, duration_s: flo
         "config": {"family": family_name, "clients": clients, "duration_s": duration_s, "dropout": dropout,
                    "scheduler": scheduler, "seed": seed, "steps": steps, "report_timeout_s": report_timeout,
                    "restart": restart, "ray_replicas": ray_replicas, "threads": threads, "row_workers": row_workers,
-                   "round_gap_s": EdgeSettings.round_gap_s if round_gap_s is None else round_gap_s,
+                   "trace": trace, "round_gap_s": EdgeSettings.round_gap_s if round_gap_s is None else round_gap_s,
                    "round_window_s": EdgeSettings.round_window_s},
         "hardware": f"{_cpu_name()}, {os.cpu_count()} cores, CPU only, shared host; "
                     f"{edge_desc}, devices 1 thread in the bench process",

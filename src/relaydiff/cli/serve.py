@@ -39,6 +39,9 @@ def serve_edge_cmd(
     threads: TorchThreads = 0,
     row_workers: int = typer.Option(1, help="Run each U-Net call's rows in this many parts on as many threads "
                                             "(one core each; results equal to ~1e-6, not bit for bit; docs/service.md)."),
+    trace: bool = typer.Option(False, help="Run the U-Nets as TorchScript traces (the same images, faster on a CPU: "
+                                           "a lone 16x16 job 250 against 299 ms; each new shape traces once, in "
+                                           "seconds; docs/service.md)."),
     ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve: an ingress and --replicas engine replicas "
                                                   "(the optional extra 'ray')."),
     replicas: int = typer.Option(2, help="With --ray: engine replicas, each with its own executor and store."),
@@ -77,14 +80,14 @@ def serve_edge_cmd(
         torch.set_num_threads(threads)
     try:
         table = TokenTable.from_file(tokens)
-        fam = load_family(family)
+        fam = load_family(family, trace=trace)
         fam.row_workers = row_workers
         settings = EdgeSettings(scheduler=scheduler, scenario=scenario, db_path=str(db), default_steps=steps,
                                 round_window_s=round_window, round_gap_s=round_gap, max_batch=max_batch,
                                 max_queue=max_queue, rate_per_s=rate, burst=burst, fetch_timeout_s=fetch_timeout,
                                 report_timeout_s=report_timeout, status_thumbnails=status_thumbnails,
                                 share_prefix=share_prefix)
-        app = build_ray_app(family, settings, table, replicas, threads=threads or 1) if ray else \
+        app = build_ray_app(family, settings, table, replicas, threads=threads or 1, trace=trace) if ray else \
             create_app(fam, settings, table)
     except (TokenFileError, FamilyError, ScenarioError, ProfileError, ValueError, OSError) as exc:
         fail(str(exc))
@@ -157,7 +160,10 @@ def bench_serve_cmd(
     round_gap: float = typer.Option(None, help="The edge's --round-gap (default: the edge's own)."),
     threads: int = typer.Option(1, help="torch threads of the edge and of the one-job server it is compared with "
                                         "(the same for both); the devices keep 1."),
-    row_workers: int = typer.Option(1, help="The edge's --row-workers, and the one-job server's (the same for both)."),
+    row_workers: int = typer.Option(1, help="The edge's --row-workers; the one-job server is timed with whole calls and "
+                                            "with these row parts, and credited with the faster."),
+    trace: bool = typer.Option(False, help="The edge's --trace, and the one-job server's and the devices' (the same "
+                                           "for all)."),
 ) -> None:
     """The service under load and faults on loopback: lost jobs, latency, throughput, HTTP overhead."""
     check(clients >= 1 and duration > 0 and pairs >= 2, "--clients >= 1, --duration > 0 and --pairs >= 2 needed")
@@ -176,7 +182,7 @@ def bench_serve_cmd(
     try:
         report = run_serve_bench(family, clients, duration, dropout, scheduler, seed, steps, restart, pairs, log=log,
                                  ray_replicas=(replicas or 1) if ray else None, round_gap_s=round_gap,
-                                 threads=threads, row_workers=row_workers)
+                                 threads=threads, row_workers=row_workers, trace=trace)
     except RuntimeError as exc:
         fail(str(exc))
     text = json.dumps(report, indent=2)

@@ -38,13 +38,14 @@ _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "host"}
 class EngineReplica:
     """One edge service (its executor, decider and store) answering forwarded HTTP requests in-process."""
 
-    def __init__(self, family: str, settings: dict[str, Any], tokens: TokenTable, index: int, threads: int = 1):
+    def __init__(self, family: str, settings: dict[str, Any], tokens: TokenTable, index: int, threads: int = 1,
+                 trace: bool = False):
         if threads:
             torch.set_num_threads(threads)
         db = settings.get("db_path", ":memory:")
         settings = {**settings, "job_id_prefix": f"r{index}-",
                     "db_path": db if db == ":memory:" else f"{db}.replica-{index}"}
-        self.app = create_app(load_family(family), EdgeSettings(**settings), tokens)
+        self.app = create_app(load_family(family, trace=trace), EdgeSettings(**settings), tokens)
         self._http: Optional[httpx.AsyncClient] = None
         self._lifespan: Any = None
 
@@ -114,12 +115,12 @@ class Ingress:
 
 
 def build_ray_app(family: str, settings: EdgeSettings, tokens: TokenTable, replicas: int,
-                  cpus_per_replica: float = 1.0, threads: int = 1) -> Any:
+                  cpus_per_replica: float = 1.0, threads: int = 1, trace: bool = False) -> Any:
     """The Ray Serve application: ``replicas`` engine deployments behind one ingress."""
     engine = serve.deployment(EngineReplica, ray_actor_options={"num_cpus": cpus_per_replica},
                               max_ongoing_requests=1000)
     fields = dataclasses.asdict(settings)
-    engines = [engine.options(name=f"relaydiff-engine-{i}").bind(family, fields, tokens, i, threads)
+    engines = [engine.options(name=f"relaydiff-engine-{i}").bind(family, fields, tokens, i, threads, trace)
                for i in range(replicas)]
     return serve.deployment(Ingress, name="relaydiff-ingress", ray_actor_options={"num_cpus": 0},
                             max_ongoing_requests=1000).bind(*engines)
