@@ -284,7 +284,9 @@ class Family:
         With ``row_workers`` n > 1 the rows run in n contiguous parts on n threads at once. The
         trace (or eager torch) releases the GIL, so with one torch thread each the parts use n
         cores: a 16x16 large-member call of 80 rows ran 1.9x faster on two cores, where two intra-op
-        threads made it slower (docs/service.md). Parts give the whole call's numbers to about 1e-6,
+        threads made it slower (docs/service.md). Eager modules hold the GIL between kernels, so there
+        a small call's parts can be slower than the whole (a lone job: 464 against 299 ms); use it
+        with ``trace`` (the lone job: 179 against 250 ms). Parts give the whole call's numbers to about 1e-6,
         not bit for bit (other kernels' blocking at other batch sizes), so it is off by default.
         """
         n = min(int(self.row_workers), x.shape[0])
