@@ -246,6 +246,7 @@ def _calibrate_pairs(url: str, token: str, family: Any, n: int, steps: int | Non
             cls = DEVICE_CLASSES[r % len(DEVICE_CLASSES)]
 
             def over_http(key: str) -> tuple[float, dict]:
+                family.row_workers = row_workers   # a relay's device part: the split its in-process pair has
                 out = device.run(prompt, s, device_class=cls, steps=steps, idempotency_key=key)
                 planned.append(out.marks_ms["planned"])
                 return out.latency_ms, out.job
