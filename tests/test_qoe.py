@@ -360,3 +360,48 @@ def test_qoe_split_attributes_every_saved_step_to_a_kind() -> None:
     uncapped = split_savings(QoEEnv(share_retention=None), 4)
     oracle = split_savings(QoEEnv(), 4, oracle_scene=True)
     assert capped["unet_evals_saved"] <= oracle["unet_evals_saved"] <= uncapped["unet_evals_saved"]
+
+
+def test_the_cap_rule_shares_every_group_its_cap_whatever_the_shares() -> None:
+    """shared_steps_rule="cap" is the service's rule (RoundDecider.share: each group at its cap):
+    the edge's steps no longer depend on the shares, and no group shares less than the exact choice."""
+    exact, capped = QoEEnv(k_min=12, k_max=12, topics_per_user=0.2), QoEEnv(k_min=12, k_max=12, topics_per_user=0.2,
+                                                                            shared_steps_rule="cap")
+    rng = np.random.default_rng(5)
+    for seed in range(4):
+        exact.reset(seed=seed)
+        capped.reset(seed=seed)
+        for _ in range(3):
+            a = rng.uniform(-1, 1, exact.action_space.shape).astype(np.float32)
+            s_exact, s_cap = exact.decode_action(a)[2], capped.decode_action(a)[2]
+            assert np.array_equal(s_cap, capped.round.caps) and np.all(s_exact <= s_cap)
+        info_exact, info_cap = exact.step(a)[4], capped.step(a)[4]
+        assert info_cap["unet_evals_saved"] >= info_exact["unet_evals_saved"]
+        assert info_cap["qoe"] <= info_exact["qoe"] + 1e-9  # exact is the QoE optimum for these shares
+    with pytest.raises(ValueError, match="unknown shared_steps_rule"):
+        QoEEnv(shared_steps_rule="greedy")
+    with pytest.raises(ValueError, match="no shared_steps_rule applies"):
+        QoEEnv(shared_steps_rule="cap", learned_shared_steps=True)
+
+
+def test_best_allocation_beats_every_heuristic_and_random_actions() -> None:
+    env = QoEEnv(k_min=5, k_max=8)
+    with pytest.raises(ValueError, match="reset the env first"):
+        env.best_allocation()
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        env.reset(seed=seed)
+        best = env.best_allocation()
+        assert best["start"] in HEURISTICS and best["action"].shape == env.action_space.shape
+        env.reset(seed=seed)
+        assert env.step(best["action"])[1] == pytest.approx(best["qoe"])  # what it claims is what the env gives
+        for h in HEURISTICS:
+            env.reset(seed=seed)
+            assert env.step(env.heuristic_action(h))[1] <= best["qoe"] + 1e-9
+        for _ in range(20):
+            env.reset(seed=seed)
+            assert env.step(rng.uniform(-1, 1, env.action_space.shape).astype(np.float32))[1] <= best["qoe"] + 1e-9
+    learned = QoEEnv(k_min=5, k_max=8, learned_shared_steps=True)
+    learned.reset(seed=0)
+    with pytest.raises(ValueError, match="learned_shared_steps=False"):
+        learned.best_allocation()

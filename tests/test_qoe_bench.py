@@ -107,3 +107,29 @@ def test_waterfill_trains_with_its_own_action_penalty(monkeypatch) -> None:
     assert seen["gddpg"] == 0.5
     with pytest.raises(ValueError, match="waterfill_action_penalty must be >= 0"):
         QoEBenchConfig(waterfill_action_penalty=-1)
+
+
+def test_a_tiny_bench_reports_the_service_rule_and_the_bound(tmp_path) -> None:
+    """The whole bench on a few rounds: the sharing section carries the same policies' shares under
+    the service's rule (every group at its cap), and the bound is at least every heuristic."""
+    from relaydiff.bench.qoe import bench_qoe
+
+    cfg = QoEBenchConfig(seeds=2, steps=40, waterfill_steps=40, eval_rounds=3, eval_every=20, k_min=6, k_max=8,
+                         sb3=False, batch_size=8, out=str(tmp_path))
+    report = bench_qoe(cfg)
+    rule, exact = report["sharing"]["service_rule"], report["sharing"]
+    assert rule["unet_evals_saved"] >= exact["unet_evals_saved"]  # the cap is the most a group may share
+    assert "service_rule_sharing_saves>=0.30_at_qoe_loss<=0.01" in report["targets"]
+    bound, algos = report["bound"], report["algorithms"]
+    assert all(bound["qoe_mean"] >= algos[h]["qoe_mean"] - 1e-9 for h in ("equal", "proportional", "sqrt"))
+    lo, hi = bound["over_equal"]["ci95"]
+    assert 0.0 <= lo <= bound["over_equal"]["gain"] <= hi
+    assert bound["max_gain_over_ddpg"] == pytest.approx(bound["qoe_mean"] / algos["ddpg"]["qoe_mean"] - 1.0)
+    assert algos["bound"]["qoe_mean"] == bound["qoe_mean"]
+    with pytest.raises(ValueError, match="unknown shared_steps_rule"):
+        QoEBenchConfig(shared_steps_rule="greedy")
+    with pytest.raises(ValueError, match="no shared_steps_rule applies"):
+        QoEBenchConfig(shared_steps_rule="cap", learned_shared_steps=True)
+    runner = CliRunner()
+    r = runner.invoke(app, ["bench", "qoe", "--shared-steps-rule", "nope"])
+    assert r.exit_code == 2 and "unknown shared_steps_rule" in r.output

@@ -20,6 +20,14 @@ What it measures (one JSON object; plots in ``out``):
   ``exact_shared_steps`` adds the same policies' shares with the steps chosen exactly
   (:func:`exact_sharing`), which separates the policy's step choice from what the curves allow.
   The heuristics run under the same decoding, and once more with no sharing (``*_no_sharing``).
+  ``sharing.service_rule``: the same policies' shares with every group sharing its cap, the
+  service's own rule (``serve/rounds.py``; ``QoEEnv(shared_steps_rule="cap")``), against the same
+  no-sharing rounds: the exact choice maximizes the agents' QoE and ignores the edge's energy;
+- ``bound``: on the same rounds, the best allocation found knowing each round whole
+  (:meth:`QoEEnv.best_allocation`, numerical, per round): an upper bound on what any actor could
+  reach, so ``max_gain_over_ddpg`` is the most any actor, G-DDPG's included, could gain over our
+  DDPG here, and ``over_equal`` how far the optimum lies from equal shares (paired per round,
+  bootstrap CI over rounds).
 
 Every training run is seeded; evaluation rounds are the same for every algorithm. The trained
 DDPG and G-DDPG actors are saved under ``out/policies/`` (safetensors + JSON, ``Policy.from_pretrained``).
@@ -41,7 +49,7 @@ import torch
 from relaydiff.engine.profile import hardware_info
 from relaydiff.sched.rl.ddpg import evaluate, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import train_gddpg
-from relaydiff.sim.qoe_env import HEURISTICS, K_MAX, K_MIN, QoEEnv
+from relaydiff.sim.qoe_env import HEURISTICS, K_MAX, K_MIN, QoEEnv, SHARED_STEPS_RULES
 from relaydiff.sim.waterfill_env import WaterFillingEnv
 from relaydiff.system.grouping import load_sharing_cost, SHARE_RETENTION
 
@@ -71,6 +79,10 @@ class QoEBenchConfig:
     # prompt fidelity on the measured curves (the service's rule); None: up to T (before 2026-12-03)
     share_retention: float | None = SHARE_RETENTION
     sharing_table: str | None = None  # a quality.json whose shared-prefix curves the env reads (None: the shipped one)
+    # how the edge picks each group's shared steps for the actors' shares (QoEEnv.shared_steps_rule):
+    # "exact" (QoE-optimal for the shares) or "cap" (the service's rule: every group shares its cap)
+    shared_steps_rule: str = "exact"
+    bound: bool = True  # compute the per-round best allocation on the evaluation rounds (about 30 s)
     action_penalty: float = RLConfig.action_penalty  # the actors' pre-squash penalty (0: the plain -Q1 loss)
     # water-filling's optimum lies on the action box's edge (channels at zero power), where the
     # saturation penalty would pull it away (G-DDPG 0.995 -> 0.976 of the optimum): that task trains
@@ -86,6 +98,10 @@ class QoEBenchConfig:
             raise ValueError("steps, waterfill_steps, eval_rounds, eval_every and workers must be >= 1")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
+        if self.shared_steps_rule not in SHARED_STEPS_RULES:
+            raise ValueError(f"unknown shared_steps_rule {self.shared_steps_rule!r} ({', '.join(SHARED_STEPS_RULES)})")
+        if self.learned_shared_steps and self.shared_steps_rule != "exact":
+            raise ValueError("learned_shared_steps: the actors set the shared steps, so no shared_steps_rule applies")
         for name in ("action_penalty", "waterfill_action_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -98,6 +114,7 @@ def rl_config(cfg: QoEBenchConfig, seed: int, steps: int) -> RLConfig:
 
 def _env_factory(cfg: QoEBenchConfig, **kw: Any) -> Callable[[int], QoEEnv]:
     cost = load_sharing_cost(cfg.sharing_table) if cfg.sharing_table else None
+    kw = {"shared_steps_rule": cfg.shared_steps_rule, **kw}
     return lambda seed: QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario, sharing_cost=cost,
                                learned_shared_steps=cfg.learned_shared_steps, share_retention=cfg.share_retention, **kw)
 
@@ -175,6 +192,10 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
             if cfg.learned_shared_steps:
                 policy.reseed(EVAL_SEED)
                 out["eval_exact_sharing"] = _rollout(exact_sharing(policy.decide, env), env, cfg.eval_rounds)
+            elif cfg.shared_steps_rule != "cap":  # the same shares under the service's rule
+                policy.reseed(EVAL_SEED)
+                out["eval_service_rule"] = _rollout(policy.decide, _env_factory(cfg, shared_steps_rule="cap")(0),
+                                                    cfg.eval_rounds)
         out["decide_ms"] = decide_ms(policy.decide, obs_pool)
         out["policy"] = str(policy.save_pretrained(Path(cfg.out) / "policies" / f"{name}_seed{seed}"))
         return {"name": name, "seed": seed, **out}
@@ -219,7 +240,7 @@ def _train_one(args: tuple[str, QoEBenchConfig, int]) -> dict[str, Any]:
 
 def _run_settings(cfg: QoEBenchConfig) -> dict[str, Any]:
     """What a run's result depends on (not where it is written, how many workers, or resuming)."""
-    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "resume")}
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "resume", "bound")}
 
 
 def _load_run(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -335,6 +356,13 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
                     "qoe_with": float(q_with), "qoe_without": float(q_without),
                     "exact_steps_ms": steps_ms},  # median ms of best_shared_steps (exact decoding; None: learned)
     }
+    if "eval_service_rule" in by[("gddpg", 0)]:  # the same shares, every group at its cap
+        rule = [by[("gddpg", s)]["eval_service_rule"]["per_round"] for s in seeds]
+        q_rule, e_rule = np.mean([np.mean(r["qoe"]) for r in rule]), np.mean([np.mean(r["energy_j"]) for r in rule])
+        report["sharing"]["service_rule"] = {
+            "unet_evals_saved": float(np.mean([np.mean(r["unet_evals_saved"]) for r in rule])),
+            "qoe_loss": float(1.0 - q_rule / q_without), "energy_saved": float(1.0 - e_rule / e_without),
+            "qoe": float(q_rule), "qoe_vs_exact": float(q_rule / q_with - 1.0)}
     if cfg.learned_shared_steps:  # the same shares, each group's s chosen exactly (best_shared_steps)
         exact = [by[("gddpg", s)]["eval_exact_sharing"]["per_round"] for s in seeds]
         q_exact, e_exact = np.mean([np.mean(r["qoe"]) for r in exact]), np.mean([np.mean(r["energy_j"]) for r in exact])
@@ -348,11 +376,17 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
         "sharing_saves>=0.30_at_qoe_loss<=0.01": report["sharing"]["unet_evals_saved"] >= 0.30 and report["sharing"]["qoe_loss"] <= 0.01,
         "gddpg_decide_ms<2": algorithms["gddpg"]["decide_ms"] < 2.0,
     }
-    if "exact_shared_steps" in report["sharing"]:
-        ex = report["sharing"]["exact_shared_steps"]
-        report["targets"]["exact_sharing_saves>=0.30_at_qoe_loss<=0.01"] = ex["unet_evals_saved"] >= 0.30 and ex["qoe_loss"] <= 0.01
+    for key in ("exact_shared_steps", "service_rule"):
+        if key in report["sharing"]:
+            ex = report["sharing"][key]
+            report["targets"][f"{key}_sharing_saves>=0.30_at_qoe_loss<=0.01"] = ex["unet_evals_saved"] >= 0.30 and ex["qoe_loss"] <= 0.01
+    if cfg.bound and not cfg.learned_shared_steps:
+        say("the bound: the best allocation of each evaluation round")
+        report["bound"] = allocation_bound(envs[""], cfg.eval_rounds, d.mean())
+        algorithms["bound"] = {"qoe_mean": report["bound"]["qoe_mean"], "qoe_std": 0.0, "decide_ms": report["bound"]["decide_ms"],
+                               "seeds": 0, "unet_evals_saved": report["bound"]["unet_evals_saved"]}
     report["policies"] = sorted(by[(n, s)]["policy"] for n in ("gddpg", "ddpg") for s in seeds)
-    report["plots"] = _plots(cfg, by, seeds, {h: algorithms[h]["qoe_mean"] for h in HEURISTICS})
+    report["plots"] = _plots(cfg, by, seeds, {h: algorithms[h]["qoe_mean"] for h in HEURISTICS + ("bound",) if h in algorithms})
     report["timing"] = {  # where the wall time went (cpu_s < wall_s: the core was shared)
         part: {"wall_s": float(sum(r["wall_s"] for r in results if r["name"].startswith(part))),
                "cpu_s": float(sum(r["cpu_s"] for r in results if r["name"].startswith(part)))}
@@ -360,6 +394,32 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
     report["hardware"]["load_average_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     report["wall_s"] = time.perf_counter() - t0
     return report
+
+
+def allocation_bound(env: QoEEnv, rounds: int, ddpg_qoe: float | None = None) -> dict[str, Any]:
+    """The best allocation of each evaluation round (:meth:`QoEEnv.best_allocation`) against equal
+    shares, paired per round: how much any actor could gain here at all."""
+    best, equal, saved, seconds = [], [], [], []
+    for j in range(rounds):
+        env.reset(seed=EVAL_SEED + j)
+        equal.append(env.step(env.heuristic_action("equal"))[1])
+        t0 = time.perf_counter()
+        b = env.best_allocation()
+        seconds.append(time.perf_counter() - t0)
+        best.append(b["qoe"])
+        saved.append(env.step(b["action"])[4]["unet_evals_saved"])
+    best_a, equal_a = np.array(best), np.array(equal)
+    idx = np.random.default_rng(0).integers(0, rounds, size=(10_000, rounds))
+    boot = best_a[idx].mean(1) / equal_a[idx].mean(1) - 1.0
+    out: dict[str, Any] = {
+        "qoe_mean": float(best_a.mean()), "unet_evals_saved": float(np.mean(saved)),
+        "over_equal": {"gain": float(best_a.mean() / equal_a.mean() - 1.0),
+                       "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+                       "per_round_max": float(np.max(best_a / equal_a - 1.0))},
+        "decide_ms": 1e3 * float(np.median(seconds))}
+    if ddpg_qoe is not None:
+        out["max_gain_over_ddpg"] = float(best_a.mean() / ddpg_qoe - 1.0)
+    return out
 
 
 def _equal_split_ratio(rounds: int) -> float:
@@ -438,4 +498,4 @@ def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str
     return [str(p1), str(p2), str(p3)]
 
 
-__all__ = ["QoEBenchConfig", "bench_qoe", "decide_ms", "exact_sharing", "rl_config"]
+__all__ = ["QoEBenchConfig", "allocation_bound", "bench_qoe", "decide_ms", "exact_sharing", "rl_config"]

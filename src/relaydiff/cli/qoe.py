@@ -25,6 +25,10 @@ def bench_qoe_cmd(
     learned_shared_steps: bool = typer.Option(
         False, "--learned-shared-steps",
         help="The actors also set each group's shared steps (default: the env picks them exactly for the actors' shares)."),
+    shared_steps_rule: str = typer.Option(
+        "exact", help="How the edge picks each group's shared steps for the actors' shares: exact (QoE-optimal) "
+                      "or cap (the service's rule: every group shares its cap)."),
+    bound: bool = typer.Option(True, help="Also find each evaluation round's best allocation (an upper bound; ~30 s)."),
     action_penalty: float | None = typer.Option(
         None, help="Weight of the actors' pre-squash penalty (default: RLConfig's; 0: the plain -Q loss)."),
     sharing_table: Path = typer.Option(None, help="A quality.json whose shared-prefix curves the env reads "
@@ -48,6 +52,7 @@ def bench_qoe_cmd(
         cfg = QoEBenchConfig(seeds=seeds, steps=steps, waterfill_steps=waterfill_steps, eval_rounds=eval_rounds,
                              k_min=k_min, k_max=k_max, scenario=scenario, sb3=sb3, workers=workers, out=str(out),
                              resume=resume, learned_shared_steps=learned_shared_steps,
+                             shared_steps_rule=shared_steps_rule, bound=bound,
                              sharing_table=str(sharing_table) if sharing_table else None,
                              **({} if action_penalty is None else {"action_penalty": action_penalty}))
     except ValueError as exc:

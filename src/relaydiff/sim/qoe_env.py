@@ -12,9 +12,12 @@ a Box in [-1, 1]^(2 k_max) (user slots beyond K are ignored), sets per slot:
 - ``a[0:k]``   downlink bandwidth shares b = softmax(3 a) over the K users;
 - ``a[k:2k]``  edge compute shares f = softmax(3 a);
 
-and each group's shared steps s are then decided exactly for those shares
-(:meth:`QoEEnv.best_shared_steps`: the per-group optimum of the edge's surrogate QoE model, tried
-over s = 0..cap at once). The cap is the service's rule
+and each group's shared steps s are then decided by the edge with ``shared_steps_rule``:
+``"exact"`` (the default) for those shares (:meth:`QoEEnv.best_shared_steps`: the per-group
+optimum of the edge's surrogate QoE model, tried over s = 0..cap at once), or ``"cap"``, the
+service's own rule (``serve/rounds.py``): every group shares its cap, whatever the shares (the
+exact choice maximizes the agents' QoE and ignores the edge's energy; the cap spends a little of that QoE
+on U-Net evaluations, docs/qoe.md). The cap is the service's rule
 (:func:`relaydiff.system.grouping.shared_steps_caps`): the largest s that keeps the group's least
 similar follower at >= ``share_retention`` (0.95) of its prompt fidelity on the measured curves;
 ``share_retention=None`` lets s run to T on the curves alone (before the live round showed the
@@ -75,6 +78,8 @@ SHARE_SCALE = 3.0  # softmax temperature of the share actions: shares span e^6 ~
 # NVIDIA H100 datasheet: PCIe 350 W (the h100-sd15 profile is an H100 PCIe).
 EDGE_POWER_W = {"a100-sd15": 400.0, "h100-sd15": 350.0}
 N_FEATURES = 12  # per user slot; see QoEEnv._observe
+HEURISTICS = ("equal", "proportional", "sqrt")
+SHARED_STEPS_RULES = ("exact", "cap")  # how the edge picks each group's shared steps (QoEEnv.edge_shared_steps)
 SATURATED = 0.99  # |a| above this counts as at the box's edge (info["action_saturation"])
 # a round's users and how many topics they draw their prompts from (QoEEnv's defaults; bench quality
 # draws its shared-prefix followers' rounds the same way)
@@ -186,7 +191,7 @@ class QoEEnv(gym.Env):
                  sharing_cost: SharingCost | None = None, topics_per_user: float = TOPICS_PER_USER,
                  group_threshold: float = GROUP_THRESHOLD, max_group: int = SHARE_MAX_GROUP, allow_sharing: bool = True,
                  edge_power_w: float | None = None, learned_shared_steps: bool = False,
-                 share_retention: float | None = SHARE_RETENTION) -> None:
+                 share_retention: float | None = SHARE_RETENTION, shared_steps_rule: str = "exact") -> None:
         if not 1 <= k_min <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {k_min}, {k_max}")
         self.k_min, self.k_max = int(k_min), int(k_max)
@@ -200,6 +205,11 @@ class QoEEnv(gym.Env):
             raise ValueError(f"share_retention must be in (0, 1] or None, got {share_retention}")
         self.share_retention = share_retention
         self.learned_shared_steps = bool(learned_shared_steps)
+        if shared_steps_rule not in SHARED_STEPS_RULES:
+            raise ValueError(f"unknown shared_steps_rule {shared_steps_rule!r} ({', '.join(SHARED_STEPS_RULES)})")
+        if self.learned_shared_steps and shared_steps_rule != "exact":
+            raise ValueError("learned_shared_steps: the policy sets the shared steps, so no shared_steps_rule applies")
+        self.shared_steps_rule = shared_steps_rule
         # the edge's own QoE model for the exact step choice: the reward's agent when it is the
         # surrogate, else a default surrogate (an LLM agent is asked once per round, not T + 1 times)
         self.planner = self.agent if isinstance(self.agent, SurrogateAgent) else SurrogateAgent()
@@ -274,7 +284,7 @@ class QoEEnv(gym.Env):
         a = np.asarray(action, dtype=float).reshape(self.blocks, self.k_max)[:, : r.k]
         bandwidth, compute = softmax_shares(a[0]), softmax_shares(a[1])
         if not self.learned_shared_steps:
-            return bandwidth, compute, self.best_shared_steps(bandwidth, compute)
+            return bandwidth, compute, self.edge_shared_steps(bandwidth, compute)
         frac = (np.clip(a[2], -1, 1) + 1.0) / 2.0
         g = r.groups
         s = np.array([round(self.steps * frac[g.members(j)].mean()) for j in range(g.n_groups)], dtype=int)
@@ -349,6 +359,62 @@ class QoEEnv(gym.Env):
         best = self.steps - np.argmax(totals[::-1] >= totals.max(axis=0) - 1e-9, axis=0)
         return np.where(multi, best, 0).astype(int)
 
+    def edge_shared_steps(self, bandwidth: np.ndarray, compute: np.ndarray) -> np.ndarray:
+        """Each group's shared steps by the env's ``shared_steps_rule`` (exact for the shares, or the cap)."""
+        r = self.round
+        assert r is not None
+        if self.shared_steps_rule == "cap":
+            return r.caps.astype(int)  # singletons and no sharing: 0
+        return self.best_shared_steps(bandwidth, compute)
+
+    def best_allocation(self, max_passes: int = 6, maxiter: int = 200) -> dict[str, Any]:
+        """The best action found for the current round, knowing all of it (an upper bound on any
+        policy, not a scheduler): ``{"action", "qoe", "start", "passes"}``.
+
+        The round is a known model, so the best shares are a 2K-dimensional optimization over the
+        actions an actor could output (the used entries, in [-1, 1]). For fixed shared steps the
+        total is smooth in them: L-BFGS-B (finite differences) climbs it, the edge re-chooses the
+        steps for the new shares (``shared_steps_rule``), and the two alternate until the steps stop
+        changing. It starts from each heuristic's action and keeps the best, so it is never below
+        the best heuristic. Checked against random-start Powell searches (docs/qoe.md).
+        """
+        from scipy.optimize import minimize  # lazy: only the bound needs it
+
+        r = self.round
+        if r is None:
+            raise ValueError("reset the env first: best_allocation optimizes its current round")
+        if self.learned_shared_steps:
+            raise ValueError("best_allocation needs the edge to choose the shared steps (learned_shared_steps=False)")
+        k = r.k
+
+        def full(x: np.ndarray) -> np.ndarray:
+            a = -np.ones((2, self.k_max))
+            a[:, :k] = np.asarray(x).reshape(2, k)
+            return a.ravel().astype(np.float32)
+
+        def total(x: np.ndarray, shared: np.ndarray) -> float:
+            return float(self.outcome(softmax_shares(x[:k]), softmax_shares(x[k:]), shared).scores.sum())
+
+        best: dict[str, Any] | None = None
+        for start in HEURISTICS:
+            x = self.heuristic_action(start).reshape(2, self.k_max)[:, :k].ravel().astype(float)
+            shared = self.decode_action(full(x))[2]
+            passes = 0
+            for passes in range(1, max_passes + 1):
+                res = minimize(lambda z: -total(z, shared), x, method="L-BFGS-B", bounds=[(-1.0, 1.0)] * (2 * k),
+                               options={"maxiter": maxiter})
+                if -res.fun > total(x, shared):
+                    x = res.x
+                steps = self.decode_action(full(x))[2]
+                if np.array_equal(steps, shared):
+                    break
+                shared = steps
+            q = total(x, shared)
+            if best is None or q > best["qoe"]:
+                best = {"action": full(x), "qoe": q, "start": start, "passes": passes}
+        assert best is not None
+        return best
+
     def shared_steps_action(self, action: np.ndarray, shared: np.ndarray) -> np.ndarray:
         """``action`` with its shared-steps block set so that :meth:`decode_action` gives ``shared``
         (``learned_shared_steps`` only: the default decoding has no such block)."""
@@ -400,7 +466,6 @@ class QoEEnv(gym.Env):
         return a.ravel().astype(np.float32)
 
 
-HEURISTICS = ("equal", "proportional", "sqrt")
 
-__all__ = ["HEURISTICS", "K_MAX", "K_MIN", "PROMPT_POOL", "SATURATED", "TOPICS_PER_USER", "Outcome", "PromptPool",
+__all__ = ["HEURISTICS", "K_MAX", "K_MIN", "PROMPT_POOL", "SATURATED", "SHARED_STEPS_RULES", "TOPICS_PER_USER", "Outcome", "PromptPool",
            "PromptPoolError", "QoEEnv", "Round", "share_action", "softmax_shares"]
