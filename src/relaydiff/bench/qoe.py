@@ -310,6 +310,7 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
                             "train_wall_s": float(np.mean([r["wall_s"] for r in runs])),
                             "train_cpu_s": float(np.mean([r["cpu_s"] for r in runs]))}
     envs = {"": _env_factory(cfg)(0)}
+    per_round: dict[str, list[float]] = {}  # the heuristics' (and the bound's) totals, round by round
     if not cfg.learned_shared_steps:  # the heuristics share nothing there already
         envs["_no_sharing"] = _env_factory(cfg, allow_sharing=False)(0)
     for suffix, env in envs.items():
@@ -319,6 +320,7 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
                 return env.heuristic_action(h)
 
             ev = _rollout(fn_h, env, cfg.eval_rounds)
+            per_round[h + suffix] = ev["per_round"]["qoe"]
             env.reset(seed=EVAL_SEED)
             algorithms[h + suffix] = {"qoe_mean": float(np.mean(ev["per_round"]["qoe"])), "qoe_std": 0.0,
                                       "decide_ms": decide_ms(fn_h, obs_pool[:1] * 32), "seeds": 0,
@@ -383,10 +385,13 @@ def bench_qoe(cfg: QoEBenchConfig, log: Callable[[str], None] | None = None) -> 
     if cfg.bound and not cfg.learned_shared_steps:
         say("the bound: the best allocation of each evaluation round")
         report["bound"] = allocation_bound(envs[""], cfg.eval_rounds, d.mean())
+        per_round["bound"] = report["bound"].pop("per_round")
         algorithms["bound"] = {"qoe_mean": report["bound"]["qoe_mean"], "qoe_std": 0.0, "decide_ms": report["bound"]["decide_ms"],
                                "seeds": 0, "unet_evals_saved": report["bound"]["unet_evals_saved"]}
     report["policies"] = sorted(by[(n, s)]["policy"] for n in ("gddpg", "ddpg") for s in seeds)
-    report["plots"] = _plots(cfg, by, seeds, {h: algorithms[h]["qoe_mean"] for h in HEURISTICS + ("bound",) if h in algorithms})
+    curve_rounds = min(cfg.eval_rounds, 32)  # the training curves' evaluation rounds (rl_config's eval_episodes)
+    report["plots"] = _plots(cfg, by, seeds, {h: float(np.mean(per_round[h][:curve_rounds]))
+                                              for h in HEURISTICS + ("bound",) if h in per_round})
     report["timing"] = {  # where the wall time went (cpu_s < wall_s: the core was shared)
         part: {"wall_s": float(sum(r["wall_s"] for r in results if r["name"].startswith(part))),
                "cpu_s": float(sum(r["cpu_s"] for r in results if r["name"].startswith(part)))}
@@ -412,7 +417,7 @@ def allocation_bound(env: QoEEnv, rounds: int, ddpg_qoe: float | None = None) ->
     idx = np.random.default_rng(0).integers(0, rounds, size=(10_000, rounds))
     boot = best_a[idx].mean(1) / equal_a[idx].mean(1) - 1.0
     out: dict[str, Any] = {
-        "qoe_mean": float(best_a.mean()), "unet_evals_saved": float(np.mean(saved)),
+        "qoe_mean": float(best_a.mean()), "unet_evals_saved": float(np.mean(saved)), "per_round": best,
         "over_equal": {"gain": float(best_a.mean() / equal_a.mean() - 1.0),
                        "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
                        "per_round_max": float(np.max(best_a / equal_a - 1.0))},
@@ -433,7 +438,7 @@ def _equal_split_ratio(rounds: int) -> float:
 
 def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str, float]) -> list[str]:
     """QoE vs training steps (mean and min-max band over seeds; the SB3 references' one seed; the
-    heuristics as levels), the actors' saturation vs training steps, and the shared steps chosen
+    heuristics and the bound as levels, on the curves' own rounds), the actors' saturation vs training steps, and the shared steps chosen
     vs the group's similarity."""
     # lazy: matplotlib is slow to import; only the plots need it
     import matplotlib
@@ -456,9 +461,10 @@ def _plots(cfg: QoEBenchConfig, by: dict, seeds: list[int], heuristics: dict[str
             c = by[(name, 0)]["curve"]
             ax.plot([p["step"] for p in c], [p["return"] for p in c], lw=1, ls="--",
                     label=f"SB3 {name.removeprefix('sb3_').upper()}, seed 0")
-    for h, q in heuristics.items():
+    x_end = max(p["step"] for p in by[("gddpg", seeds[0])]["curve"])
+    for i, (h, q) in enumerate(heuristics.items()):  # labels staggered along the line: the levels lie close
         ax.axhline(q, lw=0.8, ls=":", color="gray")
-        ax.annotate(h, (0, q), fontsize=7, color="gray", va="bottom")
+        ax.annotate(f"{h} {q:.1f}", (x_end * (0.05 + 0.2 * i), q), fontsize=7, color="gray", va="bottom")
     ax.set_xlabel("training steps (rounds)")
     ax.set_ylabel("total QoE of a round (sum of 1-10 scores)")
     ax.legend(fontsize=7)
