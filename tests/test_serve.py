@@ -274,12 +274,18 @@ def test_device_rejects_a_corrupted_handoff_and_the_edge_takes_over(tiny):
                 body = bytearray(resp.read())
                 body[-1] ^= 0xFF
                 return httpx.Response(200, content=bytes(body), headers=resp.headers)
+            if request.method == "GET" and request.url.path.count("/") == 3:  # the job's record: slow
+                time.sleep(0.5)
             return resp
 
     with LoopbackServer(app) as server:
         with DeviceClient(server.url, ALICE, tiny, timeout_s=30, transport=Corrupting()) as device:
+            t0 = time.perf_counter()
             out = device.run("a big red circle", seed=5)
+            wall_ms = (time.perf_counter() - t0) * 1e3
         assert out.finished_by == "edge" and out.job["fallback"] is True
+        # the user's latency ends with the image in hand, not with the job record fetched after it
+        assert out.latency_ms == out.marks_ms["image"] <= wall_ms - 450
         assert "checksum mismatch" in out.job["error"]
         ref = reference_image(tiny, "a big red circle", 5, Plan.from_list(out.job["plan"]))
         assert np.array_equal(out.image, ref)

@@ -176,11 +176,18 @@ class DeviceClient:
             marks[name] = (time.perf_counter() - t0) * 1e3
             return marks[name]
 
+        def edge_image(job_id: str) -> DeviceResult:
+            # the clock stops with the image decoded in hand, before the job's record is fetched
+            # (bookkeeping the user does not wait for)
+            png = self.fetch_image(job_id)
+            image = png_image(png)
+            latency = mark("image")
+            return DeviceResult(self.job(job_id), image, png, "edge", latency, marks_ms=marks)
+
         view = self.submit(prompt, seed, **job)
         mark("planned")
         if view["kind"] == "edge_only":
-            png = self.fetch_image(view["job_id"])
-            return DeviceResult(self.job(view["job_id"]), png_image(png), png, "edge", mark("image"), marks_ms=marks)
+            return edge_image(view["job_id"])
         data = self.fetch_handoff(view["job_id"])
         t1 = time.perf_counter()
         mark("handoff")
@@ -188,8 +195,7 @@ class DeviceClient:
             image, _ = finish_locally(self.family, data, member)
         except Exception as exc:  # a handoff this device cannot finish: the edge finishes it
             self.report(view["job_id"], ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
-            png = self.fetch_image(view["job_id"])
-            return DeviceResult(self.job(view["job_id"]), png_image(png), png, "edge", mark("image"), marks_ms=marks)
+            return edge_image(view["job_id"])
         device_ms = (time.perf_counter() - t1) * 1e3
         latency = mark("finished")
         final = self.report(view["job_id"], latency_ms=latency)
