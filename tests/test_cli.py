@@ -162,3 +162,11 @@ def test_shared_options_say_the_same_in_every_command():
         res = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "300"})
         line = next(line for line in res.output.splitlines() if line.strip().startswith(flag))
         assert says in line, (words, line)
+
+
+def test_row_workers_checks_are_one_rule_in_both_commands():
+    for words in (["serve", "edge", "--tokens", "no-such-tokens.json"], ["bench", "serve"]):
+        res = runner.invoke(app, [*words, "--row-workers", "0"])
+        assert res.exit_code == 2 and "--row-workers must be >= 1" in res.output, (words, res.output)
+        res = runner.invoke(app, [*words, "--row-workers", "2", "--ray"])
+        assert res.exit_code == 2 and "with --ray each replica has one CPU" in res.output, (words, res.output)

@@ -16,6 +16,12 @@ serve_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The e
 device_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="A device client of an edge server.")
 
 
+def _check_row_workers(row_workers: int, ray: bool) -> None:
+    """``serve edge`` and ``bench serve`` take the same option (their help texts differ on purpose)."""
+    check(row_workers >= 1, "--row-workers must be >= 1")
+    check(row_workers == 1 or not ray, "--row-workers is for one edge; with --ray each replica has one CPU")
+
+
 def serve_edge_cmd(
     family: FamilyDir = "reference",
     host: str = typer.Option("127.0.0.1", help="Interface to bind (127.0.0.1: this machine only)."),
@@ -57,8 +63,7 @@ def serve_edge_cmd(
           "timeouts must be > 0, --round-window and --round-gap >= 0")
     check(threads >= 0, "--threads must be >= 0")
     check(replicas >= 1, "--replicas must be >= 1")
-    check(row_workers >= 1, "--row-workers must be >= 1")
-    check(row_workers == 1 or not ray, "--row-workers is for one edge; with --ray each replica has one CPU")
+    _check_row_workers(row_workers, ray)
     if ray:
         try:
             # lazy: the CLI starts without torch; only this command loads what it runs
@@ -173,8 +178,7 @@ def bench_serve_cmd(
     check(round_gap is None or round_gap >= 0, "--round-gap must be >= 0")
     check(threads >= 1, "--threads must be >= 1")
     check(threads <= 1 or not ray, "--threads is for one edge; with --ray each replica has one thread")
-    check(row_workers >= 1, "--row-workers must be >= 1")
-    check(row_workers == 1 or not ray, "--row-workers is for one edge; with --ray each replica has one CPU")
+    _check_row_workers(row_workers, ray)
     # lazy: the CLI starts without torch; only this command loads what it runs
     from relaydiff.bench.serve import run_serve_bench
 
