@@ -116,9 +116,8 @@ def separability(threshold: float = GROUP_THRESHOLD) -> dict[str, Any]:
     """Same-scene pairs against the rest among the pool's pairs at MiniLM >= ``threshold``."""
     from relaydiff.quality.similarity import _model, prompt_embeddings  # lazy: loads MiniLM
 
-    meta = json.loads(PROMPT_POOL.read_text())
-    prompts = meta["prompts"]
     topic, variant = pool_labels()
+    prompts = list(topic)  # the pool's prompts, in its order
     emb = prompt_embeddings(prompts)
     tokenizer, model = _model()
     tok = tokenizer(prompts, padding=True, return_tensors="pt")
