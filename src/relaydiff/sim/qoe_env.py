@@ -368,8 +368,9 @@ class QoEEnv(gym.Env):
         return self.best_shared_steps(bandwidth, compute)
 
     def best_allocation(self, max_passes: int = 6, maxiter: int = 200) -> dict[str, Any]:
-        """The best action found for the current round, knowing all of it (an upper bound on any
-        policy, not a scheduler): ``{"action", "qoe", "start", "passes"}``.
+        """The best action found for the current round, knowing all of it: ``{"action", "qoe",
+        "start", "passes"}``. A bound on any policy up to the optimizer's accuracy (a numerical
+        optimum, not a proven one), and not a scheduler: no policy sees the whole round.
 
         The round is a known model, so the best shares are a 2K-dimensional optimization over the
         actions an actor could output (the used entries, in [-1, 1]). For fixed shared steps the
