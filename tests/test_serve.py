@@ -448,6 +448,9 @@ def test_round_decider_groups_similar_prompts_on_the_edge():
     assert both[0] == both[1] and both[0].steps == 6
     mixed = decider.share(same + [jobs[1]], [plan_for(6, 8, "large", "small", None)] * 3)
     assert {m.steps for m in mixed} == {4}
+    # groups are of distinct prompts, as in the QoE env: ten copies make one group, not 8 + 2
+    ten = decider.share(same * 5, [plan_for(6, 8, "large", "small", None)] * 10)
+    assert len({m.leader for m in ten}) == 1 and {m.steps for m in ten} == {6}
 
 
 _fixed_split("test_relay3", lambda inst: int(inst.splits[1]))   # k = 3 of 8: below HALF_CHAIN's 4
@@ -494,6 +497,62 @@ def test_shared_prefix_jobs_equal_the_in_process_shared_chain(tiny, caplog, sche
     assert not batch_numerics_only(images[follower], reference_image(tiny, prompts[follower], 10 + follower, plan))
     assert batch_numerics_only(images[2], reference_image(tiny, prompts[2], 12, plan))
     assert "edge worker step failed" not in caplog.text
+
+
+def _drive(service: EdgeService, until=lambda: False, turns: int = 200) -> list[int]:
+    """Run the (unstarted) edge's worker turns here, as its thread would: the rows of every U-Net step."""
+    rows: list[int] = []
+    step = service.executor.step
+    service.executor.step = lambda: rows.append(step()) or rows[-1]
+    for _ in range(turns):
+        if until() or service.unfinished == 0:
+            break
+        with service._cv:
+            work, cancelled = list(service._inbox), set(service._cancelled)
+            service._inbox.clear()
+            service._cancelled.clear()
+        service._work(work, cancelled)
+    service.executor.step = step
+    return rows
+
+
+@pytest.mark.parametrize("cancel_first_copy", [False, True])
+def test_copies_of_a_prompt_in_a_group_run_one_fork(tiny, cancel_first_copy):
+    """Two jobs of a group with the same request but the seed (and the same plan) continue from the
+    prefix as one fork, as the QoE env counts them: 4 prefix steps + 2 forks x 4 = 12 chain-steps, not
+    16; both receive its image. Cancelling the fork's first job leaves it running for the other."""
+    service = EdgeService(tiny, settings(scheduler="test_edge", share_prefix=True))
+    service.decider.sharing, service.decider.embed = HALF_CHAIN, _two_topics
+    prompts = ["a red circle", "a big red circle", "a big red circle"]
+    service.executor.max_batch = 1  # one chain a U-Net call: the rows count chain-steps
+    accepted = service.admit([("alice", JobRequest(prompt=p, seed=20 + i)) for i, p in enumerate(prompts)])
+    assert [rec.shared["steps"] for rec in accepted] == [4, 4, 4]
+    rows = _drive(service, until=lambda: bool(service._chain_copies))
+    assert service.metrics.copies_joined._value.get() == 1
+    if cancel_first_copy:
+        fork = next(iter(service._chain_copies))
+        first = service._chain_job[fork]
+        service.cancel(service.store.get(first))
+    rows += _drive(service)
+    assert sum(rows) == 4 + 2 * (STEPS - 4)
+    recs = [service.store.get(rec.id) for rec in accepted]
+    done = [r for r in recs if r.state == "done"]
+    assert len(done) == (2 if cancel_first_copy else 3)
+    lead = [rec.id for rec in accepted].index(accepted[0].shared["leader"])
+    plan = Plan.from_list(accepted[0].plan)
+    expected = generate_shared_prefix(tiny, [Request(p, steps=STEPS, seed=20 + i) for i, p in enumerate(prompts)],
+                                      [plan] * 3, 4, leader=lead).results
+    images = {}
+    for rec, res in zip(recs, expected):   # one chain a call here, batched in process: batch numerics apart
+        if rec.state == "done":
+            images[rec.id] = png_image(service.store.image(rec.id))
+            assert batch_numerics_only(images[rec.id], res.image)
+        else:
+            assert rec.state == "cancelled" and not rec.has_image
+    assert np.array_equal(expected[1].image, expected[2].image)  # the copies' chains were the same anyway
+    if not cancel_first_copy:
+        assert np.array_equal(images[recs[1].id], images[recs[2].id])
+    service.stop()
 
 
 def test_restart_reruns_a_shared_group_to_the_same_images(tiny, tmp_path):

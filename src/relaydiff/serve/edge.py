@@ -16,11 +16,16 @@ the store holds unfinished is re-run from its request and plan.
 Shared prefixes (seed 002, :meth:`RoundDecider.share`): the members of a group run one chain, the
 leader's request and plan, for the group's first s steps; then each continues as a fork with its
 own prompt, plan and handoff step. Each member's record holds the leader's request and plan, so a
-member re-run after a restart rebuilds the same prefix (the same image).
+member re-run after a restart rebuilds the same prefix (the same image). Members that sent the same
+request (all but the seed) with the same plan and handoff step run one fork (a prompt runs once per
+group, as in the QoE env): after the fork the seed plays no part (the fork carries the prefix's
+generator), so their chains would be the same; each receives its result. The fork lives while
+any of them wants it (a cancelled copy leaves it to the others).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -94,6 +99,7 @@ class EdgeService:
         self._deadlines: dict[str, float] = {}             # job id -> when it falls back
         self._handoffs: dict[str, bytes] = {}
         self._chain_job: dict[int, str] = {}
+        self._chain_copies: dict[int, list[str]] = {}   # fork chain id -> the other jobs it runs for
         self._prefixes: dict[tuple, Chain] = {}                       # group key -> its prefix chain
         self._prefix_members: dict[int, list[tuple[str, int | None]]] = {}   # prefix chain id -> (job, stop_at)
         self._unfinished = 0
@@ -304,7 +310,7 @@ class EdgeService:
                 if what == "start":
                     self._mark_running(job_id)
         if cancelled:
-            self.executor.active = [c for c in self.executor.active if self._chain_job.get(c.id) not in cancelled]
+            self.executor.active = self._still_wanted(self.executor.active, cancelled)
         if ready:  # chains with nothing to run here (device only: the seeded noise) leave before the next step
             self._finish(ready, cancelled)
             ready = []
@@ -323,10 +329,30 @@ class EdgeService:
         chains = [c for c in chains if c.id not in self._prefix_members]
         for prefix in prefixes:
             chains += self._fork_members(prefix, cancelled)
-        chains = [c for c in chains if self._chain_job.get(c.id) not in cancelled]
+        chains = self._still_wanted(chains, cancelled)
         if chains:
             for chain, result in zip(chains, finish_chains(self.family, chains, self.settings.max_batch)):
-                self._left_edge(self._chain_job.pop(chain.id), result)
+                for job_id in [self._chain_job.pop(chain.id), *self._chain_copies.pop(chain.id, [])]:
+                    self._left_edge(job_id, result)
+
+    def _still_wanted(self, chains: list[Chain], cancelled: set[str]) -> list[Chain]:
+        """``chains`` without those whose every job is cancelled (a group's prefix chain, which has no
+        job of its own, stays); a fork whose first job was cancelled passes to its next copy."""
+        kept = []
+        for chain in chains:
+            if chain.id not in self._chain_job:
+                kept.append(chain)
+                continue
+            jobs = [j for j in [self._chain_job[chain.id], *self._chain_copies.get(chain.id, [])] if j not in cancelled]
+            if not jobs:   # nobody wants it any more
+                self._chain_job.pop(chain.id)
+                self._chain_copies.pop(chain.id, None)
+                continue
+            self._chain_job[chain.id] = jobs[0]
+            if chain.id in self._chain_copies:
+                self._chain_copies[chain.id] = jobs[1:]
+            kept.append(chain)
+        return kept
 
     def _join_prefix(self, job: JobRecord, stop_at: int | None) -> None:
         """Queue ``job`` behind its group's prefix chain (started here if the group has none running)."""
@@ -346,12 +372,20 @@ class EdgeService:
         with nothing left to run here are returned (they leave the edge now)."""
         self._prefixes = {k: c for k, c in self._prefixes.items() if c is not prefix}
         leaving = []
+        forks: dict[str, Chain] = {}   # what a fork's chain depends on -> the fork
         for job_id, stop_at in self._prefix_members.pop(prefix.id, []):
             rec = self.store.get(job_id)
             if job_id in cancelled or rec is None or rec.terminal:
                 continue
+            key = json.dumps([{k: v for k, v in rec.engine_request.items() if k != "seed"}, rec.plan, stop_at],
+                             sort_keys=True)
+            if key in forks:   # the same chain from here: run once, for both
+                self._chain_copies.setdefault(forks[key].id, []).append(job_id)
+                self.metrics.copies_joined.inc()
+                continue
             fork = prefix.fork(Request.from_dict(rec.engine_request), Plan.from_list(rec.plan), self.family)
             fork.stop_at = stop_at
+            forks[key] = fork
             self._chain_job[fork.id] = job_id
             if fork.done or fork.stopped:
                 leaving.append(fork)

@@ -20,6 +20,8 @@ class ServiceMetrics:
         self.jobs = Gauge("relaydiff_jobs", "Jobs in the store by state", ["state"], registry=r)
         self.completed = Counter("relaydiff_completed", "Jobs completed, by who finished them", ["by"], registry=r)
         self.fallbacks = Counter("relaydiff_fallbacks", "Jobs the edge finished for a device", registry=r)
+        self.copies_joined = Counter("relaydiff_copies_joined", "Jobs that received a fork another member of "
+                                     "their shared-prefix group ran (the same request and plan)", registry=r)
         self.rounds = Counter("relaydiff_rounds", "Scheduling rounds decided", registry=r)
         self.round_jobs = Histogram("relaydiff_round_jobs", "Jobs decided together in one round",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)

@@ -18,7 +18,8 @@ Shared prefixes (seed 002): among a round's jobs that start on the edge (k >= 1)
 step count and sampler, prompts are grouped by MiniLM cosine similarity
 (:func:`~relaydiff.system.grouping.group_prompts`, complete linkage at ``GROUP_THRESHOLD``); a
 group's edge runs its first s steps once, conditioned on the leader's prompt and seed, then every
-member continues with its own prompt. No scheduler decides s yet, so the documented default is
+member continues with its own prompt (members with the same request and plan as one fork:
+:class:`~relaydiff.serve.edge.EdgeService`). No scheduler decides s yet, so the documented default is
 the largest s that keeps the group's least similar follower whose prompt is not the leader's at
 >= ``SHARE_RETENTION`` of its prompt fidelity on the family's measured shared-prefix curves
 (:func:`~relaydiff.system.grouping.shared_steps_caps`, the QoE env's rule: a follower with the
@@ -188,7 +189,9 @@ class RoundDecider:
             if len(idx) < 2:
                 continue
             prompts = [jobs[i].prompt for i in idx]
-            groups = group_prompts(self._vectors(prompts), GROUP_THRESHOLD, SHARE_MAX_GROUP)
+            # of the distinct prompts, as the QoE env groups (a copy joins its prompt's group; the edge
+            # runs the copies' continuations once, serve.edge)
+            groups = group_prompts(self._vectors(prompts), GROUP_THRESHOLD, SHARE_MAX_GROUP, prompts)
             # the QoE env's rule: the least similar follower whose prompt is not the leader's binds
             caps = shared_steps_caps(groups, self.sharing, steps, SHARE_RETENTION,
                                      same_prompt_followers(groups, prompts))
