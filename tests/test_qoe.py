@@ -120,15 +120,15 @@ def test_share_actions_round_trip() -> None:
     assert np.allclose(softmax_shares(share_action(s)), s)
 
 
-@pytest.mark.parametrize("learned", [False, True])
-def test_qoe_env_passes_check_env_and_is_deterministic(learned: bool) -> None:
-    env = QoEEnv(k_min=5, k_max=8, learned_shared_steps=learned)
+@pytest.mark.parametrize("learned,rule", [(False, "exact"), (True, "exact"), (False, "cap")])
+def test_qoe_env_passes_check_env_and_is_deterministic(learned: bool, rule: str) -> None:
+    env = QoEEnv(k_min=5, k_max=8, learned_shared_steps=learned, shared_steps_rule=rule)
     check_env(env, skip_render_check=True)
     assert env.action_space.shape == ((3 if learned else 2) * 8,)
     a = np.random.default_rng(0).uniform(-1, 1, env.action_space.shape).astype(np.float32)
     o1, _ = env.reset(seed=4)
     r1 = env.step(a)[1]
-    other = QoEEnv(k_min=5, k_max=8, learned_shared_steps=learned)
+    other = QoEEnv(k_min=5, k_max=8, learned_shared_steps=learned, shared_steps_rule=rule)
     o2, _ = other.reset(seed=4)
     assert np.array_equal(o1, o2) and other.step(a)[1] == r1
     assert not np.array_equal(o1, env.reset(seed=5)[0])
