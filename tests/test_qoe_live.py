@@ -17,14 +17,21 @@ from relaydiff.sim.qoe_env import PROMPT_POOL, QoEEnv
 
 
 @pytest.mark.slow
-def test_live_round_runs_groups_on_the_engine_and_scores_real_images(tmp_path) -> None:
+@pytest.mark.parametrize("rule", ["exact", "cap"])
+def test_live_round_runs_groups_on_the_engine_and_scores_real_images(tmp_path, rule) -> None:
     torch.manual_seed(0)
-    env = QoEEnv(k_min=3, k_max=3)
+    env = QoEEnv(k_min=3, k_max=3, shared_steps_rule=rule)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     cfg = RLConfig(hidden=32)
     Policy(DiffusionActor(obs_dim, act_dim, cfg), cfg, obs_dim, act_dim).save_pretrained(tmp_path / "pol")
-    report = run_qoe_live(LiveQoEConfig(policy=str(tmp_path / "pol"), k_min=3, k_max=3, seed=1, out=str(tmp_path / "out")),
-                          say=lambda s: None)
+    # round 2: one group of three, cap 8, where the exact choice for equal shares is 6
+    report = run_qoe_live(LiveQoEConfig(policy=str(tmp_path / "pol"), k_min=3, k_max=3, seed=2, shared_steps_rule=rule,
+                                        out=str(tmp_path / "out")), say=lambda s: None)
+    env.reset(seed=2)
+    if rule == "cap":  # the service's rule: every group at its cap, whatever the shares
+        assert [g["shared_steps"] for g in report["groups"]] == [int(c) for c in env.round.caps] == [8]
+    else:
+        assert all(g["shared_steps"] <= g["cap"] for g in report["groups"])
     assert report["users"] == 3 and sum(len(g["users"]) for g in report["groups"]) == 3
     # the engine's own accounting agrees with the system model's count of chain-steps (x2: CFG)
     assert report["unet_evals_unshared"] == 2 * 3 * env.steps
@@ -41,6 +48,10 @@ def test_live_round_rejects_a_policy_of_another_size(tmp_path) -> None:
     Policy(DiffusionActor(10, 3, cfg), cfg, 10, 3).save_pretrained(tmp_path / "pol")
     with pytest.raises(ValueError, match="another round size"):
         run_qoe_live(LiveQoEConfig(policy=str(tmp_path / "pol"), k_min=3, k_max=3, out=str(tmp_path / "out")))
+    Policy(DiffusionActor(10, 9, cfg), cfg, 10, 9).save_pretrained(tmp_path / "learned")  # 3 blocks of k_max = 3
+    with pytest.raises(ValueError, match="no shared_steps_rule applies"):
+        run_qoe_live(LiveQoEConfig(policy=str(tmp_path / "learned"), k_min=3, k_max=3, shared_steps_rule="cap",
+                                   out=str(tmp_path / "out")))
 
 
 def test_pool_scenes_rebuild_every_shipped_prompt() -> None:
@@ -109,3 +120,6 @@ def test_live_rounds_summary_pairs_the_arms() -> None:
     assert s["capped"]["unet_evals_saved_mean"] == pytest.approx(0.15) and s["uncapped"]["rounds"] == 2
     assert s["capped_minus_uncapped_qoe"]["per_round"] == pytest.approx([1.0, -1.0])
     assert s["capped_minus_uncapped_qoe"]["mean"] == pytest.approx(0.0)
+    rows["service_rule"] = [{"qoe": 12.0, "qoe_predicted": 11.0, "unet_evals_saved": 0.3},
+                            {"qoe": 19.0, "qoe_predicted": 20.0, "unet_evals_saved": 0.3}]
+    assert summarize_rounds(rows)["service_rule_minus_capped_qoe"]["per_round"] == pytest.approx([2.0, -1.0])

@@ -56,6 +56,9 @@ class LiveQoEConfig:
     max_batch: int = 16
     # the cap on a group's shared steps (the service's rule; None: the curves alone, up to T)
     share_retention: float | None = SHARE_RETENTION
+    # how the edge picks each group's shared steps for the policy's shares: "exact" (the env's
+    # default) or "cap" (the service's rule: every group at its cap); QoEEnv.shared_steps_rule
+    shared_steps_rule: str = "exact"
     sharing_table: str | None = None  # a quality.json whose shared-prefix curves the env reads (None: the shipped one)
     out: str = "out/qoe_live"
 
@@ -82,8 +85,11 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(cfg.policy, seed=cfg.seed)
     # a policy that sets the shared steps too (bench qoe --learned-shared-steps) has a third action block
-    env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
-                 learned_shared_steps=policy.act_dim == 3 * cfg.k_max, share_retention=cfg.share_retention,
+    learned = policy.act_dim == 3 * cfg.k_max
+    if learned and cfg.shared_steps_rule != "exact":
+        raise ValueError(f"policy {cfg.policy} sets the shared steps itself: no shared_steps_rule applies")
+    env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario, learned_shared_steps=learned,
+                 share_retention=cfg.share_retention, shared_steps_rule=cfg.shared_steps_rule,
                  sharing_cost=load_sharing_cost(cfg.sharing_table) if cfg.sharing_table else None)
     if policy.obs_dim != env.observation_space.shape[0] or policy.act_dim != env.action_space.shape[0]:
         raise ValueError(f"policy {cfg.policy} was trained for another round size (obs {policy.obs_dim}, action "
@@ -156,7 +162,11 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     return report
 
 
-RULES: dict[str, float | None] = {"capped": SHARE_RETENTION, "uncapped": None}  # share_retention of each arm
+# each arm's settings: the env's exact steps within the service's cap, the same uncapped, and the
+# service's own rule (every group at its cap)
+RULES: dict[str, dict[str, Any]] = {"capped": {"share_retention": SHARE_RETENTION},
+                                    "uncapped": {"share_retention": None},
+                                    "service_rule": {"share_retention": SHARE_RETENTION, "shared_steps_rule": "cap"}}
 
 
 def _round_row(report: dict[str, Any]) -> dict[str, Any]:
@@ -175,7 +185,8 @@ def _round_row(report: dict[str, Any]) -> dict[str, Any]:
 
 def summarize_rounds(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per arm the mean QoE measured and predicted, the gap (measured - predicted) and its SD over
-    rounds, the U-Net evaluations saved; and the paired capped - uncapped QoE per round."""
+    rounds, the U-Net evaluations saved; and the paired QoE per round of capped - uncapped and of
+    the service's rule - capped."""
     out: dict[str, Any] = {}
     for arm, rs in rows.items():
         q, p = np.array([r["qoe"] for r in rs]), np.array([r["qoe_predicted"] for r in rs])
@@ -186,19 +197,23 @@ def summarize_rounds(rows: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         d = np.array([a["qoe"] - b["qoe"] for a, b in zip(rows["capped"], rows["uncapped"])])
         out["capped_minus_uncapped_qoe"] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
                                             "per_round": d.tolist()}
+    if set(rows) >= {"capped", "service_rule"}:
+        d = np.array([a["qoe"] - b["qoe"] for a, b in zip(rows["service_rule"], rows["capped"])])
+        out["service_rule_minus_capped_qoe"] = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if len(d) > 1 else None,
+                                                "per_round": d.tolist()}
     return out
 
 
 def live_rounds(policy: str, seeds: int = 5, family: str = "reference", out: str = "out/qoe_live_rounds",
                 say: Callable[[str], None] = print, sharing_table: str | None = None) -> dict[str, Any]:
-    """Rounds 0..seeds-1 of the policy, each run twice on the engine: the env's shared steps capped
-    by the service's rule and uncapped (the same round, shares and noise); writes ``out``/rounds.json
-    (each run's own report under ``out``/ARM/SEED) and returns it."""
+    """Rounds 0..seeds-1 of the policy, each run on the engine once per arm of :data:`RULES` (the same
+    round, shares and noise); writes ``out``/rounds.json (each run's own report under
+    ``out``/ARM/SEED) and returns it."""
     t0 = time.perf_counter()
     rows: dict[str, list[dict[str, Any]]] = {arm: [] for arm in RULES}
     for seed in range(seeds):
-        for arm, retention in RULES.items():
-            report = run_qoe_live(LiveQoEConfig(policy=policy, family=family, seed=seed, share_retention=retention,
+        for arm, settings in RULES.items():
+            report = run_qoe_live(LiveQoEConfig(policy=policy, family=family, seed=seed, **settings,
                                                 sharing_table=sharing_table, out=str(Path(out) / arm / str(seed))),
                                   say=lambda s: None)
             rows[arm].append(_round_row(report))
@@ -212,7 +227,8 @@ def live_rounds(policy: str, seeds: int = 5, family: str = "reference", out: str
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m relaydiff.bench.qoe_live",
-                                 description="Live QoE rounds of a policy, shared steps capped and uncapped (paired).")
+                                 description="Live QoE rounds of a policy: shared steps capped, uncapped and at the "
+                                             "service's rule (paired).")
     ap.add_argument("--policy", default="out/bench_qoe/policies/gddpg_seed0")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--family", default="reference")

@@ -84,6 +84,9 @@ def qoe_live_cmd(
     k_max: int = typer.Option(20, help="Most users (must match the policy's training)."),
     scenario: str = typer.Option("congested", help="Scenario of links, devices and edge."),
     llm: bool = typer.Option(False, "--llm", help="Score with the LLM agent (RELAYDIFF_LLM_BASE_URL, _MODEL, _API_KEY)."),
+    shared_steps_rule: str = typer.Option(
+        "exact", help="How the edge picks each group's shared steps for the policy's shares: exact (QoE-optimal) "
+                      "or cap (the service's rule: every group shares its cap)."),
     out: Path = typer.Option(Path("out/qoe_live"), help="Folder for report.json and the group images."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
@@ -97,7 +100,7 @@ def qoe_live_cmd(
     from relaydiff.system.scenario import ScenarioError
 
     cfg = LiveQoEConfig(policy=str(policy), family=family, seed=seed, k_min=k_min, k_max=k_max, scenario=scenario,
-                        llm=llm, out=str(out))
+                        llm=llm, shared_steps_rule=shared_steps_rule, out=str(out))
     try:
         report = run_qoe_live(cfg, say=lambda s: console.print(s, highlight=False))
     except (ValueError, FamilyError, LLMConfigError, ScenarioError) as exc:
