@@ -527,11 +527,13 @@ def test_copies_of_a_prompt_in_a_group_run_one_fork(tiny, cancel_first_copy):
     service.executor.max_batch = 1  # one chain a U-Net call: the rows count chain-steps
     accepted = service.admit([("alice", JobRequest(prompt=p, seed=20 + i)) for i, p in enumerate(prompts)])
     assert [rec.shared["steps"] for rec in accepted] == [4, 4, 4]
-    rows = _drive(service, until=lambda: bool(service._chain_copies))
+    def forked() -> list[list[str]]:  # the forks that run for more than one job
+        return [jobs for jobs in service._chain_jobs.values() if len(jobs) > 1]
+
+    rows = _drive(service, until=lambda: bool(forked()))
     assert service.metrics.copies_joined._value.get() == 1
     if cancel_first_copy:
-        fork = next(iter(service._chain_copies))
-        first = service._chain_job[fork]
+        first = forked()[0][0]
         service.cancel(service.store.get(first))
     rows += _drive(service)
     assert sum(rows) == 4 + 2 * (STEPS - 4)

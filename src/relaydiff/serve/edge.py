@@ -98,8 +98,7 @@ class EdgeService:
         self._cancelled: set[str] = set()
         self._deadlines: dict[str, float] = {}             # job id -> when it falls back
         self._handoffs: dict[str, bytes] = {}
-        self._chain_job: dict[int, str] = {}
-        self._chain_copies: dict[int, list[str]] = {}   # fork chain id -> the other jobs it runs for
+        self._chain_jobs: dict[int, list[str]] = {}   # chain id -> the jobs it runs for (a fork: its copies too)
         self._prefixes: dict[tuple, Chain] = {}                       # group key -> its prefix chain
         self._prefix_members: dict[int, list[tuple[str, int | None]]] = {}   # prefix chain id -> (job, stop_at)
         self._unfinished = 0
@@ -302,7 +301,7 @@ class EdgeService:
                 if what == "start":
                     self._mark_running(job_id)
                 continue
-            self._chain_job[chain.id] = job_id
+            self._chain_jobs[chain.id] = [job_id]
             if chain.done or chain.stopped:
                 ready.append(chain)
             else:
@@ -332,25 +331,20 @@ class EdgeService:
         chains = self._still_wanted(chains, cancelled)
         if chains:
             for chain, result in zip(chains, finish_chains(self.family, chains, self.settings.max_batch)):
-                for job_id in [self._chain_job.pop(chain.id), *self._chain_copies.pop(chain.id, [])]:
+                for job_id in self._chain_jobs.pop(chain.id):
                     self._left_edge(job_id, result)
 
     def _still_wanted(self, chains: list[Chain], cancelled: set[str]) -> list[Chain]:
         """``chains`` without those whose every job is cancelled (a group's prefix chain, which has no
-        job of its own, stays); a fork whose first job was cancelled passes to its next copy."""
+        job of its own, stays); a fork keeps running for its copies that are not."""
         kept = []
         for chain in chains:
-            if chain.id not in self._chain_job:
-                kept.append(chain)
-                continue
-            jobs = [j for j in [self._chain_job[chain.id], *self._chain_copies.get(chain.id, [])] if j not in cancelled]
-            if not jobs:   # nobody wants it any more
-                self._chain_job.pop(chain.id)
-                self._chain_copies.pop(chain.id, None)
-                continue
-            self._chain_job[chain.id] = jobs[0]
-            if chain.id in self._chain_copies:
-                self._chain_copies[chain.id] = jobs[1:]
+            jobs = self._chain_jobs.get(chain.id)
+            if jobs is not None:
+                jobs = self._chain_jobs[chain.id] = [j for j in jobs if j not in cancelled]
+                if not jobs:   # nobody wants it any more
+                    del self._chain_jobs[chain.id]
+                    continue
             kept.append(chain)
         return kept
 
@@ -380,13 +374,13 @@ class EdgeService:
             key = json.dumps([{k: v for k, v in rec.engine_request.items() if k != "seed"}, rec.plan, stop_at],
                              sort_keys=True)
             if key in forks:   # the same chain from here: run once, for both
-                self._chain_copies.setdefault(forks[key].id, []).append(job_id)
+                self._chain_jobs[forks[key].id].append(job_id)
                 self.metrics.copies_joined.inc()
                 continue
             fork = prefix.fork(Request.from_dict(rec.engine_request), Plan.from_list(rec.plan), self.family)
             fork.stop_at = stop_at
             forks[key] = fork
-            self._chain_job[fork.id] = job_id
+            self._chain_jobs[fork.id] = [job_id]
             if fork.done or fork.stopped:
                 leaving.append(fork)
             else:
