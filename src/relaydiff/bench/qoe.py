@@ -49,7 +49,7 @@ import torch
 from relaydiff.engine.profile import hardware_info
 from relaydiff.sched.rl.ddpg import evaluate, Policy, RLConfig, train
 from relaydiff.sched.rl.gddpg import train_gddpg
-from relaydiff.sim.qoe_env import HEURISTICS, K_MAX, K_MIN, QoEEnv, SHARED_STEPS_RULES
+from relaydiff.sim.qoe_env import check_shared_steps_rule, HEURISTICS, K_MAX, K_MIN, QoEEnv
 from relaydiff.sim.waterfill_env import WaterFillingEnv
 from relaydiff.system.grouping import load_sharing_cost, SHARE_RETENTION
 
@@ -98,10 +98,7 @@ class QoEBenchConfig:
             raise ValueError("steps, waterfill_steps, eval_rounds, eval_every and workers must be >= 1")
         if not 1 <= self.k_min <= self.k_max:
             raise ValueError(f"need 1 <= k_min <= k_max, got {self.k_min}, {self.k_max}")
-        if self.shared_steps_rule not in SHARED_STEPS_RULES:
-            raise ValueError(f"unknown shared_steps_rule {self.shared_steps_rule!r} ({', '.join(SHARED_STEPS_RULES)})")
-        if self.learned_shared_steps and self.shared_steps_rule != "exact":
-            raise ValueError("learned_shared_steps: the actors set the shared steps, so no shared_steps_rule applies")
+        check_shared_steps_rule(self.shared_steps_rule, self.learned_shared_steps)  # before any training starts
         for name in ("action_penalty", "waterfill_action_penalty"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

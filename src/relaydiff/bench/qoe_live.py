@@ -85,11 +85,9 @@ def run_qoe_live(cfg: LiveQoEConfig, say: Callable[[str], None] = print) -> dict
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(cfg.policy, seed=cfg.seed)
     # a policy that sets the shared steps too (bench qoe --learned-shared-steps) has a third action block
-    learned = policy.act_dim == 3 * cfg.k_max
-    if learned and cfg.shared_steps_rule != "exact":
-        raise ValueError(f"policy {cfg.policy} sets the shared steps itself: no shared_steps_rule applies")
-    env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario, learned_shared_steps=learned,
-                 share_retention=cfg.share_retention, shared_steps_rule=cfg.shared_steps_rule,
+    env = QoEEnv(k_min=cfg.k_min, k_max=cfg.k_max, scenario=cfg.scenario,
+                 learned_shared_steps=policy.act_dim == 3 * cfg.k_max, share_retention=cfg.share_retention,
+                 shared_steps_rule=cfg.shared_steps_rule,
                  sharing_cost=load_sharing_cost(cfg.sharing_table) if cfg.sharing_table else None)
     if policy.obs_dim != env.observation_space.shape[0] or policy.act_dim != env.action_space.shape[0]:
         raise ValueError(f"policy {cfg.policy} was trained for another round size (obs {policy.obs_dim}, action "

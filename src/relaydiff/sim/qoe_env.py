@@ -169,6 +169,15 @@ class Outcome:
                 "unet_evals_saved": 1.0 - self.unet_chain_steps / self.unet_chain_steps_unshared}
 
 
+def check_shared_steps_rule(rule: str, learned_shared_steps: bool) -> str:
+    """``rule`` if the env can take it with that decoding (ValueError with the reason otherwise)."""
+    if rule not in SHARED_STEPS_RULES:
+        raise ValueError(f"unknown shared_steps_rule {rule!r} ({', '.join(SHARED_STEPS_RULES)})")
+    if learned_shared_steps and rule != "exact":
+        raise ValueError("learned_shared_steps: the policy sets the shared steps, so no shared_steps_rule applies")
+    return rule
+
+
 def softmax_shares(a: np.ndarray) -> np.ndarray:
     z = SHARE_SCALE * np.clip(np.asarray(a, dtype=float), -1.0, 1.0)
     z = np.exp(z - z.max())
@@ -205,11 +214,7 @@ class QoEEnv(gym.Env):
             raise ValueError(f"share_retention must be in (0, 1] or None, got {share_retention}")
         self.share_retention = share_retention
         self.learned_shared_steps = bool(learned_shared_steps)
-        if shared_steps_rule not in SHARED_STEPS_RULES:
-            raise ValueError(f"unknown shared_steps_rule {shared_steps_rule!r} ({', '.join(SHARED_STEPS_RULES)})")
-        if self.learned_shared_steps and shared_steps_rule != "exact":
-            raise ValueError("learned_shared_steps: the policy sets the shared steps, so no shared_steps_rule applies")
-        self.shared_steps_rule = shared_steps_rule
+        self.shared_steps_rule = check_shared_steps_rule(shared_steps_rule, self.learned_shared_steps)
         # the edge's own QoE model for the exact step choice: the reward's agent when it is the
         # surrogate, else a default surrogate (an LLM agent is asked once per round, not T + 1 times)
         self.planner = self.agent if isinstance(self.agent, SurrogateAgent) else SurrogateAgent()
@@ -393,20 +398,23 @@ class QoEEnv(gym.Env):
             a[:, :k] = np.asarray(x).reshape(2, k)
             return a.ravel().astype(np.float32)
 
+        def shares(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # decode_action's, for the used entries
+            return softmax_shares(x[:k]), softmax_shares(x[k:])
+
         def total(x: np.ndarray, shared: np.ndarray) -> float:
-            return float(self.outcome(softmax_shares(x[:k]), softmax_shares(x[k:]), shared).scores.sum())
+            return float(self.outcome(*shares(x), shared).scores.sum())
 
         best: dict[str, Any] | None = None
         for start in HEURISTICS:
             x = self.heuristic_action(start).reshape(2, self.k_max)[:, :k].ravel().astype(float)
-            shared = self.decode_action(full(x))[2]
+            shared = self.edge_shared_steps(*shares(x))
             passes = 0
             for passes in range(1, max_passes + 1):
                 res = minimize(lambda z: -total(z, shared), x, method="L-BFGS-B", bounds=[(-1.0, 1.0)] * (2 * k),
                                options={"maxiter": maxiter})
                 if -res.fun > total(x, shared):
                     x = res.x
-                steps = self.decode_action(full(x))[2]
+                steps = self.edge_shared_steps(*shares(x))
                 if np.array_equal(steps, shared):
                     break
                 shared = steps
@@ -469,4 +477,4 @@ class QoEEnv(gym.Env):
 
 
 __all__ = ["HEURISTICS", "K_MAX", "K_MIN", "PROMPT_POOL", "SATURATED", "SHARED_STEPS_RULES", "TOPICS_PER_USER", "Outcome", "PromptPool",
-           "PromptPoolError", "QoEEnv", "Round", "share_action", "softmax_shares"]
+           "PromptPoolError", "QoEEnv", "Round", "check_shared_steps_rule", "share_action", "softmax_shares"]
