@@ -23,6 +23,9 @@ FamilyDir = Annotated[str, typer.Option(help="'reference', 'tiny' or a family di
 TorchDevice = Annotated[str, typer.Option(help="torch device to run on: cpu, cuda, cuda:N or mps (checked before anything loads).")]
 Sampler = Annotated[str, typer.Option(help="ddim | euler | dpmpp_2m.")]
 Trace = Annotated[bool, typer.Option(help="Run the U-Nets as TorchScript traces (exact, less Python per call).")]
+SharedStepsRule = Annotated[str, typer.Option(
+    help="How the edge picks each group's shared steps for the policy's shares: exact (QoE-optimal) or cap "
+         "(the service's rule: every group shares its cap).")]
 
 
 def save_json(text: str, out: Path | None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from relaydiff.cli.errors import check, console, fail
-from relaydiff.cli.options import JsonFlag
+from relaydiff.cli.options import JsonFlag, SharedStepsRule
 
 
 def bench_qoe_cmd(
@@ -25,9 +25,7 @@ def bench_qoe_cmd(
     learned_shared_steps: bool = typer.Option(
         False, "--learned-shared-steps",
         help="The actors also set each group's shared steps (default: the env picks them exactly for the actors' shares)."),
-    shared_steps_rule: str = typer.Option(
-        "exact", help="How the edge picks each group's shared steps for the actors' shares: exact (QoE-optimal) "
-                      "or cap (the service's rule: every group shares its cap)."),
+    shared_steps_rule: SharedStepsRule = "exact",
     bound: bool = typer.Option(True, help="Also find each evaluation round's best allocation (an upper bound; ~30 s)."),
     action_penalty: float | None = typer.Option(
         None, help="Weight of the actors' pre-squash penalty (default: RLConfig's; 0: the plain -Q loss)."),
@@ -84,9 +82,7 @@ def qoe_live_cmd(
     k_max: int = typer.Option(20, help="Most users (must match the policy's training)."),
     scenario: str = typer.Option("congested", help="Scenario of links, devices and edge."),
     llm: bool = typer.Option(False, "--llm", help="Score with the LLM agent (RELAYDIFF_LLM_BASE_URL, _MODEL, _API_KEY)."),
-    shared_steps_rule: str = typer.Option(
-        "exact", help="How the edge picks each group's shared steps for the policy's shares: exact (QoE-optimal) "
-                      "or cap (the service's rule: every group shares its cap)."),
+    shared_steps_rule: SharedStepsRule = "exact",
     out: Path = typer.Option(Path("out/qoe_live"), help="Folder for report.json and the group images."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as one JSON object."),
 ) -> None:
